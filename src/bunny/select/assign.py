@@ -1,0 +1,87 @@
+"""Step 0: centroids (from a file or seeded faiss k-means) and exact nearest-centroid
+assignment.
+
+faiss computes L2 distances by expansion (|x|^2 - 2x.c + |c|^2), whose rounding depends
+on the block a row sits in. It is used only to propose the two nearest centroids; rows
+whose two proposals are within `GAP` are decided again from the row alone
+(float64 sum of squared differences), ties to the lower centroid index. The result
+depends only on the row, never on the block size or the worker.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from bunny.errors import BunnyError
+from bunny.select.layout import Layout
+
+GAP = 1e-3  # far above faiss's float32 rounding for unit vectors
+
+
+def load_centroids(path, dim: int) -> np.ndarray:
+    c = np.load(path)
+    if c.ndim != 2 or c.shape[1] != dim:
+        raise BunnyError(f"centroids {path}: shape {c.shape}, expected (k, {dim}) to match the embeddings")
+    if not np.isfinite(c).all():
+        row = int(np.flatnonzero(~np.isfinite(c).all(axis=1))[0])
+        raise BunnyError(f"centroids {path}: row {row} has NaN or infinite values")
+    return np.ascontiguousarray(c, dtype=np.float32)
+
+
+def sample_rows(layout: Layout, size: int, seed: int) -> np.ndarray:
+    """(size, d) float32 image rows at seeded random gids, read shard by shard."""
+    rng = np.random.default_rng(seed)
+    size = min(size, layout.rows)
+    gids = np.sort(rng.choice(layout.rows, size=size, replace=False))
+    offs = layout.offsets()
+    parts = []
+    for s in layout.shards:
+        sel = gids[(gids >= offs[s.index]) & (gids < offs[s.index + 1])] - s.offset
+        if len(sel):
+            parts.append(layout.rows_f32(layout.img(s.index), sel))
+    return np.concatenate(parts)
+
+
+def fit_kmeans(layout: Layout, k: int, seed: int, sample: int = 0, niter: int = 20) -> np.ndarray:
+    """(k, d) float32 L2 k-means centroids fitted by faiss on a seeded sample
+    (default 256 rows per centroid, as faiss recommends)."""
+    import faiss
+
+    if k < 1 or k > layout.rows:
+        raise BunnyError(f"--k {k}: must be between 1 and the number of rows ({layout.rows})")
+    x = sample_rows(layout, sample or 256 * k, seed)
+    km = faiss.Kmeans(layout.dim, k, niter=niter, seed=seed, verbose=False, max_points_per_centroid=1 << 30)
+    km.train(x)
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+def exact_sq_dist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """(n, k) squared L2 distances computed per row (no expansion)."""
+    out = np.empty((len(x), len(c)))
+    c64 = c.astype(np.float64)
+    for r, row in enumerate(x.astype(np.float64)):
+        d = row[None, :] - c64
+        out[r] = (d * d).sum(axis=1)
+    return out
+
+
+class Assigner:
+    """Nearest centroid of each row; holds a faiss flat index over the centroids."""
+
+    def __init__(self, centroids: np.ndarray):
+        import faiss
+
+        self.c = centroids
+        self.index = faiss.IndexFlatL2(centroids.shape[1])
+        self.index.add(centroids)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """(n,) int32 cluster of each float32 row."""
+        kk = min(2, len(self.c))
+        dist, idx = self.index.search(np.ascontiguousarray(x, dtype=np.float32), kk)
+        best = idx[:, 0].astype(np.int32)
+        if kk > 1:
+            close = np.flatnonzero(dist[:, 1] - dist[:, 0] <= GAP)
+            if len(close):
+                # argmin returns the first (lowest) index among exact ties
+                best[close] = exact_sq_dist(x[close], self.c).argmin(axis=1)
+        return best

@@ -1,0 +1,195 @@
+"""`select`: the whole coreset selection, on the embedded engine or on Ray.
+
+Stages: validate input -> centroids -> assign shards -> step 1 per cluster -> steps 2-4
+and outputs. The engines differ only in how the per-shard and per-cluster tasks are run
+(`LocalMap` here, `RayMap` in ray_engine.py); everything that decides a result is shared.
+Work state lives in OUT/_work; every file there is written atomically, so `--resume`
+continues a killed run, skipping finished shards and clusters.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from bunny.errors import BunnyError
+from bunny.select import assign as assign_mod
+from bunny.select.kernel import KernelParams, assign_shard, atomic_npy, run_clusters
+from bunny.select.layout import check_values, open_layout
+from bunny.select.output import Steps, window_scores, write_json, write_outputs
+
+# Parameters that change the result: a resumed run must match them exactly.
+_RESULT_PARAMS = ("input", "centroids", "k", "seed", "threshold", "clip_window", "centroid_window",
+                  "n", "mode", "eps", "renormalize", "kmeans_sample")
+
+
+@dataclass
+class SelectConfig:
+    input: str
+    out: str
+    centroids: str | None = None  # .npy (k, d); else k-means with k and seed
+    k: int | None = None
+    seed: int = 0  # k-means sample and fit, and the final draw
+    threshold: float = 0.86
+    clip_window: tuple[float, float] = (0.40, 0.60)
+    centroid_window: tuple[float, float] = (0.15, 0.35)
+    n: int | None = None  # rows to draw at the end; None keeps all step-3 survivors
+    mode: str = "bunny"  # or "semdedup"
+    eps: float = 0.14  # semdedup only
+    engine: str = "local"  # or "ray"
+    workers: int = 1
+    address: str | None = None  # ray: join this cluster instead of starting a local one
+    renormalize: bool = False
+    overwrite: bool = False
+    resume: bool = False
+    kmeans_sample: int = 0  # rows for k-means; 0 = 256 per centroid
+    cluster_batch: int = 0  # clusters per task; 0 = about 4 tasks per worker
+    progress: bool = True
+    timings: dict = field(default_factory=dict)
+
+    def result_params(self) -> dict:
+        d = asdict(self)
+        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in _RESULT_PARAMS}
+
+
+class LocalMap:
+    """Runs tasks in this process (threads: numpy's BLAS and I/O release the GIL)."""
+
+    def __init__(self, workers: int):
+        self.workers = max(1, workers)
+
+    def __call__(self, fn, arg_list, desc, show, weights=None):
+        bar = tqdm(total=sum(weights) if weights else len(arg_list), desc=desc, disable=not show)
+        out = []
+        with ThreadPoolExecutor(self.workers) as pool:
+            for i, r in enumerate(pool.map(lambda a: fn(*a), arg_list)):
+                out.append(r)
+                bar.update(weights[i] if weights else 1)
+        bar.close()
+        return out
+
+    def close(self):
+        pass
+
+
+def _prepare_out(cfg: SelectConfig) -> Path:
+    out = Path(cfg.out)
+    work = out / "_work"
+    if out.exists() and any(out.iterdir()):
+        if cfg.overwrite:
+            shutil.rmtree(out)
+        elif cfg.resume:
+            import json
+
+            saved = work / "params.json"
+            if not saved.exists():
+                raise BunnyError(f"--resume: {out} holds no run to resume (no _work/params.json)")
+            old = json.loads(saved.read_text())
+            if old != cfg.result_params():
+                diff = sorted(k for k in old if old[k] != cfg.result_params().get(k))
+                raise BunnyError(f"--resume: {out} was started with different parameters ({', '.join(diff)})")
+        else:
+            raise BunnyError(f"output folder {out} is not empty: pass --overwrite to replace it "
+                             f"or --resume to continue an interrupted run")
+    for sub in ("assign", "clusters"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    write_json(work / "params.json", cfg.result_params())
+    return out
+
+
+def _centroids(cfg: SelectConfig, layout, out: Path, show: bool) -> np.ndarray:
+    saved = out / "centroids.npy"
+    if saved.exists():  # resumed run: the centroids it started with
+        return assign_mod.load_centroids(saved, layout.dim)
+    if cfg.centroids:
+        c = assign_mod.load_centroids(cfg.centroids, layout.dim)
+    elif cfg.k:
+        if show:
+            print(f"k-means: k={cfg.k} seed={cfg.seed}")
+        c = assign_mod.fit_kmeans(layout, cfg.k, cfg.seed, cfg.kmeans_sample)
+    else:
+        raise BunnyError("give --centroids FILE or --k K (with --seed) to fit them")
+    atomic_npy(saved, c)
+    return c
+
+
+def _check_params(cfg: SelectConfig):
+    if cfg.mode not in ("bunny", "semdedup"):
+        raise BunnyError(f"--mode {cfg.mode!r}: choose one of bunny, semdedup")
+    if cfg.engine not in ("local", "ray"):
+        raise BunnyError(f"--engine {cfg.engine!r}: choose one of local, ray")
+    for name in ("clip_window", "centroid_window"):
+        lo, hi = getattr(cfg, name)
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise BunnyError(f"--{name.replace('_', '-')} {lo} {hi}: need 0 <= lo <= hi <= 1")
+    if cfg.n is not None and cfg.n < 0:
+        raise BunnyError(f"--n {cfg.n}: must be >= 0")
+
+
+def select(cfg: SelectConfig) -> dict:
+    """Run the coreset selection described by `cfg`; returns report.json's content."""
+    _check_params(cfg)
+    show = cfg.progress
+    t0 = time.perf_counter()
+    layout = open_layout(cfg.input, cfg.renormalize)
+    out = _prepare_out(cfg)
+    work = out / "_work"
+    bar = tqdm(total=2 * layout.rows, desc="check values", unit="row", disable=not show)
+    check_values(layout, progress=bar)
+    bar.close()
+    t = {"check": time.perf_counter() - t0}
+    centroids = _centroids(cfg, layout, out, show)
+    k = len(centroids)
+    t["centroids"] = time.perf_counter() - t0 - sum(t.values())
+    if cfg.engine == "ray":
+        from bunny.select.ray_engine import RayMap
+
+        mapper = RayMap(cfg.workers, cfg.address)
+    else:
+        mapper = LocalMap(cfg.workers)
+    try:
+        mapper(assign_shard, [(layout, s.index, centroids, work) for s in layout.shards], "assign", show,
+               weights=[s.rows for s in layout.shards])
+        sizes = np.zeros(k, np.int64)
+        for s in layout.shards:
+            sizes += np.diff(np.load(work / "assign" / f"bounds_{s.index:04d}.npy"))
+        atomic_npy(out / "cluster_sizes.npy", sizes)
+        t["assign"] = time.perf_counter() - t0 - sum(t.values())
+        batches = _batches(sizes, cfg)
+        params = KernelParams(cfg.mode, cfg.threshold, cfg.eps)
+        mapper(run_clusters, [(layout, work, b, centroids, params) for b in batches], "step 1 (dedup)", show,
+               weights=[int(sizes[b].sum()) for b in batches])
+    finally:
+        mapper.close()
+    t["dedup"] = time.perf_counter() - t0 - sum(t.values())
+    steps = Steps(work, k, cfg.clip_window, cfg.centroid_window, cfg.n, cfg.seed, show)
+    t["windows"] = time.perf_counter() - t0 - sum(t.values())
+    written = write_outputs(layout, out, work, k, steps, show)
+    t["write"] = time.perf_counter() - t0 - sum(t.values())
+    comp = np.zeros(1, np.int64)
+    for c in range(k):
+        cs = np.load(work / "clusters" / f"c_{c:07d}.npz")["comp_sizes"]
+        comp = np.pad(comp, (0, max(0, len(cs) - len(comp)))) + np.pad(cs, (0, max(0, len(comp) - len(cs))))
+    report = {"params": cfg.result_params(), "engine": cfg.engine, "workers": cfg.workers,
+              "input": {"rows": layout.rows, "shards": len(layout.shards), "dim": layout.dim},
+              "k": k, "rows_after": {"input": layout.rows, "dedup": steps.n1, "clip": steps.w2.kept,
+                                     "centroid": steps.w3.kept, "selected": steps.w4.kept},
+              "window_edges": window_scores(steps),
+              "component_sizes": {str(s): int(n) for s, n in enumerate(comp) if n},
+              "seconds": {k_: round(v, 3) for k_, v in t.items()}, **written}
+    write_json(out / "report.json", report)
+    cfg.timings.update(t)
+    return report
+
+
+def _batches(sizes: np.ndarray, cfg: SelectConfig) -> list[np.ndarray]:
+    """Cluster ids grouped into tasks, largest clusters first (load balance only: the
+    result does not depend on the grouping)."""
+    order = np.argsort(-sizes, kind="stable")
+    per = cfg.cluster_batch or max(1, len(order) // (4 * max(1, cfg.workers)))
+    return [order[i:i + per] for i in range(0, len(order), per)]

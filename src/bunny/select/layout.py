@@ -1,0 +1,168 @@
+"""The LAION embedding folder: discovery, validation and memory-mapped reading.
+
+    img_emb/img_emb_0000.npy, text_emb/text_emb_0000.npy, metadata/metadata_0000.parquet
+
+Shards are numbered from 0 without gaps; the global id of a row is its offset in the
+concatenation of all shards. Nothing here loads a whole shard: embeddings stay
+memory-mapped and only the rows asked for are read (as float32).
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bunny.errors import BunnyError
+
+_KINDS = {"img": ("img_emb", "img_emb_", ".npy"),
+          "txt": ("text_emb", "text_emb_", ".npy"),
+          "meta": ("metadata", "metadata_", ".parquet")}
+NORM_TOL = 1e-2  # |1 - ||x||| above this is "not unit norm" (float16 storage is ~1e-3 off)
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    img: Path
+    txt: Path
+    meta: Path
+    rows: int
+    offset: int  # gid of the shard's first row
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+    shards: tuple[Shard, ...]
+    dim: int
+    renormalize: bool = False
+
+    @property
+    def rows(self) -> int:
+        return self.shards[-1].offset + self.shards[-1].rows if self.shards else 0
+
+    def offsets(self) -> np.ndarray:
+        """(S+1,) int64 cumulative row counts, for gid -> shard lookups."""
+        return np.array([s.offset for s in self.shards] + [self.rows], dtype=np.int64)
+
+    def img(self, shard: int) -> np.ndarray:
+        return np.load(self.shards[shard].img, mmap_mode="r")
+
+    def txt(self, shard: int) -> np.ndarray:
+        return np.load(self.shards[shard].txt, mmap_mode="r")
+
+    def rows_f32(self, arr: np.ndarray, rows) -> np.ndarray:
+        """Read `rows` of a memory-mapped (N, d) array as float32, renormalised if asked.
+
+        Renormalisation is per row (float64 norm), so it gives the same bits whatever block
+        the row is read in."""
+        x = np.asarray(arr[rows], dtype=np.float32)
+        if self.renormalize:
+            n = np.sqrt(np.einsum("ij,ij->i", x.astype(np.float64), x.astype(np.float64)))
+            x = (x / np.where(n > 0, n, 1.0)[:, None]).astype(np.float32)
+        return x
+
+    def keys(self, shard: int, rows: np.ndarray | None = None) -> np.ndarray:
+        import pyarrow.parquet as pq
+
+        col = pq.read_table(self.shards[shard].meta, columns=["key"]).column("key")
+        keys = np.asarray(col.cast("string").to_pylist(), dtype=object)
+        return keys if rows is None else keys[rows]
+
+
+def _numbered(folder: Path, prefix: str, suffix: str) -> dict[int, Path]:
+    found = {}
+    if not folder.is_dir():
+        return found
+    pat = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(suffix) + "$")
+    for p in folder.iterdir():
+        m = pat.match(p.name)
+        if m:
+            found[int(m.group(1))] = p
+    return found
+
+
+def _npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    arr = np.load(path, mmap_mode="r")
+    return arr.shape, arr.dtype
+
+
+def open_layout(root: str | Path, renormalize: bool = False) -> Layout:
+    """Discover and check the shards of a LAION embedding folder (shapes, counts, names).
+
+    Raises BunnyError naming the shard at fault. Values (NaN, norms) are checked by
+    `check_values`, which streams the data."""
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    if not root.is_dir():
+        raise BunnyError(f"input folder {root} does not exist")
+    found = {k: _numbered(root / f, pre, suf) for k, (f, pre, suf) in _KINDS.items()}
+    if not found["img"]:
+        raise BunnyError(f"{root}: no image shards img_emb/img_emb_NNNN.npy")
+    numbers = sorted(set().union(*[set(v) for v in found.values()]))
+    for n in numbers:
+        missing = [f"{_KINDS[k][0]}/{_KINDS[k][1]}{n:04d}{_KINDS[k][2]}" for k in _KINDS if n not in found[k]]
+        if missing:
+            raise BunnyError(f"{root}: shard {n} is incomplete: missing {', '.join(missing)}")
+    gaps = sorted(set(range(numbers[-1] + 1)) - set(numbers))
+    if gaps:
+        raise BunnyError(f"{root}: shard {gaps[0]} is missing (shards found: {numbers[0]}..{numbers[-1]}, "
+                         f"{len(gaps)} missing); gids would shift")
+    shards, offset, dim = [], 0, None
+    for n in numbers:
+        (ishape, idt), (tshape, tdt) = _npy_shape(found["img"][n]), _npy_shape(found["txt"][n])
+        for name, shape, dt in (("img_emb", ishape, idt), ("text_emb", tshape, tdt)):
+            if len(shape) != 2 or dt not in (np.float16, np.float32):
+                raise BunnyError(f"shard {n} {name}: expected a (N, d) float16/float32 array, got {shape} {dt}")
+        mrows = pq.ParquetFile(found["meta"][n]).metadata.num_rows
+        if not ishape[0] == tshape[0] == mrows:
+            raise BunnyError(f"shard {n}: row counts differ: img_emb {ishape[0]}, text_emb {tshape[0]}, "
+                             f"metadata {mrows}")
+        if ishape[1] != tshape[1]:
+            raise BunnyError(f"shard {n}: image dim {ishape[1]} != text dim {tshape[1]}")
+        if dim is None:
+            dim = ishape[1]
+        elif ishape[1] != dim:
+            raise BunnyError(f"shard {n}: dim {ishape[1]} differs from shard 0's dim {dim}")
+        names = pq.ParquetFile(found["meta"][n]).schema_arrow.names
+        if "key" not in names:
+            raise BunnyError(f"shard {n} metadata: no `key` column (columns: {names})")
+        shards.append(Shard(n, found["img"][n], found["txt"][n], found["meta"][n], ishape[0], offset))
+        offset += ishape[0]
+    return Layout(root, tuple(shards), dim, renormalize)
+
+
+def check_values(layout: Layout, block: int = 65536, progress=None) -> int:
+    """Stream every row once: NaN/inf are errors naming shard and row; rows that are not
+    unit-norm give one warning (with a count) unless the layout renormalises.
+    Zero rows cannot be renormalised and are errors when renormalising. Returns the
+    number of non-unit rows."""
+    bad_norm, first = 0, None
+    for s in layout.shards:
+        for kind, arr in (("img_emb", layout.img(s.index)), ("text_emb", layout.txt(s.index))):
+            for a in range(0, s.rows, block):
+                x = np.asarray(arr[a:a + block], dtype=np.float32)
+                finite = np.isfinite(x).all(axis=1)
+                if not finite.all():
+                    r = a + int(np.flatnonzero(~finite)[0])
+                    raise BunnyError(f"shard {s.index} {kind} row {r} (gid {s.offset + r}): NaN or infinite values")
+                n = np.sqrt(np.einsum("ij,ij->i", x.astype(np.float64), x.astype(np.float64)))
+                if layout.renormalize and (n == 0).any():
+                    r = a + int(np.flatnonzero(n == 0)[0])
+                    raise BunnyError(f"shard {s.index} {kind} row {r}: zero vector cannot be renormalised")
+                off = np.abs(n - 1.0) > NORM_TOL
+                if off.any():
+                    bad_norm += int(off.sum())
+                    if first is None:
+                        r = a + int(np.flatnonzero(off)[0])
+                        first = f"shard {s.index} {kind} row {r} has norm {n[r - a]:.4f}"
+            if progress is not None:
+                progress.update(s.rows)
+    if bad_norm and not layout.renormalize:
+        warnings.warn(f"{bad_norm} embedding rows are not unit-norm (first: {first}); thresholds assume "
+                      f"L2-normalised rows: pass --renormalize to normalise them", stacklevel=2)
+    return bad_norm

@@ -1,0 +1,149 @@
+"""Steps 2-4 and the output folder, computed by streaming the per-cluster survivor files
+(written by the kernel) a few times; shared by every engine, so outputs are identical."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from bunny.select import rules
+from bunny.select.kernel import cluster_file
+from bunny.select.layout import Layout
+from bunny.select.windows import Window
+
+CHUNK = 1 << 20  # survivor rows per streamed chunk
+BUCKET = 1 << 23  # gids per output bucket: bounds memory while sorting by gid
+HIST_BINS = np.linspace(-1.0, 1.0, 401)
+
+
+def survivor_chunks(work: Path, k: int, progress: str | None = None):
+    """Yield dicts of arrays (gid, clip, cos, cluster) over all clusters, ~CHUNK rows each."""
+    buf, rows = [], 0
+    it = range(k) if progress is None else tqdm(range(k), desc=progress, leave=False, unit="cluster")
+    for c in it:
+        z = np.load(cluster_file(work, c))
+        buf.append((z["gid"], z["clip"], z["cos"], np.full(len(z["gid"]), c, np.int32)))
+        rows += len(z["gid"])
+        if rows >= CHUNK:
+            yield _join(buf)
+            buf, rows = [], 0
+    if buf:
+        yield _join(buf)
+
+
+def _join(buf):
+    return {name: np.concatenate([b[i] for b in buf]) for i, name in enumerate(("gid", "clip", "cos", "cluster"))}
+
+
+class Steps:
+    """The global windows (steps 2, 3) and the draw (step 4) over the step-1 survivors."""
+
+    def __init__(self, work: Path, k: int, clip_window, centroid_window, n, seed: int, show: bool):
+        self.work, self.k, self.seed = work, k, seed
+        self.show = show
+        self.n1 = sum(len(np.load(cluster_file(work, c))["gid"]) for c in range(k))
+        self.w2 = Window(self._stream(2), (32, 64), self.n1, *rules.window(self.n1, *clip_window))
+        n2 = self.w2.kept
+        self.w3 = Window(self._stream(3), (32, 64), n2, *rules.window(n2, *centroid_window))
+        n3 = self.w3.kept
+        self.w4 = Window(self._stream(4), (64, 64), n3, 0, n3 if n is None else min(n, n3))
+
+    def masks(self, ch):
+        """Step-2, step-3 and selected masks of one chunk."""
+        m2 = self.w2.mask((rules.desc_key(ch["clip"]), ch["gid"].astype(np.uint64)))
+        m3 = m2.copy()
+        m3[m2] = self.w3.mask((rules.desc_key(ch["cos"][m2]), ch["gid"][m2].astype(np.uint64)))
+        m4 = m3.copy()
+        m4[m3] = self.w4.mask((rules.draw_hash(ch["gid"][m3], self.seed), ch["gid"][m3].astype(np.uint64)))
+        return m2, m3, m4
+
+    def _stream(self, step):
+        def stream():
+            for ch in survivor_chunks(self.work, self.k, f"step {step} pass" if self.show else None):
+                g = ch["gid"].astype(np.uint64)
+                if step == 2:
+                    yield rules.desc_key(ch["clip"]), g
+                    continue
+                m2 = self.w2.mask((rules.desc_key(ch["clip"]), g))
+                if step == 3:
+                    yield rules.desc_key(ch["cos"][m2]), g[m2]
+                    continue
+                m3 = self.w3.mask((rules.desc_key(ch["cos"][m2]), g[m2]))
+                yield rules.draw_hash(ch["gid"][m2][m3], self.seed), g[m2][m3]
+        return stream
+
+
+_COLS = ("gid", "key", "shard", "row", "cluster", "clip_score", "centroid_cos")
+STAGE_FILES = {"dedup": "stages/dedup.parquet", "clip": "stages/clip.parquet",
+               "centroid": "stages/centroid.parquet", "selected": "selected.parquet"}
+
+
+def write_outputs(layout: Layout, out: Path, work: Path, k: int, steps: Steps, show: bool) -> dict:
+    """Write the four gid-sorted parquet files (bucket by bucket of gids) and return the
+    row counts and score histograms for report.json."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("gid", pa.int64()), ("key", pa.string()), ("shard", pa.int32()), ("row", pa.int64()),
+                        ("cluster", pa.int32()), ("clip_score", pa.float32()), ("centroid_cos", pa.float32())])
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+    tmp = {name: out / (rel + f".{os.getpid()}.tmp") for name, rel in STAGE_FILES.items()}
+    writers = {name: pq.ParquetWriter(p, schema) for name, p in tmp.items()}
+    counts = dict.fromkeys(STAGE_FILES, 0)
+    hist_clip = np.zeros(len(HIST_BINS) - 1, np.int64)
+    hist_cos = np.zeros(len(HIST_BINS) - 1, np.int64)
+    offsets = layout.offsets()
+    key_cache: dict[int, np.ndarray] = {}
+    buckets = range(0, max(layout.rows, 1), BUCKET)
+    for g0 in (tqdm(buckets, desc="write outputs", unit="bucket") if show else buckets):
+        parts = [{n: a[(ch["gid"] >= g0) & (ch["gid"] < g0 + BUCKET)] for n, a in ch.items()}
+                 for ch in survivor_chunks(work, k)]
+        ch = {n: np.concatenate([p[n] for p in parts]) for n in ("gid", "clip", "cos", "cluster")}
+        if not len(ch["gid"]):
+            continue
+        order = np.argsort(ch["gid"], kind="stable")
+        ch = {n: a[order] for n, a in ch.items()}
+        shard = (np.searchsorted(offsets, ch["gid"], side="right") - 1).astype(np.int32)
+        row = ch["gid"] - offsets[shard]
+        keys = np.empty(len(row), dtype=object)
+        for s in np.unique(shard):
+            if int(s) not in key_cache:
+                key_cache.clear()  # buckets go in gid order: one shard's keys at a time
+                key_cache[int(s)] = layout.keys(int(s))
+            sel = shard == s
+            keys[sel] = key_cache[int(s)][row[sel]]
+        masks = dict(zip(("clip", "centroid", "selected"), steps.masks(ch)))
+        masks["dedup"] = np.ones(len(row), dtype=bool)
+        hist_clip += np.histogram(ch["clip"], HIST_BINS)[0]
+        hist_cos += np.histogram(ch["cos"][masks["clip"]], HIST_BINS)[0]
+        for name, m in masks.items():
+            table = pa.table([ch["gid"][m], pa.array(keys[m].tolist(), pa.string()), shard[m], row[m],
+                              ch["cluster"][m], ch["clip"][m], ch["cos"][m]], schema=schema)
+            writers[name].write_table(table)
+            counts[name] += int(m.sum())
+    for name, w in writers.items():
+        w.close()
+        os.replace(tmp[name], out / STAGE_FILES[name])
+    return {"counts": counts, "hist_bins": HIST_BINS.tolist(), "hist_clip": hist_clip.tolist(),
+            "hist_centroid_cos": hist_cos.tolist()}
+
+
+def window_scores(steps: Steps) -> dict:
+    """The score at each window edge (for plots): first kept and first dropped-after."""
+    def score(key):
+        if key is None:
+            return None
+        asc = 0xFFFFFFFF - key[0]
+        bits = asc & 0x7FFFFFFF if asc >> 31 else (~asc) & 0xFFFFFFFF
+        return float(np.array([bits], np.uint32).view(np.float32)[0])
+    return {"clip": [score(steps.w2.lo), score(steps.w2.hi)],
+            "centroid": [score(steps.w3.lo), score(steps.w3.hi)]}
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)

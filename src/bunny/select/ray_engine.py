@@ -1,0 +1,56 @@
+"""The Ray engine: the same shard and cluster tasks as the embedded engine, run as Ray
+tasks. Tasks read the shards from the shared filesystem and write their results
+atomically to OUT/_work, so the driver only schedules; steps 2-4 run on the driver
+(they stream small survivor files). Without an address a local Ray is started."""
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from bunny.errors import BunnyError
+
+
+class RayMap:
+    def __init__(self, workers: int, address: str | None = None):
+        try:
+            import ray
+        except ImportError as exc:  # pragma: no cover - ray is in the select extra
+            raise BunnyError("--engine ray needs ray: pip install 'bunny[select]'") from exc
+        self.ray = ray
+        self.started = False
+        if not ray.is_initialized():
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False)
+            self.started = True
+
+    def __call__(self, fn, arg_list, desc, show, weights=None):
+        ray = self.ray
+        remote = ray.remote(fn)
+        # big shared arguments (the centroids) go to the object store once
+        shared = {}
+        refs = []
+        for args in arg_list:
+            put = []
+            for a in args:
+                if hasattr(a, "nbytes") and a.nbytes > 1 << 16:
+                    if id(a) not in shared:
+                        shared[id(a)] = ray.put(a)
+                    put.append(shared[id(a)])
+                else:
+                    put.append(a)
+            refs.append(remote.remote(*put))
+        index = {r: i for i, r in enumerate(refs)}
+        bar = tqdm(total=sum(weights) if weights else len(refs), desc=desc, disable=not show)
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for r in done:
+                ray.get(r)  # raise a task's error here
+                bar.update(weights[index[r]] if weights else 1)
+        bar.close()
+        return ray.get(refs)
+
+    def close(self):
+        if self.started:
+            self.ray.shutdown()

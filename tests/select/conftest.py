@@ -1,0 +1,1 @@
+from selhelp import make_input  # noqa: F401  (fixture)

@@ -1,0 +1,102 @@
+"""Shared helpers: write a LAION-layout folder, and a straightforward in-memory oracle of
+the spec (dense similarity matrix, BFS, full sorts) to compare the engines against."""
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+
+def write_layout(root: Path, img_shards, txt_shards, keys=None, dtype=np.float16):
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    gid = 0
+    for s, (x, t) in enumerate(zip(img_shards, txt_shards)):
+        np.save(root / f"img_emb/img_emb_{s:04d}.npy", np.asarray(x, dtype))
+        np.save(root / f"text_emb/text_emb_{s:04d}.npy", np.asarray(t, dtype))
+        k = keys[s] if keys else [f"key{gid + i}" for i in range(len(x))]
+        pq.write_table(pa.table({"key": k, "caption": [f"c{i}" for i in range(len(k))]}),
+                       root / f"metadata/metadata_{s:04d}.parquet")
+        gid += len(x)
+    return root
+
+
+def unit(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def synthetic(rng, n, d, groups=4, dup_frac=0.3):
+    """Rows around `groups` directions, with near-duplicates and exact duplicates."""
+    centers = unit(rng.normal(size=(groups, d)))
+    x = centers[rng.integers(groups, size=n)] + 0.45 * rng.normal(size=(n, d)) / np.sqrt(d) * 4
+    nd = int(dup_frac * n)
+    src = rng.integers(n, size=nd)
+    dst = rng.choice(n, size=nd, replace=False)
+    x[dst] = x[src] + 0.05 * rng.normal(size=(nd, d)) / np.sqrt(d) * 4
+    x = unit(x)
+    x[dst[: nd // 3]] = x[src[: nd // 3]]  # some bit-identical rows
+    t = unit(x + 0.8 * rng.normal(size=(n, d)) / np.sqrt(d) * 4)
+    return x, t
+
+
+@pytest.fixture
+def make_input(tmp_path):
+    def make(shard_sizes=(120, 80, 100), d=16, seed=0, groups=4):
+        rng = np.random.default_rng(seed)
+        n = sum(shard_sizes)
+        x, t = synthetic(rng, n, d, groups)
+        cuts = np.cumsum(shard_sizes)[:-1]
+        return write_layout(tmp_path / "in", np.split(x, cuts), np.split(t, cuts))
+    return make
+
+
+def oracle(root: Path, centroids, threshold=0.86, clip=(0.4, 0.6), cent=(0.15, 0.35), n=None, seed=0):
+    """The spec, straightforwardly: all rows in memory, full matrices, sorts."""
+    from bunny.select import rules
+    from bunny.select.assign import exact_sq_dist
+
+    imgs = sorted((root / "img_emb").glob("*.npy"))
+    txts = sorted((root / "text_emb").glob("*.npy"))
+    x = np.concatenate([np.load(p).astype(np.float32) for p in imgs])
+    t = np.concatenate([np.load(p).astype(np.float32) for p in txts])
+    gid = np.arange(len(x))
+    cl = exact_sq_dist(x, centroids).argmin(axis=1)
+    surv = []
+    for c in range(len(centroids)):
+        idx = np.flatnonzero(cl == c)
+        xs = x[idx]
+        sim = xs.astype(np.float64) @ xs.astype(np.float64).T
+        adj = sim > threshold
+        seen = np.zeros(len(idx), bool)
+        dist = rules.centroid_distance(xs, centroids[c])
+        for s in range(len(idx)):
+            if seen[s]:
+                continue
+            comp, q = [], deque([s])
+            seen[s] = True
+            while q:
+                u = q.popleft()
+                comp.append(u)
+                for v in np.flatnonzero(adj[u] & ~seen):
+                    seen[v] = True
+                    q.append(v)
+            comp.sort(key=lambda m: (dist[m], idx[m]))
+            surv.append(idx[comp[len(comp) // 2]])
+    surv = np.array(sorted(surv))
+    score = rules.row_dots(x[surv], t[surv])
+    o = np.lexsort((surv, -score.astype(np.float64)))
+    a, b = rules.window(len(surv), *clip)
+    s2 = np.sort(surv[o[a:b]])
+    cos = np.array([rules.centroid_cosine(x[g:g + 1], centroids[cl[g]])[0] for g in s2])
+    o = np.lexsort((s2, -cos.astype(np.float64)))
+    a, b = rules.window(len(s2), *cent)
+    s3 = np.sort(s2[o[a:b]])
+    h = rules.draw_hash(s3, seed)
+    o = np.lexsort((s3, h))
+    s4 = np.sort(s3[o[: (len(s3) if n is None else n)]])
+    return {"dedup": surv, "clip": s2, "centroid": s3, "selected": s4, "cluster": cl}

@@ -1,0 +1,97 @@
+"""The embedded engine end to end against the straightforward oracle, resume, workers."""
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from bunny.select import kernel
+from bunny.select.engine import SelectConfig, select
+from selhelp import oracle, unit, write_layout
+
+FILES = ["selected.parquet", "stages/dedup.parquet", "stages/clip.parquet", "stages/centroid.parquet"]
+
+
+def run(inp, out, **kw):
+    kw.setdefault("progress", False)
+    return select(SelectConfig(input=str(inp), out=str(out), **kw))
+
+
+def tables(out):
+    return {f: pq.read_table(out / f).to_pandas() for f in FILES}
+
+
+def test_matches_oracle_and_writes_layout(make_input, tmp_path):
+    inp = make_input()
+    rep = run(inp, tmp_path / "out", k=4, seed=1, threshold=0.8, n=5)
+    out = tmp_path / "out"
+    c = np.load(out / "centroids.npy")
+    want = oracle(inp, c, threshold=0.8, n=5, seed=1)
+    t = tables(out)
+    for name, f in zip(["selected", "dedup", "clip", "centroid"], FILES):
+        assert t[f]["gid"].tolist() == want[name].tolist(), name
+        assert t[f]["gid"].is_monotonic_increasing
+    sel = t["selected.parquet"]
+    assert list(sel.columns[:7]) == ["gid", "key", "shard", "row", "cluster", "clip_score", "centroid_cos"]
+    assert (sel["key"] == [f"key{g}" for g in sel["gid"]]).all()
+    assert (sel["cluster"].values == want["cluster"][sel["gid"].values]).all()
+    offs = np.array([0, 120, 200])
+    assert (offs[sel["shard"]] + sel["row"] == sel["gid"]).all()
+    assert rep["rows_after"] == json.loads((out / "report.json").read_text())["rows_after"]
+    assert rep["rows_after"]["selected"] == 5 and rep["rows_after"]["dedup"] < 300
+
+
+def test_given_centroids_semdedup_and_skewed_cluster(tmp_path):
+    rng = np.random.default_rng(2)
+    d = 16
+    big = unit(np.r_[[[1.0] + [0] * 15]] + 0.1 * rng.normal(size=(400, d)))  # one big cluster
+    small = unit(-np.eye(d)[1] + 0.1 * rng.normal(size=(20, d)))
+    x = np.r_[big, small]
+    t = unit(x + rng.normal(size=x.shape))
+    inp = write_layout(tmp_path / "in", [x[:250], x[250:]], [t[:250], t[250:]])
+    c = np.stack([np.eye(d)[0], -np.eye(d)[1], np.eye(d)[5] * 3]).astype(np.float32)  # one empty cluster
+    np.save(tmp_path / "c.npy", c)
+    rep = run(inp, tmp_path / "o", centroids=str(tmp_path / "c.npy"))
+    assert np.load(tmp_path / "o/cluster_sizes.npy").tolist() == [400, 20, 0]
+    want = oracle(inp, c)
+    assert tables(tmp_path / "o")["selected.parquet"]["gid"].tolist() == want["selected"].tolist()
+    rep2 = run(inp, tmp_path / "s", centroids=str(tmp_path / "c.npy"), mode="semdedup", eps=0.1)
+    assert rep2["rows_after"]["dedup"] != rep["rows_after"]["dedup"]
+
+
+def test_workers_and_batching_do_not_change_output(make_input, tmp_path):
+    inp = make_input(shard_sizes=(90, 60, 50, 100), seed=4)
+    run(inp, tmp_path / "a", k=6, seed=0, n=20, workers=1)
+    run(inp, tmp_path / "b", centroids=str(tmp_path / "a/centroids.npy"), n=20, workers=2, cluster_batch=1)
+    ta, tb = tables(tmp_path / "a"), tables(tmp_path / "b")
+    for f in FILES:
+        assert ta[f].equals(tb[f]), f
+
+
+def test_resume_after_kill(make_input, tmp_path, monkeypatch):
+    inp = make_input(seed=5)
+    run(inp, tmp_path / "ref", k=5, seed=3, n=30)
+    real, calls = kernel.run_cluster, []
+
+    def dying(layout, work, c, centroid, p):
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill")
+        calls.append(c)
+        return real(layout, work, c, centroid, p)
+
+    monkeypatch.setattr(kernel, "run_cluster", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(inp, tmp_path / "out", k=5, seed=3, n=30)
+    monkeypatch.setattr(kernel, "run_cluster", real)
+    done = sorted((tmp_path / "out/_work/clusters").glob("c_*.npz"))
+    assert len(done) == 3 and not list((tmp_path / "out/_work/clusters").glob(".*tmp"))
+    stamps = {p: p.stat().st_mtime_ns for p in done}
+    with pytest.raises(Exception, match="not empty"):
+        run(inp, tmp_path / "out", k=5, seed=3, n=30)
+    with pytest.raises(Exception, match="different parameters"):
+        run(inp, tmp_path / "out", k=5, seed=3, n=31, resume=True)
+    run(inp, tmp_path / "out", k=5, seed=3, n=30, resume=True)
+    assert all(p.stat().st_mtime_ns == s for p, s in stamps.items())  # finished clusters not redone
+    ta, tb = tables(tmp_path / "ref"), tables(tmp_path / "out")
+    for f in FILES:
+        assert ta[f].equals(tb[f]), f

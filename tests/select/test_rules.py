@@ -1,0 +1,133 @@
+"""Golden-value tests of the pure rules on hand-built inputs."""
+import numpy as np
+import pytest
+
+from bunny.select import rules
+from bunny.select.assign import Assigner
+from bunny.select.windows import Window, key_at
+
+from selhelp import unit
+
+
+def test_chain_joins_only_through_middle():
+    # a.b and b.c are 0.9 but a.c is 0.62: one component only because of b
+    ang = np.arccos(0.9)
+    x = unit([[1, 0, 0], [np.cos(ang), np.sin(ang), 0], [np.cos(2 * ang), np.sin(2 * ang), 0],
+              [0, 0, 1]]).astype(np.float32)
+    assert x[0] @ x[2] < 0.86
+    labels = rules.components(x, 0.86)
+    assert list(labels) == [0, 0, 0, 3]
+    # without the middle point, the ends are apart
+    assert list(rules.components(x[[0, 2, 3]], 0.86)) == [0, 1, 2]
+    # upper median of the 3-member chain sorted by distance to the centroid (ends nearest)
+    c = np.array([1.0, 0.3, 0.0])
+    dist = rules.centroid_distance(x, c)
+    keep = rules.keep_upper_median(labels, dist, np.arange(4))
+    order = np.argsort(dist[:3])
+    assert keep[3] and keep[order[1]] and keep.sum() == 2
+
+
+def test_exact_duplicates_tie_on_distance_and_gid_decides():
+    v = unit(np.random.default_rng(0).normal(size=(1, 64))).astype(np.float16).astype(np.float32)
+    x = np.repeat(v, 4, axis=0)
+    gid = np.array([40, 10, 30, 20])
+    dist = rules.centroid_distance(x, np.random.default_rng(1).normal(size=64))
+    assert len(set(dist)) == 1  # identical rows tie exactly
+    labels = rules.components(x, 0.86)
+    assert len(set(labels)) == 1
+    keep = rules.keep_upper_median(labels, dist, gid)
+    assert gid[keep].tolist() == [30]  # sorted gids 10,20,30,40 -> position 2
+
+
+def test_singletons_all_kept():
+    x = np.eye(5, dtype=np.float32)
+    labels = rules.components(x, 0.86)
+    assert list(labels) == [0, 1, 2, 3, 4]
+    assert rules.keep_upper_median(labels, np.zeros(5), np.arange(5)).all()
+
+
+def test_threshold_is_strict():
+    ang = np.arccos(0.5)
+    x = np.array([[1, 0], [np.cos(ang), np.sin(ang)]], np.float32)
+    dot = rules.pair_dots(x, np.array([0]), np.array([1]))[0]
+    assert len(set(rules.components(x, dot))) == 2  # equal to threshold: no edge
+    assert len(set(rules.components(x, np.nextafter(dot, -1)))) == 1
+
+
+def test_components_match_bfs_on_random_graphs():
+    rng = np.random.default_rng(3)
+    for trial in range(5):
+        n = 300
+        x = unit(rng.normal(size=(8, 24))[rng.integers(8, size=n)] + 0.25 * rng.normal(size=(n, 24))).astype(np.float32)
+        labels = rules.components(x, 0.8, block=64)
+        adj = x.astype(np.float64) @ x.astype(np.float64).T > 0.8
+        # same partition as the transitive closure
+        reach = adj.copy()
+        for _ in range(10):
+            reach = (reach.astype(np.int32) @ reach.astype(np.int32)) > 0
+        assert np.array_equal(labels[:, None] == labels[None, :], reach | np.eye(n, dtype=bool))
+
+
+def test_collapse_identical_keeps_order():
+    x = np.array([[1, 0], [0, 1], [1, 0], [0, 1], [2, 2]], np.float32)
+    first, inv = rules.collapse_identical(x)
+    assert first.tolist() == [0, 1, 4] and inv.tolist() == [0, 1, 0, 1, 2]
+
+
+def test_semdedup_rule_matches_definition():
+    rng = np.random.default_rng(5)
+    x = unit(rng.normal(size=(3, 16))[rng.integers(3, size=80)] + 0.2 * rng.normal(size=(80, 16))).astype(np.float32)
+    x[10] = x[11]
+    gid = np.arange(80) * 3
+    c = x.mean(0)
+    dist = rules.centroid_distance(x, c)
+    keep = rules.keep_semdedup(x, dist, gid, eps=0.1)
+    rank = np.lexsort((gid, -dist))
+    sim = x.astype(np.float64) @ x.astype(np.float64).T
+    expect = np.ones(80, bool)
+    for pos, r in enumerate(rank):
+        if (sim[rank[:pos], r] > 0.9).any():
+            expect[r] = False
+    assert np.array_equal(keep, expect)
+    assert keep[[10, 11]].sum() <= 1  # identical rows never both survive
+
+
+def test_window_rule_boundaries():
+    assert rules.window(10, 0.4, 0.6) == (4, 6)
+    assert rules.window(20, 0.15, 0.35) == (3, 7)  # 0.35*20 = 7.000000000000001
+    assert rules.window(3, 0.4, 0.6) == (1, 1)  # empty: int(1.2) == int(1.8)
+    assert rules.window(7, 0.0, 1.0) == (0, 7)
+
+
+@pytest.mark.parametrize("cap", [1, 3, 1 << 20])
+def test_window_exact_with_ties_and_radix_passes(cap):
+    rng = np.random.default_rng(0)
+    score = rng.choice(np.array([0.1, 0.2, 0.2, -0.0, 0.0, 0.5], np.float32), size=97)
+    gid = rng.permutation(1000)[:97].astype(np.int64)
+    key = (rules.desc_key(score), gid.astype(np.uint64))
+
+    def stream():  # two chunks, to check chunking does not matter
+        yield key[0][:40], key[1][:40]
+        yield key[0][40:], key[1][40:]
+
+    order = np.lexsort((gid, -score.astype(np.float64)))
+    for lo, hi in [(0.4, 0.6), (0.15, 0.35), (0.0, 1.0), (0.5, 0.5)]:
+        a, b = rules.window(97, lo, hi)
+        w = Window(stream, (32, 64), 97, a, b, cap=cap)
+        assert set(gid[w.mask(key)]) == set(gid[order[a:b]])
+    assert key_at(stream, (32, 64), 97, 0, cap) == (int(key[0][order[0]]), int(gid[order[0]]))
+
+
+def test_draw_hash_is_pure_and_spread():
+    g = np.arange(10000)
+    h = rules.draw_hash(g, 7)
+    assert np.array_equal(h[5000:], rules.draw_hash(g[5000:], 7))  # split-independent
+    assert not np.array_equal(h, rules.draw_hash(g, 8))
+    keep = np.argsort(h)[:1000]
+    assert 400 < (keep < 5000).sum() < 600
+
+
+def test_assignment_ties_go_to_lower_index():
+    c = np.array([[0, 1], [1, 0], [1, 0], [0, -1]], np.float32)
+    x = np.array([[1, 0], [0.6, 0.8], [np.sqrt(0.5), np.sqrt(0.5)]], np.float32)
+    assert Assigner(c)(x).tolist() == [1, 0, 0]
