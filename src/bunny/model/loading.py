@@ -1,0 +1,150 @@
+"""Building a Bunny from parts, and loading any checkpoint as `(model, processor)`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+
+from bunny.errors import BunnyError
+from bunny.model.config import BunnyConfig
+from bunny.model.embedded import EMBEDDED_LLMS, resolve_llm
+from bunny.model.modeling import BunnyForConditionalGeneration
+from bunny.model.processor import BunnyProcessor
+from bunny.model.towers import load_vision_model, resolve_tower_source
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# The small tower shipped in the repository (trained on the synthetic shapes generator).
+DEFAULT_TOWER = str(ASSETS / "towers" / "shapes-siglip-64")
+
+
+def load_image_processor_for(tower: str):
+    return AutoImageProcessor.from_pretrained(resolve_tower_source(tower), backend="pil")
+
+
+def build_model(
+    llm: str,
+    tower: str = DEFAULT_TOWER,
+    projector_type: str = "mlp2x_gelu",
+    template: str = "bunny",
+    dtype: torch.dtype | None = None,
+    **config_kwargs,
+) -> tuple[BunnyForConditionalGeneration, BunnyProcessor]:
+    """Compose a pretrained tower and a pretrained causal LM with a new projector.
+
+    As the reference does, the LLM's embeddings are cut to the tokenizer's length, so the
+    padded vocabulary rows some LLMs carry (Qwen1.5, Phi-2) can never be generated.
+    """
+    llm_path = resolve_llm(llm)
+    tokenizer = AutoTokenizer.from_pretrained(llm_path)
+    language_model = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype)
+    fit_vocabulary(language_model, tokenizer, llm)
+    vision = load_vision_model(tower, dtype=dtype)
+    model = BunnyForConditionalGeneration.from_parts(
+        vision,
+        language_model,
+        projector_type=projector_type,
+        template=template,
+        vision_tower=tower,
+        projector_trained=False,
+        **config_kwargs,
+    )
+    processor = BunnyProcessor.from_config(model.config, tokenizer, load_image_processor_for(tower))
+    return model, processor
+
+
+def fit_vocabulary(language_model, tokenizer, name: str) -> None:
+    vocab, n_tokens = language_model.config.vocab_size, len(tokenizer)
+    if n_tokens > vocab:
+        raise BunnyError(f"{name}: the tokenizer has {n_tokens} tokens but the LLM only {vocab} embeddings")
+    if n_tokens < vocab:
+        language_model.resize_token_embeddings(n_tokens)
+
+
+def load_pretrained(
+    path_or_name: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    model_base: str | None = None,
+    template: str | None = None,
+) -> tuple[BunnyForConditionalGeneration, BunnyProcessor]:
+    """`(model, processor)` for a bunny checkpoint, any reference layout, or a plain LLM.
+
+    A plain LLM (e.g. the embedded `smollm2-135m`) is composed with the shipped tower and a
+    new projector (`config.projector_trained` is False: fine for text, not for images).
+    `template` overrides the checkpoint's own template.
+    """
+    source = str(path_or_name)
+    kind = checkpoint_kind(source)
+    if kind == "bunny":
+        model, processor = _load_bunny(Path(source), dtype)
+    elif kind == "llm":
+        model, processor = build_model(source, dtype=dtype)
+    else:
+        from bunny.convert.reference import load_reference
+
+        model, processor = load_reference(Path(source), model_base=model_base, dtype=dtype)
+    if template is not None:
+        processor.template = template
+    model.to(device)
+    model.eval()
+    return model, processor
+
+
+def checkpoint_kind(source: str) -> str:
+    """'bunny' (ours), 'reference' (BAAI Bunny layouts) or 'llm' (a plain causal LM)."""
+    if source in EMBEDDED_LLMS:
+        return "llm"
+    folder = Path(source)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        if folder.exists():
+            raise BunnyError(f"{folder} holds no config.json; not a model checkpoint")
+        raise BunnyError(
+            f"model {source!r} is neither a local folder nor an embedded name "
+            f"({', '.join(sorted(EMBEDDED_LLMS))}); hub ids must be downloaded first"
+        )
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") == "bunny":
+        return "bunny"
+    if "mm_vision_tower" in config or str(config.get("model_type", "")).startswith("bunny-"):
+        return "reference"
+    return "llm"
+
+
+def _load_bunny(folder: Path, dtype) -> tuple[BunnyForConditionalGeneration, BunnyProcessor]:
+    model, info = BunnyForConditionalGeneration.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    problems = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        details = "; ".join(f"{k}: {', '.join(map(str, v[:10]))}{' ...' if len(v) > 10 else ''}" for k, v in problems.items())
+        raise BunnyError(f"checkpoint {folder} does not match its config ({details})")
+    return model, BunnyProcessor.from_pretrained(folder)
+
+
+def save_pretrained(model: BunnyForConditionalGeneration, processor: BunnyProcessor, folder: str | os.PathLike) -> Path:
+    """Write model + processor atomically: into a temporary sibling folder, then renamed."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+__all__ = ["BunnyConfig", "build_model", "load_pretrained", "save_pretrained", "DEFAULT_TOWER"]
