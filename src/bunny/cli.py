@@ -19,6 +19,7 @@ _GROUPS = [
     "bunny.serve.cli",
     "bunny.eval.cli",
     "bunny.select.cli",
+    "bunny.data.cli",
     "bunny.train.cli",
 ]
 
