@@ -48,6 +48,11 @@ def embedded_llm_path(name: str) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are de-quantised on load, but transformers 5.x still marks the model as
+    # GGUF-quantised and refuses to save it; drop the marker so it saves as plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write into a temporary folder, then rename: a killed conversion leaves no half cache.
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
