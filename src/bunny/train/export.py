@@ -1,0 +1,48 @@
+"""What a finished stage leaves in its output folder.
+
+- every stage: losses.json, loss_curve.png, train_report.json, recipe.yaml (at the start);
+- stage 1: mm_projector.safetensors + the reference's mm_projector.bin and config.json,
+  which is what the reference's stage 2 (`pretrain_mm_mlp_adapter`) reads;
+- LoRA: adapter/ (PEFT adapter files + non-LoRA trainables), then the adapters are merged
+  and model/ is a plain bunny checkpoint that `load_pretrained` opens;
+- full: model/.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bunny.train.parts import merge_lora, save_adapter, save_projector
+from bunny.train.recipe import Recipe
+from bunny.train.reporting import plot_losses
+
+
+def export_stage(model, processor, recipe: Recipe, history: list[dict]) -> dict:
+    from bunny.model.loading import save_pretrained
+
+    out = Path(recipe.output_dir)
+    written: dict[str, str] = {}
+    (out / "losses.json").write_text(json.dumps(history) + "\n")
+    written["losses"] = str(out / "losses.json")
+    if history:
+        written["loss_curve"] = str(plot_losses({recipe.stage: [(h["step"], h["loss"]) for h in history]},
+                                                out / "loss_curve.png", f"{recipe.stage} ({recipe.tune})"))
+    model.config.projector_trained = True
+    if recipe.stage == "pretrain":
+        for path in save_projector(model, out):
+            written[path.name] = str(path)
+        model.config.to_json_file(str(out / "config.json"))
+    if recipe.tune == "lora":
+        save_adapter(model, out / "adapter")
+        written["adapter"] = str(out / "adapter")
+        merge_lora(model)
+    if recipe.save_full_model:
+        written["model"] = str(save_pretrained(model, processor, out / "model"))
+    tail = history[-10:]
+    report = {"stage": recipe.stage, "tune": recipe.tune, "steps": len(history),
+              "final_loss_mean_last_10": sum(h["loss"] for h in tail) / len(tail) if tail else None,
+              "samples_per_s_mean": sum(h["samples_per_s"] for h in history) / len(history) if history else None,
+              "outputs": written}
+    (out / "train_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    written["report"] = str(out / "train_report.json")
+    return written

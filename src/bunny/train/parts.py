@@ -1,0 +1,147 @@
+"""What a recipe trains: building the model, freezing, LoRA, parameter groups, and the
+projector-only file of stage 1.
+
+Each trainable group has its own learning rate (paper: LoRA 2e-4, projector and an
+unfrozen tower 2e-5). LoRA goes on every nn.Linear of the LLM except lm_head, through
+PEFT, injected in place so the Bunny model keeps its own forward.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from bunny.errors import BunnyError
+from bunny.train.recipe import Recipe
+
+PROJECTOR_PREFIX = "model.mm_projector."  # the reference's key prefix in mm_projector.bin
+
+
+def build_for_recipe(recipe: Recipe):
+    """(model, processor) in float32 (mixed precision is applied by the engine)."""
+    from bunny.model.loading import DEFAULT_TOWER, build_model, load_pretrained
+
+    if recipe.init_from:
+        model, processor = load_pretrained(recipe.init_from, template=recipe.template)
+        model.config.template = recipe.template
+    else:
+        model, processor = build_model(recipe.llm, tower=recipe.tower or DEFAULT_TOWER,
+                                       projector_type=recipe.projector_type, template=recipe.template,
+                                       tokenizer_model_max_length=recipe.model_max_length)
+    processor.model_max_length = recipe.model_max_length
+    if recipe.projector_weights:
+        load_projector(model, recipe.projector_weights)
+    return model, processor
+
+
+def load_projector(model, path: str | Path) -> None:
+    """Projector weights from our safetensors or the reference's mm_projector.bin (tensors
+    only: torch.load with weights_only=True, so a pickle cannot run code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BunnyError(f"projector file not found: {path}")
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure is bad input
+            raise BunnyError(f"cannot read projector file {path}: {exc}") from None
+    state = {k.split("mm_projector.", 1)[1]: v for k, v in state.items() if "mm_projector." in k}
+    if not state:
+        raise BunnyError(f"{path} holds no mm_projector.* tensors")
+    try:
+        model.mm_projector.load_state_dict(state)
+    except RuntimeError as exc:
+        raise BunnyError(f"{path} does not fit this model's projector: {exc}") from None
+    model.config.projector_trained = True
+
+
+def save_projector(model, folder: str | Path) -> list[Path]:
+    """Stage 1's projector-only files: mm_projector.safetensors and the reference's
+    mm_projector.bin (a plain dict of tensors, keys `model.mm_projector.0.weight`, ...)."""
+    folder = Path(folder)
+    state = {PROJECTOR_PREFIX + k: v.detach().float().cpu().contiguous()
+             for k, v in model.mm_projector.state_dict().items()}
+    out = [folder / "mm_projector.safetensors", folder / "mm_projector.bin"]
+    tmp = [p.with_name(f".{p.name}.tmp") for p in out]
+    save_file(state, str(tmp[0]))
+    torch.save(state, tmp[1])
+    for t, p in zip(tmp, out):
+        t.replace(p)
+    return out
+
+
+def lora_targets(language_model: nn.Module) -> list[str]:
+    """Names (relative to the LLM) of every nn.Linear except the output head."""
+    head = language_model.get_output_embeddings()
+    return [name for name, m in language_model.named_modules()
+            if isinstance(m, nn.Linear) and m is not head and not name.endswith("lm_head")]
+
+
+def configure_trainables(model, recipe: Recipe) -> list[dict]:
+    """Freeze / unfreeze / add LoRA as the recipe says; return optimizer parameter groups."""
+    model.requires_grad_(False)
+    groups = []
+    if recipe.tune == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                            target_modules=lora_targets(model.language_model), bias="none")
+        inject_adapter_in_model(config, model.language_model)
+        model.language_model.requires_grad_(False)
+        lora = [p for n, p in model.language_model.named_parameters() if "lora_" in n]
+        for p in lora:
+            p.requires_grad_(True)
+        model._bunny_lora_config = config  # kept for writing adapter files at the end
+        groups.append({"name": "lora", "params": lora, "lr": recipe.lr})
+    elif recipe.tune == "full":
+        model.language_model.requires_grad_(True)
+        groups.append({"name": "llm", "params": list(model.language_model.parameters()), "lr": recipe.lr})
+    model.mm_projector.requires_grad_(True)
+    groups.append({"name": "projector", "params": list(model.mm_projector.parameters()),
+                   "lr": recipe.lr if recipe.stage == "pretrain" else recipe.effective_projector_lr})
+    if recipe.unfreeze_tower:
+        model.vision_tower.requires_grad_(True)
+        groups.append({"name": "tower", "params": list(model.vision_tower.parameters()),
+                       "lr": recipe.effective_tower_lr})
+    for g in groups:
+        g["weight_decay"] = recipe.weight_decay
+        g["initial_lr"] = g["lr"]
+    return [g for g in groups if g["params"]]
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def merge_lora(model) -> None:
+    """Fold every LoRA adapter into its base weight (W += alpha/r * B @ A) and remove it,
+    leaving a plain model that loads without PEFT."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+
+
+def save_adapter(model, folder: str | Path) -> None:
+    """PEFT adapter files (adapter_config.json + adapter_model.safetensors, PEFT's key
+    layout) and the non-LoRA trainables (projector, tower if unfrozen)."""
+    from peft import get_peft_model_state_dict
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model._bunny_lora_config
+    state = get_peft_model_state_dict(model.language_model)
+    save_file({f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state.items()},
+              str(folder / "adapter_model.safetensors"))
+    config.save_pretrained(str(folder))
+    extra = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+             if p.requires_grad and not n.startswith("language_model.")}
+    save_file(extra, str(folder / "non_lora_trainables.safetensors"))

@@ -1,0 +1,218 @@
+"""Training recipes: one typed, flat dataclass, loaded from commented YAML and overridable
+field by field from the command line (`--set lr=1e-3` or `--lr 1e-3`).
+
+Flat on purpose: every field has one unique name, so an override never needs a path and
+the saved recipe (recipe.yaml next to every checkpoint) reads like the file it came from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from bunny.errors import BunnyError
+
+STAGES = ("pretrain", "finetune")
+TUNE_MODES = ("projector", "lora", "full")
+
+
+@dataclass
+class Recipe:
+    # -- what is trained ----------------------------------------------------------------
+    stage: str = "finetune"  # pretrain (stage 1) | finetune (stage 2)
+    tune: str = "lora"  # projector (stage 1) | lora | full (the LLM's weights)
+    # -- model -----------------------------------------------------------------------------
+    llm: str = "smollm2-135m"  # embedded name, hub id or local folder of a causal LM
+    tower: str = ""  # vision tower (registry name, hub id or folder); "" = the shipped tower
+    projector_type: str = "mlp2x_gelu"
+    template: str = "bunny"  # the model's chat template (stage 2 trains with it)
+    init_from: str = ""  # a bunny checkpoint folder to start from instead of llm + tower
+    projector_weights: str = ""  # stage-1 projector file (mm_projector.safetensors or .bin)
+    # -- data --------------------------------------------------------------------------------
+    data_path: str = ""  # LLaVA-format .json or .jsonl
+    image_root: str = ""  # "" = the data file's folder
+    data_template: str = ""  # "" = plain for pretrain, `template` for finetune
+    image_mode: str = ""  # "" = square for pretrain, pad for finetune
+    skip_missing: bool = False  # drop samples whose image is missing (counted, reported)
+    group_by_modality_length: bool = False
+    max_samples: int = 0  # 0 = all
+    model_max_length: int = 2048
+    cache_images: bool = True  # keep preprocessed images in memory across epochs
+    # -- optimisation ----------------------------------------------------------------------
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides epochs
+    per_device_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4  # the LLM's (LoRA or full); in stage 1 the projector's
+    projector_lr: float = 0.0  # 0 = lr (the paper: 2e-5 in stage 2)
+    tower_lr: float = 0.0  # 0 = projector_lr (an unfrozen tower trains at the projector's rate)
+    unfreeze_tower: bool = False
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"  # cosine | constant
+    max_grad_norm: float = 1.0
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    # -- engine ------------------------------------------------------------------------------
+    gradient_checkpointing: bool = False
+    bf16: str = "auto"  # auto (bf16 on GPU) | true | false
+    deepspeed: str = ""  # path to a DeepSpeed JSON (configs/deepspeed/zero2.json, zero3.json)
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    seed: int = 0
+    # -- outputs -----------------------------------------------------------------------------
+    output_dir: str = "outputs/run"
+    log_every: int = 1
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto (latest checkpoint in output_dir) | none | a checkpoint folder
+    save_full_model: bool = True  # write a loadable bunny checkpoint in output_dir/model
+    tensorboard: bool = True
+    wandb_project: str = ""  # "" = no Weights & Biases
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        _choice("stage", self.stage, STAGES)
+        _choice("tune", self.tune, TUNE_MODES)
+        _choice("bf16", str(self.bf16).lower(), ("auto", "true", "false"))
+        _choice("lr_scheduler", self.lr_scheduler, ("cosine", "constant"))
+        if self.image_mode:
+            _choice("image_mode", self.image_mode, ("square", "pad"))
+        if self.stage == "pretrain" and self.tune != "projector":
+            raise BunnyError(f"stage pretrain trains the projector only; got tune={self.tune!r}")
+        if self.stage == "finetune" and self.tune == "projector":
+            raise BunnyError("stage finetune trains the LLM too: choose tune lora or full")
+        for name in ("per_device_batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise BunnyError(f"recipe field {name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise BunnyError(f"recipe field lr must be > 0, got {self.lr}")
+
+    # Resolved defaults that depend on the stage.
+    @property
+    def effective_data_template(self) -> str:
+        return self.data_template or ("plain" if self.stage == "pretrain" else self.template)
+
+    @property
+    def effective_image_mode(self) -> str:
+        return self.image_mode or ("square" if self.stage == "pretrain" else "pad")
+
+    @property
+    def effective_projector_lr(self) -> float:
+        return self.projector_lr or self.lr
+
+    @property
+    def effective_tower_lr(self) -> float:
+        return self.tower_lr or self.effective_projector_lr
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise BunnyError(f"recipe field {name}={value!r} is not valid; choose one of {', '.join(choices)}")
+
+
+FIELD_TYPES = {f.name: f.type for f in fields(Recipe)}
+
+
+def _coerce(name: str, value):
+    kind = typing.get_type_hints(Recipe)[name]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise BunnyError(f"recipe field {name} expects true/false, got {value!r}")
+    if kind is str:
+        return "" if value is None else str(value).lower() if name == "bf16" else str(value)
+    try:
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        return float(value)
+    except (TypeError, ValueError):
+        raise BunnyError(f"recipe field {name} expects {kind.__name__}, got {value!r}") from None
+
+
+def _check_names(names, where: str) -> None:
+    unknown = [n for n in names if n not in FIELD_TYPES]
+    if unknown:
+        raise BunnyError(f"{where}: unknown recipe field(s) {', '.join(map(repr, unknown))}; "
+                         f"valid fields: {', '.join(FIELD_TYPES)}")
+
+
+def recipe_from_dict(values: dict, where: str = "recipe") -> Recipe:
+    _check_names(values, where)
+    return Recipe(**{k: _coerce(k, v) for k, v in values.items()})
+
+
+def parse_overrides(tokens: list[str]) -> dict:
+    """`--set k=v`, `--k v`, `--k=v` (dashes or underscores) -> {field: raw value}."""
+    out, i = {}, 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok == "--set":
+            if i + 1 >= len(tokens) or "=" not in tokens[i + 1]:
+                raise BunnyError("--set expects key=value")
+            key, value = tokens[i + 1].split("=", 1)
+            i += 2
+        elif tok.startswith("--"):
+            key = tok[2:]
+            if "=" in key:
+                key, value = key.split("=", 1)
+                i += 1
+            elif i + 1 < len(tokens):
+                value = tokens[i + 1]
+                i += 2
+            else:
+                raise BunnyError(f"{tok} expects a value")
+        else:
+            raise BunnyError(f"unexpected argument {tok!r}; overrides are --set key=value or --key value")
+        key = key.replace("-", "_")
+        # Values are read as YAML scalars so "1e-3", "true" and "null" mean what they say.
+        out[key] = yaml.safe_load(value) if value != "" else ""
+    return out
+
+
+def load_recipe(path: str | Path | None, overrides: dict | None = None, stage: str | None = None) -> Recipe:
+    """Recipe from a YAML file (or defaults), with overrides applied; `stage` is forced by the
+    command (`bunny train pretrain` -> pretrain) and must agree with the file if it says."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise BunnyError(f"recipe file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise BunnyError(f"{path}: malformed YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise BunnyError(f"{path}: a recipe is a mapping of field: value")
+        _check_names(loaded, str(path))
+        values.update(loaded)
+    if overrides:
+        _check_names(overrides, "command line")
+        values.update(overrides)
+    if stage is not None:
+        if values.get("stage", stage) != stage:
+            raise BunnyError(f"the recipe says stage {values['stage']!r} but the command is {stage!r}")
+        values["stage"] = stage
+        if stage == "pretrain":
+            values.setdefault("tune", "projector")
+    return recipe_from_dict(values, str(path) if path else "recipe")
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

@@ -1,0 +1,216 @@
+"""The training loop for both stages, on Hugging Face Accelerate.
+
+Accelerate gives the multi-process plumbing (torchrun / `accelerate launch`, DDP or
+DeepSpeed, bf16 autocast); the loop itself is ours so that three properties hold exactly:
+
+- The sample order is a function of (seed, epoch) only and is cut into *global* steps,
+  each rank taking its share; the loss is normalised by the number of answer tokens in
+  the whole global batch. So 1 process with batch 4 and 2 processes with batch 2 see the
+  same samples per step and compute the same loss and gradients.
+- Randomness inside a step (LoRA dropout) is reseeded from (seed, step, micro-batch), so
+  a resumed run repeats the uninterrupted run's losses.
+- A non-finite loss stops the run before the optimizer step; checkpoints are only ever
+  written after a finite step, so the last one stays good.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bunny.data.collate import collate, count_targets
+from bunny.data.llava import ConversationDataset, load_conversations
+from bunny.data.sampler import modality_length_grouped_order, shuffled_order
+from bunny.errors import BunnyError
+from bunny.train.checkpoint import find_resume_point, load_checkpoint, save_checkpoint
+from bunny.train.parts import build_for_recipe, configure_trainables
+from bunny.train.recipe import Recipe, dump_recipe
+from bunny.train.reporting import MetricSink
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]  # {"step", "loss", "lr", ...} per optimizer step
+    model: object = None
+    processor: object = None
+    outputs: dict = field(default_factory=dict)  # name -> path written
+    wall_seconds: float = 0.0
+    samples_per_second: float = 0.0
+    skipped: int = 0  # samples dropped by skip_missing
+
+
+def make_accelerator(recipe: Recipe):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    bf16 = str(recipe.bf16).lower()
+    use_bf16 = bf16 == "true" or (bf16 == "auto" and torch.cuda.is_available())
+    kwargs = {"mixed_precision": "bf16" if use_bf16 else "no",
+              # A text-only batch leaves the projector (and tower) without gradients.
+              "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)]}
+    if recipe.deepspeed:
+        from accelerate.utils import DeepSpeedPlugin
+
+        if not Path(recipe.deepspeed).is_file():
+            raise BunnyError(f"DeepSpeed config not found: {recipe.deepspeed}")
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=recipe.deepspeed,
+                                                     gradient_accumulation_steps=recipe.grad_accum)
+    return Accelerator(**kwargs)
+
+
+def build_dataset(recipe: Recipe, processor) -> tuple[ConversationDataset, int]:
+    if not recipe.data_path:
+        raise BunnyError("the recipe has no data_path")
+    convs, report = load_conversations(recipe.data_path, recipe.image_root or None, recipe.skip_missing)
+    if report.skipped_missing:
+        print(f"data: {report.summary()}")
+    if recipe.max_samples:
+        convs = convs[:recipe.max_samples]
+    dataset = ConversationDataset(convs, processor, recipe.effective_data_template, recipe.effective_image_mode,
+                                  recipe.model_max_length, cache_images=recipe.cache_images)
+    return dataset, len(report.skipped_missing)
+
+
+def sample_order(recipe: Recipe, dataset: ConversationDataset, epoch: int) -> list[int]:
+    if recipe.group_by_modality_length:
+        return modality_length_grouped_order(dataset.lengths, dataset.has_image, recipe.per_device_batch_size,
+                                             recipe.seed, epoch)
+    return shuffled_order(len(dataset), recipe.seed, epoch)
+
+
+def make_scheduler(optimizer, recipe: Recipe, total_steps: int):
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    warmup = math.ceil(recipe.warmup_ratio * total_steps)
+    if recipe.lr_scheduler == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    return get_constant_schedule_with_warmup(optimizer, warmup)
+
+
+def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = None) -> TrainResult:
+    """Run one stage as the recipe says. `model`/`processor` may be given (tests, the demo)
+    instead of being built from the recipe. `stop_after` ends the loop early after that
+    many optimizer steps, as a killed run would (tests of resuming)."""
+    start = time.perf_counter()
+    if recipe.num_threads:
+        torch.set_num_threads(recipe.num_threads)
+    acc = make_accelerator(recipe)
+    out_dir = Path(recipe.output_dir)
+    if acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    torch.manual_seed(recipe.seed)  # LoRA and projector init: identical on every rank
+    if model is None:
+        model, processor = build_for_recipe(recipe)
+    dataset, skipped = build_dataset(recipe, processor)
+    groups = configure_trainables(model, recipe)
+    world, rank = acc.num_processes, acc.process_index
+    per_step = recipe.per_device_batch_size * world * recipe.grad_accum
+    steps_per_epoch = len(dataset) // per_step
+    if steps_per_epoch == 0:
+        raise BunnyError(f"{len(dataset)} samples are fewer than one global batch of {per_step} "
+                         "(per_device_batch_size x processes x grad_accum)")
+    total_steps = recipe.max_steps or max(1, math.ceil(recipe.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups])
+    scheduler = make_scheduler(optimizer, recipe, total_steps)
+    if recipe.gradient_checkpointing:
+        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    if not recipe.unfreeze_tower:
+        model.vision_tower.eval()  # frozen: no dropout, fixed statistics
+    wrapped, optimizer = acc.prepare(model, optimizer)
+    step, history = 0, []
+    resume_from = find_resume_point(out_dir, recipe.resume)
+    if resume_from is not None:
+        step, history = load_checkpoint(resume_from, model, optimizer, scheduler)
+        acc.print(f"resumed from {resume_from} at step {step}")
+    sink = MetricSink(out_dir, recipe.tensorboard, recipe.wandb_project, recipe.to_dict()) if acc.is_main_process else None
+    bar = None
+    if acc.is_main_process and recipe.progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc=recipe.stage, unit="step", dynamic_ncols=True)
+    params = [p for g in groups for p in g["params"]]
+    order_cache: dict[int, list[int]] = {}
+    samples_done, train_time = 0, 0.0
+    last_ckpt = None
+    try:
+        while step < total_steps and (stop_after is None or step < stop_after):
+            t0 = time.perf_counter()
+            epoch, pos = divmod(step, steps_per_epoch)
+            if epoch not in order_cache:
+                order_cache = {epoch: sample_order(recipe, dataset, epoch)}
+            chosen = order_cache[epoch][pos * per_step:(pos + 1) * per_step]
+            micro = []
+            for k in range(recipe.grad_accum):
+                lo = (k * world + rank) * recipe.per_device_batch_size
+                batch = collate([dataset[i] for i in chosen[lo:lo + recipe.per_device_batch_size]],
+                                processor.pad_token_id)
+                micro.append(batch)
+            local = torch.tensor([float(count_targets(b["labels"])) for b in micro], device=acc.device)
+            n_tokens = acc.reduce(local.sum(), reduction="sum").item()
+            loss_sum = torch.zeros((), device=acc.device)
+            for k, batch in enumerate(micro):
+                torch.manual_seed(hash((recipe.seed, step, k, rank)) % (2 ** 31))
+                batch = {key: v.to(acc.device) for key, v in batch.items()}
+                sync = k == len(micro) - 1
+                with (nullcontext() if sync else acc.no_sync(wrapped)), acc.autocast():
+                    loss = wrapped(**batch).loss
+                    # Weight each micro-batch's mean by its share of the global batch's tokens;
+                    # x world undoes DDP's averaging of gradients over processes.
+                    weight = local[k].item() / n_tokens
+                    acc.backward(loss * weight * world)
+                loss_sum += loss.detach().float() * weight
+            step_loss = acc.reduce(loss_sum, reduction="sum").item()
+            if not math.isfinite(step_loss):
+                optimizer.zero_grad(set_to_none=True)
+                raise BunnyError(f"the loss became {step_loss} at step {step + 1}; training stopped before the "
+                                 f"update. Last good checkpoint: {last_ckpt or find_resume_point(out_dir, 'auto') or 'none'}."
+                                 " Lower lr, check the data, or disable bf16.")
+            grad_norm = acc.clip_grad_norm_(params, recipe.max_grad_norm) if recipe.max_grad_norm > 0 else None
+            lrs = {g["name"]: pg["lr"] for g, pg in zip(groups, optimizer.param_groups)}
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            train_time += dt
+            samples_done += per_step
+            record = {"step": step, "loss": step_loss, "samples_per_s": per_step / dt,
+                      "tokens_per_s": acc.reduce(sum(b["attention_mask"].sum() for b in micro).float().to(acc.device),
+                                                 reduction="sum").item() / dt}
+            record.update({f"lr_{name}": v for name, v in lrs.items()})
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            history.append(record)
+            if sink is not None and (step % recipe.log_every == 0 or step == total_steps):
+                sink.log(step, {k: v for k, v in record.items() if k != "step"})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", samples_s=f"{record['samples_per_s']:.1f}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+            if recipe.save_every and step % recipe.save_every == 0 and step < total_steps:
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    last_ckpt = save_checkpoint(out_dir, step, acc.unwrap_model(wrapped), optimizer, scheduler,
+                                                history, recipe.keep_checkpoints)
+    finally:
+        if bar is not None:
+            bar.close()
+        if sink is not None:
+            sink.close()
+    model = acc.unwrap_model(wrapped)
+    result = TrainResult(history=history, model=model, processor=processor, skipped=skipped,
+                         samples_per_second=samples_done / train_time if train_time else 0.0)
+    if step >= total_steps:
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            from bunny.train.export import export_stage
+
+            result.outputs = export_stage(model, processor, recipe, history)
+    result.wall_seconds = time.perf_counter() - start
+    return result
