@@ -18,6 +18,31 @@ def add_parsers(sub, groups) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the reference fallback")
     p.set_defaults(func=_score)
 
+    r = group.add_parser("run", help="Answer a benchmark with a model, then score it (or write "
+                                     "the submission file of a server-scored split).")
+    r.add_argument("benchmark", metavar="BENCH",
+                   help="mme, pope, vqav2, gqa, scienceqa, seed, mmbench or mmmu")
+    r.add_argument("--model", required=True,
+                   help="checkpoint folder (bunny or reference layout) or embedded LLM name")
+    r.add_argument("--data", metavar="PATH_OR_HUB_ID",
+                   help="folder or file of the hub's parquet files, or a hub dataset id "
+                        "(default: the benchmark's lmms-lab / MMMU dataset, downloaded)")
+    r.add_argument("--split", help="keep files named SPLIT-*.parquet (testdev, test, dev, ...)")
+    r.add_argument("--limit", type=int, help="answer only the first N questions")
+    r.add_argument("--batch-size", type=int, default=1,
+                   help="questions per generation batch; answers do not depend on it")
+    r.add_argument("--out", default="outputs/eval",
+                   help="folder for predictions, results and submission files")
+    r.add_argument("--max-new-tokens", type=int,
+                   help="generation budget (default: the reference's, 128; scienceqa 1024)")
+    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    r.add_argument("--reference-fallback", action="store_true",
+                   help="draw a random answer for unparseable output as the reference does "
+                        "(scienceqa, mmmu); default counts it wrong")
+    r.add_argument("--seed", type=int, default=0, help="seed of the reference fallback")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=_run)
+
 
 def _score(args) -> int:
     from bunny.eval.registry import score_file
@@ -25,4 +50,16 @@ def _score(args) -> int:
     metrics = score_file(args.benchmark, args.predictions,
                          reference_fallback=args.reference_fallback, seed=args.seed)
     print(json.dumps(metrics, sort_keys=False))
+    return 0
+
+
+def _run(args) -> int:
+    from bunny.eval.run import run_benchmark
+
+    result = run_benchmark(args.benchmark, args.model, data=args.data, split=args.split,
+                           limit=args.limit, batch_size=args.batch_size, out=args.out,
+                           max_new_tokens=args.max_new_tokens,
+                           reference_fallback=args.reference_fallback, seed=args.seed,
+                           device=args.device, progress=not args.no_progress)
+    print(open(result.files["results_md"], encoding="utf-8").read(), end="")
     return 0
