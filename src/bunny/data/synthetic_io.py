@@ -1,0 +1,140 @@
+"""Writing a synthetic dataset to disk: PNG images, LLaVA-format JSON for the two training
+stages, and a held-out JSONL evaluation split. Every file is written to a temporary name
+and moved into place, so an interrupted run never leaves a half-written file behind.
+
+Layout of OUT:
+    images/train/000000.png ...    training images (64x64 RGB)
+    images/eval/000000.png ...     held-out images
+    stage1.json                    captions, one sample per training image
+    stage2.json                    question answering, one multi-turn sample per image
+    eval.jsonl                     held-out questions, one record per line
+    meta.json                      seed, sizes, question counts, guesser baselines
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from collections import Counter
+from pathlib import Path
+
+from bunny.data.synthetic import (COLOURS, POSITIONS, SHAPES, caption,
+                                  colour_only_guess_accuracy, draw_example,
+                                  shape_only_guess_accuracy)
+from bunny.data.synthetic_render import IMAGE_SIZE, render_scene
+from bunny.errors import BunnyError
+
+# Bunny's evaluation suffix for short answers (MME, POPE, VQAv2, GQA); training with the
+# same suffix teaches the model the answer style the evaluation asks for.
+SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
+CAPTION_INSTRUCTION = "Describe the image."
+GENERATOR_VERSION = 1  # bump when a change alters images or questions for a given seed
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _save_png(image, path: Path) -> None:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")  # no timestamps or metadata: same scene, same bytes
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def stage1_sample(sample_id: str, image: str, text: str) -> dict:
+    return {"id": sample_id, "image": image, "conversations": [
+        {"from": "human", "value": f"<image>\n{CAPTION_INSTRUCTION}"},
+        {"from": "gpt", "value": text}]}
+
+
+def stage2_sample(sample_id: str, image: str, qas: list[dict], suffix: str) -> dict:
+    """One multi-turn conversation: the image tokens are paid once for all its questions."""
+    turns = []
+    for i, qa in enumerate(qas):
+        prefix = "<image>\n" if i == 0 else ""
+        turns.append({"from": "human", "value": f"{prefix}{qa['question']}{suffix}"})
+        turns.append({"from": "gpt", "value": qa["answer"]})
+    return {"id": sample_id, "image": image, "conversations": turns}
+
+
+def synthesize(out_dir: str | os.PathLike, n_train: int, n_eval: int, seed: int = 0, *,
+               max_turns: int | None = None, suffix: str = SHORT_ANSWER_SUFFIX) -> dict:
+    """Generate the demo dataset under `out_dir` (layout in this module's docstring).
+
+    n_train / n_eval are numbers of images. Each image gets one "yes" and one "no" question
+    (the "no" alternates hard/easy by image index, so n_eval must be even for an exactly
+    balanced split) and up to four open questions (colour, shape, count, position).
+    `max_turns` caps the QA turns per stage-2 sample (the yes/no pair is kept first, so a
+    cap of 2 keeps the balance); `suffix` is appended to every stage-2 question and to the
+    eval `prompt`. Returns the metadata also written to meta.json.
+    """
+    for name, n in (("n_train", n_train), ("n_eval", n_eval)):
+        if not isinstance(n, int) or n < 0:
+            raise BunnyError(f"{name} must be a non-negative integer, got {n!r}")
+    if n_eval % 2:
+        raise BunnyError(f"n_eval must be even so hard and easy 'no' questions balance, got {n_eval}")
+    if max_turns is not None and max_turns < 1:
+        raise BunnyError(f"max_turns must be >= 1, got {max_turns}")
+    out = Path(out_dir)
+    for split in ("train", "eval"):
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+
+    stage1, stage2 = [], []
+    for i in range(n_train):
+        scene, qas = draw_example(seed, "train", i)
+        rel = f"images/train/{i:06d}.png"
+        _save_png(render_scene(scene), out / rel)
+        stage1.append(stage1_sample(f"synth-train-{i:06d}", rel, caption(scene)))
+        # Shuffled so the answer of turn 1 is not always "yes".
+        order = _turn_order(seed, i, len(qas))
+        qas = [qas[k] for k in order][:max_turns]
+        stage2.append(stage2_sample(f"synth-train-{i:06d}", rel, qas, suffix))
+
+    records = []
+    for i in range(n_eval):
+        scene, qas = draw_example(seed, "eval", i)
+        rel = f"images/eval/{i:06d}.png"
+        _save_png(render_scene(scene), out / rel)
+        for k, qa in enumerate(qas):
+            records.append({
+                "question_id": f"synth-eval-{i:06d}-{k}", "image": rel,
+                "image_id": f"eval-{i:06d}", "question": qa["question"],
+                "prompt": qa["question"] + suffix, "answer": qa["answer"], "kind": qa["kind"],
+                "category": qa["category"], "colour": qa.get("colour"), "shape": qa.get("shape"),
+                "scene": scene.to_list()})
+
+    _atomic_write_text(out / "stage1.json", json.dumps(stage1, indent=1) + "\n")
+    _atomic_write_text(out / "stage2.json", json.dumps(stage2, indent=1) + "\n")
+    _atomic_write_text(out / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    meta = _meta(seed, n_train, n_eval, max_turns, suffix, records)
+    _atomic_write_text(out / "meta.json", json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def _turn_order(seed: int, index: int, n: int) -> list[int]:
+    """Yes/no pair first (in random order), then the open questions shuffled: a cap on the
+    turns drops open questions, never half of a yes/no pair."""
+    rng = random.Random(f"bunny-synth-turns/{seed}/{index}")
+    yes_no, opens = [0, 1], list(range(2, n))
+    rng.shuffle(yes_no)
+    rng.shuffle(opens)
+    return yes_no + opens
+
+
+def _meta(seed, n_train, n_eval, max_turns, suffix, records) -> dict:
+    meta = {"generator_version": GENERATOR_VERSION, "seed": seed, "image_size": IMAGE_SIZE,
+            "n_train_images": n_train, "n_eval_images": n_eval, "max_turns": max_turns,
+            "suffix": suffix, "colours": list(COLOURS), "shapes": list(SHAPES),
+            "positions": list(POSITIONS),
+            "eval_questions": dict(Counter(f"{r['kind']}/{r['category']}" for r in records))}
+    if any(r["kind"] == "yes_no" for r in records):
+        meta["yes_no_colour_only"] = colour_only_guess_accuracy(records)
+        meta["yes_no_shape_only"] = shape_only_guess_accuracy(records)
+    return meta
