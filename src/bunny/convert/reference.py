@@ -143,7 +143,9 @@ def _load_tower(ckpt: ReferenceCheckpoint, tower_state: dict, source: str, dtype
             # A frozen tower is the pretrained one; copies of it in the checkpoint are ignored, as the reference does.
             return load_vision_model(tower, dtype=dtype).eval()
         vision = build_vision_model(load_vision_config(tower)).to(dtype)
-    except OSError as exc:
+    except BunnyError:
+        raise
+    except (OSError, ValueError) as exc:  # not a folder, not downloaded, or not a tower
         raise BunnyError(f"cannot load the vision tower {tower!r} (mm_vision_tower of {ckpt.folder}): {exc}") from None
     if not tower_state:
         raise BunnyError(f"{ckpt.folder} sets unfreeze_vision_tower but {source} hold no {TOWER_PREFIX}* keys")
