@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.initialization import no_init_weights
 
 from bunny.convert.reference_config import LORA, MERGED, STAGE1, ReferenceCheckpoint, read_reference
 from bunny.convert.weights import load_strict, load_tensor_file, read_shards, tied_head_keys
@@ -62,7 +63,9 @@ def load_reference(
         # A base LLM's shards hold only the LLM; the projector (and tower) come from the extra file.
         source = f"{source} + {_extra_file(ckpt)}"
 
-    language_model = AutoModelForCausalLM.from_config(text_config, dtype=dtype)
+    # Every weight is overwritten by the strict load below: skip random init (minutes for an 8B LLM).
+    with no_init_weights():
+        language_model = AutoModelForCausalLM.from_config(text_config, dtype=dtype)
     load_strict(language_model, llm_state, f"LLM weights of {source}", optional=tied_head_keys(language_model))
     if ckpt.layout == LORA:
         from bunny.convert.lora import merge_lora
