@@ -131,3 +131,12 @@ def test_assignment_ties_go_to_lower_index():
     c = np.array([[0, 1], [1, 0], [1, 0], [0, -1]], np.float32)
     x = np.array([[1, 0], [0.6, 0.8], [np.sqrt(0.5), np.sqrt(0.5)]], np.float32)
     assert Assigner(c)(x).tolist() == [1, 0, 0]
+
+
+def test_select_hot_path_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, bunny.select.engine, bunny.select.cli, bunny.select.report; "
+            "print('torch' in sys.modules or 'bunny.model' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

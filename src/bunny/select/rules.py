@@ -78,14 +78,15 @@ def similarity_edges(x: np.ndarray, threshold: float, block: int = 0):
     for a in range(0, n, block):
         b = min(a + block, n)
         s = x[a:b] @ x[a:].T  # (b-a, n-a)
-        s[np.tril_indices(b - a, 0, n - a)] = -np.inf  # j <= i within the diagonal tile
-        sure = s > threshold + REFINE
-        near = np.abs(s - threshold) <= REFINE
-        ii, jj = np.nonzero(sure)
-        ni, nj = np.nonzero(near)
-        if len(ni):
-            ok = pair_dots(x, ni + a, nj + a) > threshold
-            ii, jj = np.concatenate([ii, ni[ok]]), np.concatenate([jj, nj[ok]])
+        diag = s[:, : b - a]
+        diag[np.arange(b - a)[:, None] >= np.arange(b - a)[None, :]] = -np.inf  # keep j > i only
+        ii, jj = np.nonzero(s > threshold - REFINE)  # candidates: one pass over the tile
+        v = s[ii, jj]
+        near = v <= threshold + REFINE
+        if near.any():  # decide pairs close to the threshold from the rows alone
+            ok = ~near
+            ok[near] = pair_dots(x, ii[near] + a, jj[near] + a) > threshold
+            ii, jj = ii[ok], jj[ok]
         yield ii + a, jj + a
 
 

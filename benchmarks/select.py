@@ -1,0 +1,253 @@
+"""Coreset selection benchmark (docs/benchmarks.md, "Coreset selection").
+
+    python benchmarks/select.py [--work /tmp/bunny_bench] [--quick]
+
+1. Speed: ours against two straightforward implementations on the same input and
+   centroids (>= 200k rows, d=768, float16), all three required to select identical ids:
+   - "dense+BFS": per cluster the full similarity matrix, then a breadth-first search;
+   - "reference": the BFS of BAAI's LAION/dedup.py (peel one component at a time: the
+     seed's similarity to every remaining row, frontier-vs-remaining products, copy the
+     remaining rows each step), here in numpy on the CPU.
+   Baselines load everything into memory and use plain sorts for steps 2-4; they share the
+   rule functions (distance, scores, near-threshold refinement) so ids can be compared.
+2. Scale: 250k / 500k / 1M rows, ~20k rows per cluster: wall time and peak RSS.
+3. Ray (local, 2 workers) against the embedded engine on the 250k input.
+Each measurement runs in a child process; peak memory is its ru_maxrss.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# This file is named select.py: drop its folder from the path so the stdlib `select`
+# (needed by subprocess) is not shadowed when it is run as a script.
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse
+import json
+import resource
+import subprocess
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+D, SHARD = 768, 50_000
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def generate(root: Path, n: int, per_cluster: int, seed: int = 0) -> Path:
+    """LAION layout with CLIP-like structure: clusters around a shared mean direction
+    (rows in a cluster have cosine ~0.5), 25% near-duplicates (cosine ~0.97 to their
+    source, chains included), 8% bit-identical copies; captions at cosine ~0.3."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if (root / "centroids.npy").exists():
+        return root
+    rng = np.random.default_rng(seed)
+    k = max(1, n // per_cluster)
+    centers = unit(unit(rng.normal(size=D))[None] + unit(rng.normal(size=(k, D)))).astype(np.float32)
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for s, a in enumerate(range(0, n, SHARD)):
+        m = min(SHARD, n - a)
+        x = centers[rng.integers(k, size=m)] + rng.standard_normal((m, D), dtype=np.float32) / np.sqrt(D)
+        nd = m // 4
+        src, dst = rng.integers(m, size=nd), rng.choice(m, nd, replace=False)
+        x[dst] = x[src] + 0.25 * rng.standard_normal((nd, D), dtype=np.float32) / np.sqrt(D)
+        x = unit(x).astype(np.float16)
+        ne = m * 8 // 100
+        x[rng.choice(m, ne, replace=False)] = x[rng.integers(m, size=ne)]
+        t = unit(x.astype(np.float32) + 3.0 * rng.standard_normal((m, D), dtype=np.float32) / np.sqrt(D))
+        np.save(root / f"img_emb/img_emb_{s:04d}.npy", x)
+        np.save(root / f"text_emb/text_emb_{s:04d}.npy", t.astype(np.float16))
+        pq.write_table(pa.table({"key": [f"{a + i:09d}" for i in range(m)]}), root / f"metadata/metadata_{s:04d}.parquet")
+    np.save(root / "centroids.npy", centers)
+    return root
+
+
+# ---------------------------------------------------------------- baselines (in memory)
+def _edges_ok(s, exact):
+    """Edge decision shared with ours: BLAS value, refined near the threshold."""
+    from bunny.select.rules import REFINE
+
+    def decide(sim, thr, rows_a, rows_b):
+        out = sim > thr + REFINE
+        near = np.abs(sim - thr) <= REFINE
+        if near.any():
+            ia, ib = np.nonzero(near)
+            out[ia, ib] = exact(rows_a[ia], rows_b[ib]) > thr
+        return out
+    return decide
+
+
+def components_dense(xs, thr):
+    """Full similarity matrix, then BFS over it."""
+    from bunny.select.rules import pair_dots
+
+    decide = _edges_ok(None, lambda i, j: pair_dots(xs, i, j))
+    ids = np.arange(len(xs))
+    adj = decide(xs @ xs.T, thr, ids, ids)
+    labels = np.full(len(xs), -1)
+    for s in range(len(xs)):
+        if labels[s] >= 0:
+            continue
+        labels[s] = s
+        q = deque([s])
+        while q:
+            u = q.popleft()
+            nb = np.flatnonzero(adj[u] & (labels < 0))
+            labels[nb] = s
+            q.extend(nb.tolist())
+    return labels
+
+
+def components_reference(xs, thr):
+    """BAAI LAION/dedup.py's batch BFS: peel components off the remaining rows."""
+    from bunny.select.rules import pair_dots
+
+    decide = _edges_ok(None, lambda i, j: pair_dots(xs, i, j))
+    labels = np.full(len(xs), -1)
+    embs, index_map = xs, np.arange(len(xs))
+    while len(embs):
+        seed_id = index_map[0]
+        sim = decide((embs @ embs[0])[None, :], thr, index_map[:1], index_map)[0]
+        sim[0] = True
+        group = index_map[sim]
+        pre = embs[sim][1:]
+        embs, index_map = embs[~sim], index_map[~sim]
+        pre_ids = group[1:]
+        while len(pre) and len(embs):
+            flag = decide(pre @ embs.T, thr, pre_ids, index_map).any(axis=0)
+            if not flag.any():
+                break
+            group = np.r_[group, index_map[flag]]
+            pre, pre_ids = embs[flag], index_map[flag]
+            embs, index_map = embs[~flag], index_map[~flag]
+        labels[group] = seed_id
+    return labels
+
+
+def naive_select(root: Path, method: str, n_draw=None, seed=0, thr=0.86):
+    from bunny.select import rules
+    from bunny.select.assign import Assigner
+
+    imgs = sorted((root / "img_emb").glob("*.npy"))
+    x = np.concatenate([np.load(p).astype(np.float32) for p in imgs])
+    t = np.concatenate([np.load(str(p).replace("img_emb", "text_emb")).astype(np.float32) for p in imgs])
+    c = np.load(root / "centroids.npy")
+    cl = np.concatenate([Assigner(c)(x[a:a + 65536]) for a in range(0, len(x), 65536)])
+    comp = components_dense if method == "dense" else components_reference
+    surv = []
+    for k in range(len(c)):
+        idx = np.flatnonzero(cl == k)
+        if not len(idx):
+            continue
+        labels = comp(x[idx], thr)
+        keep = rules.keep_upper_median(labels, rules.centroid_distance(x[idx], c[k]), idx)
+        surv.append(idx[keep])
+    surv = np.sort(np.concatenate(surv))
+    score = rules.row_dots(x[surv], t[surv])
+    a, b = rules.window(len(surv), 0.4, 0.6)
+    s2 = np.sort(surv[np.lexsort((surv, -score.astype(np.float64)))[a:b]])
+    cos = np.concatenate([rules.centroid_cosine(x[s2][cl[s2] == k], c[k]) for k in range(len(c))])
+    s2c = np.concatenate([s2[cl[s2] == k] for k in range(len(c))])
+    a, b = rules.window(len(s2c), 0.15, 0.35)
+    s3 = np.sort(s2c[np.lexsort((s2c, -cos.astype(np.float64)))[a:b]])
+    o = np.lexsort((s3, rules.draw_hash(s3, seed)))
+    return np.sort(s3[o[: len(s3) if n_draw is None else n_draw]])
+
+
+# ---------------------------------------------------------------- child runs
+def child(spec: dict) -> dict:
+    t0 = time.perf_counter()
+    if spec["what"] == "ours":
+        import pyarrow.parquet as pq
+
+        from bunny.select.engine import SelectConfig, select
+
+        cfg = SelectConfig(input=spec["root"], out=spec["out"], centroids=str(Path(spec["root"]) / "centroids.npy"),
+                           n=spec.get("n"), engine=spec.get("engine", "local"), workers=spec.get("workers", 1),
+                           overwrite=True, progress=False)
+        rep = select(cfg)
+        ids = pq.read_table(Path(spec["out"]) / "selected.parquet", columns=["gid"]).column("gid").to_numpy()
+        extra = {"rows_after": rep["rows_after"], "stages": cfg.timings}
+    else:
+        ids = naive_select(Path(spec["root"]), spec["what"], spec.get("n"))
+        extra = {}
+    wall = time.perf_counter() - t0
+    np.save(spec["ids"], ids)
+    return {"wall_s": wall, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **extra}
+
+
+def measure(spec: dict, cap: float | None = None) -> dict:
+    try:
+        r = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                           timeout=cap)
+    except subprocess.TimeoutExpired:
+        print(f"  {spec['what']:<9} stopped after {cap} s", flush=True)
+        return {"wall_s": float(cap), "stopped": True, "peak_rss_gb": None}
+    if r.returncode:
+        raise SystemExit(f"child failed: {spec}\n{r.stderr[-3000:]}")
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"  {spec['what']:<9} {spec.get('engine', ''):<5} {Path(spec['root']).name:<12} "
+          f"{res['wall_s']:8.1f} s  peak {res['peak_rss_gb']:.2f} GB", flush=True)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default="/tmp/bunny_bench")
+    ap.add_argument("--child")
+    ap.add_argument("--quick", action="store_true", help="small sizes, to check the script")
+    ap.add_argument("--speed-rows", type=int, default=200_000)
+    ap.add_argument("--speed-cluster", type=int, default=2_000)
+    ap.add_argument("--cap", type=int, default=1500, help="seconds before a baseline run is stopped")
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    w = Path(args.work)
+    scale = [20_000, 40_000] if args.quick else [250_000, 500_000, 1_000_000]
+    per = 5_000 if args.quick else 20_000
+    speed_rows = 20_000 if args.quick else args.speed_rows
+    print("generating inputs", flush=True)
+    speed_root = generate(w / f"speed_{speed_rows}", speed_rows, args.speed_cluster, seed=1)
+    roots = {n: generate(w / f"scale_{n}", n, per, seed=2) for n in scale}
+
+    res = {"speed": {}, "scale": {}, "ray": {}}
+    print(f"speed: {speed_rows} rows, {args.speed_cluster} rows per cluster", flush=True)
+    for what in ("ours", "dense", "reference"):
+        res["speed"][what] = measure({"what": what, "root": str(speed_root), "out": str(w / "out_speed"),
+                                      "ids": str(w / f"ids_{what}.npy"), "n": None},
+                                     cap=None if what == "ours" else args.cap)
+    ours_ids = np.load(w / "ids_ours.npy")
+    for what in ("dense", "reference"):
+        if res["speed"][what].get("stopped"):  # speedup is then a lower bound
+            res["speed"][what]["speedup"] = res["speed"][what]["wall_s"] / res["speed"]["ours"]["wall_s"]
+            continue
+        same = np.array_equal(ours_ids, np.load(w / f"ids_{what}.npy"))
+        res["speed"][what]["identical_ids"] = bool(same)
+        res["speed"][what]["speedup"] = res["speed"][what]["wall_s"] / res["speed"]["ours"]["wall_s"]
+    print("scale", flush=True)
+    for n, root in roots.items():
+        res["scale"][n] = measure({"what": "ours", "root": str(root), "out": str(w / "out_scale"),
+                                   "ids": str(w / f"ids_scale_{n}.npy")})
+    print("ray vs embedded", flush=True)
+    n0 = scale[0]
+    res["ray"]["embedded"] = res["scale"][n0]
+    res["ray"]["ray"] = measure({"what": "ours", "engine": "ray", "workers": 2, "root": str(roots[n0]),
+                                 "out": str(w / "out_ray"), "ids": str(w / "ids_ray.npy")})
+    res["ray"]["identical_ids"] = bool(np.array_equal(np.load(w / f"ids_scale_{n0}.npy"), np.load(w / "ids_ray.npy")))
+    res["ray"]["ratio"] = res["ray"]["ray"]["wall_s"] / res["ray"]["embedded"]["wall_s"]
+    (w / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    print(json.dumps(res, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
