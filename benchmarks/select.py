@@ -207,7 +207,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the script")
     ap.add_argument("--speed-rows", type=int, default=200_000)
     ap.add_argument("--speed-cluster", type=int, default=2_000)
-    ap.add_argument("--cap", type=int, default=1500, help="seconds before a baseline run is stopped")
+    ap.add_argument("--cap", type=int, default=600, help="seconds before a baseline run is stopped")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
