@@ -110,6 +110,8 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
     get_benchmark(benchmark)
     if limit is not None and limit < 1:
         raise BunnyError(f"--limit must be at least 1, got {limit}")
+    if batch_size < 1:
+        raise BunnyError(f"batch size must be at least 1, got {batch_size}")
     path, split = resolve_data(benchmark, data, split)
     all_samples = load_samples(benchmark, path, split)
     if not all_samples:
