@@ -77,13 +77,10 @@ def load_reference(
     vision = _load_tower(ckpt, tower_state, source, dtype)
     projector = _load_projector(ckpt, projector_state, vision, language_model, source, dtype)
     settings = ckpt.bunny_settings()
-    # `from_parts` takes the tower module as `vision_tower`; the config's field of that name is set after.
-    tower_name = settings.pop("vision_tower")
     model = BunnyForConditionalGeneration.from_parts(
         vision, language_model, projector_type=ckpt.config.get("mm_projector_type") or "mlp2x_gelu",
         projector=projector, **settings,
     )
-    model.config.vision_tower = tower_name
     model.eval()
     image_processor = load_image_processor_for(ckpt.tower_source())
     if model.config.s2_scales:  # the reference feeds S2 towers images at the largest scale

@@ -161,7 +161,7 @@ class BunnyForConditionalGeneration(BunnyPreTrainedModel, GenerationMixin):
     @classmethod
     def from_parts(
         cls,
-        vision_tower: nn.Module,
+        vision_model: nn.Module,
         language_model: PreTrainedModel,
         projector_type: str = "mlp2x_gelu",
         projector: nn.Module | None = None,
@@ -169,14 +169,14 @@ class BunnyForConditionalGeneration(BunnyPreTrainedModel, GenerationMixin):
     ) -> "BunnyForConditionalGeneration":
         """Compose pretrained parts without re-initialising them (the projector is new unless given)."""
         config = BunnyConfig(
-            vision_config=vision_tower.config.to_dict() | {"model_type": vision_tower.config.model_type},
+            vision_config=vision_model.config.to_dict() | {"model_type": vision_model.config.model_type},
             text_config=language_model.config.to_dict() | {"model_type": language_model.config.model_type},
             projector_type=projector_type,
             **config_kwargs,
         )
         with torch.device("meta"):
             model = cls(config)
-        model.vision_tower = vision_tower
+        model.vision_tower = vision_model
         model.language_model = language_model
         model.mm_projector = projector if projector is not None else build_projector(
             projector_type, config.mm_hidden_size, config.text_config.hidden_size

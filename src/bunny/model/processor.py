@@ -47,6 +47,9 @@ class BunnyProcessor:
 
     @classmethod
     def from_config(cls, config, tokenizer, image_processor) -> "BunnyProcessor":
+        if config.s2_scales:  # S2 towers take images at the largest scale and resize inside
+            side = max(config.s2_scales)
+            image_processor.size = {"height": side, "width": side}
         return cls(
             tokenizer,
             image_processor,

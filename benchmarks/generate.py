@@ -1,0 +1,116 @@
+"""Greedy generation with one image: ours vs transformers' LlavaForConditionalGeneration
+holding the same weights, in the same run.
+
+    .venv/bin/python -m benchmarks.generate [--new-tokens 64] [--repeats 3]
+
+(Run as a module: benchmarks/select.py would shadow the standard library's `select`.)
+
+Prints tokens/s for both, their ratio (target >= 1.0), per-token time at several output
+lengths (flat = the KV cache works) and the machine's limit: memory bandwidth over the
+bytes of weights read per generated token.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bunny.convert.llava_hf import to_llava_hf
+from bunny.model.generation import SamplingSettings, generate_ids
+from bunny.model.loading import DEFAULT_TOWER, build_model
+from bunny.testing import random_image
+
+
+def tower_folder() -> str:
+    if (Path(DEFAULT_TOWER) / "config.json").is_file():
+        return DEFAULT_TOWER
+    # The shipped tower is missing: a random SigLIP of the same shape (64 tokens per image).
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    folder = Path(tempfile.mkdtemp()) / "tower"
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=6,
+                                         num_attention_heads=4, image_size=64, patch_size=8)).save_pretrained(folder)
+    SiglipImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
+    return str(folder)
+
+
+def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s of a large array copy (read + write counted)."""
+    a = np.ones(int(gib * 2**30) // 8)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.nbytes / best
+
+
+def time_ours(model, inputs, n: int) -> float:
+    t = time.perf_counter()
+    rows = generate_ids(model, inputs, SamplingSettings(max_new_tokens=n), eos_token_ids=[])
+    assert len(rows[0]) == n
+    return time.perf_counter() - t
+
+
+def time_llava(llava, inputs, n: int) -> tuple[float, list[int]]:
+    t = time.perf_counter()
+    out = llava.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return time.perf_counter() - t, out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model, processor = build_model("smollm2-135m", tower=tower_folder())
+    model.eval()
+    llava = to_llava_hf(model)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image in detail."}]}])
+    inputs = processor(text=[prompt], images=[random_image(0, (64, 64))])
+    n = args.new_tokens
+
+    ours_ids = generate_ids(model, inputs, SamplingSettings(max_new_tokens=n), eos_token_ids=[])[0]
+    with torch.inference_mode():
+        _, llava_ids = time_llava(llava, inputs, n)
+    assert ours_ids == llava_ids[: len(ours_ids)], "greedy tokens differ from Llava's"
+
+    ours_t, llava_t = [], []
+    with torch.inference_mode():
+        for _ in range(args.repeats):  # interleaved so drift on a shared machine hits both
+            ours_t.append(time_ours(model, inputs, n))
+            llava_t.append(time_llava(llava, inputs, n)[0])
+    ours_tps, llava_tps = n / min(ours_t), n / min(llava_t)
+
+    # Per-token cost at growing output lengths: decode time = total - prefill (1 token run).
+    with torch.inference_mode():
+        prefill = min(time_ours(model, inputs, 1) for _ in range(args.repeats))
+        per_token = {}
+        for length in (16, 64, 128):
+            total = min(time_ours(model, inputs, length) for _ in range(2))
+            per_token[length] = (total - prefill) / (length - 1) * 1000
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.language_model.parameters())
+    bandwidth = memory_bandwidth()
+    limit = bandwidth / weight_bytes
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"prompt tokens: {inputs['input_ids'].shape[1]} (64 image), new tokens: {n}")
+    print(f"ours:  {ours_tps:7.1f} tokens/s")
+    print(f"llava: {llava_tps:7.1f} tokens/s   (transformers LlavaForConditionalGeneration.generate)")
+    print(f"ratio ours/llava: {ours_tps / llava_tps:.2f}   (target >= 1.0)")
+    print("decode ms/token by output length: " + ", ".join(f"{k}: {v:.1f}" for k, v in per_token.items()))
+    print(f"weights read per token: {weight_bytes / 2**20:.0f} MiB; memory bandwidth (copy): {bandwidth / 1e9:.1f} GB/s")
+    print(f"machine limit: {limit:.1f} tokens/s; ours reaches {ours_tps / limit:.0%} of it, llava {llava_tps / limit:.0%}")
+
+
+if __name__ == "__main__":
+    main()
