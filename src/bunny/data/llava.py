@@ -149,6 +149,10 @@ def tokenize_conversation(conv: Conversation, processor, template: str,
         spans = tmpl.answer_spans(conv.turns)
     except BunnyError as exc:
         raise BunnyError(f"sample {conv.id!r}: {exc}") from None
+    # Widen each span over the whitespace before the answer: after "ASSISTANT:" the model
+    # must learn to emit " yes", and a tokenizer may make the space a token of its own
+    # (SmolLM2 does before digits). The reference trains everything after "ASSISTANT:" too.
+    spans = [(_skip_back_whitespace(text, a), b) for a, b in spans]
     tok = processor.tokenizer
     if not getattr(tok, "is_fast", False):
         raise BunnyError("training needs a fast tokenizer (character offsets for the label mask)")
@@ -185,6 +189,12 @@ def tokenize_conversation(conv: Conversation, processor, template: str,
         raise BunnyError(f"sample {conv.id!r} would train on nothing (no answer tokens"
                          f"{' after truncation' if len(ids) == limit else ''}); fix or drop it")
     return ids, labels
+
+
+def _skip_back_whitespace(text: str, start: int) -> int:
+    while start > 0 and text[start - 1] in " \t":
+        start -= 1
+    return start
 
 
 def approximate_length(conv: Conversation, image_seq_length: int) -> int:
