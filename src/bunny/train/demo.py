@@ -1,0 +1,185 @@
+"""`bunny demo`: the whole pipeline on a 2-core CPU in minutes.
+
+synthetic scenes -> stage 1 (projector on captions) -> stage 2 (LoRA on every linear layer
+of SmolLM2-135M-Instruct + projector) -> held-out evaluation with the real scorers ->
+one question about a freshly drawn image -> summary table and outputs/demo/summary.json.
+
+Settings come from configs/demo/{demo,pretrain,finetune}.yaml; on the command line,
+`--set train_images=600` changes a demo setting, `--set finetune.lr=1e-3` a stage recipe.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import yaml
+
+from bunny.errors import BunnyError
+from bunny.train.recipe import load_recipe
+
+REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "demo"
+
+
+@dataclass
+class DemoSettings:
+    seed: int = 0
+    train_images: int = 600
+    eval_images: int = 100  # even: hard and easy "no" questions balance
+    max_turns: int = 6  # QA turns per stage-2 sample (the yes/no pair always kept)
+    short_answer_suffix: bool = False  # append "Answer the question using a single word or phrase."
+    eval_batch_size: int = 32
+    num_threads: int = 0  # 0 = torch's default (all cores)
+    fresh_seed: int = 12345  # seed of the freshly drawn image asked about at the end
+
+
+def load_settings(configs: Path, overrides: dict) -> tuple[DemoSettings, dict, dict]:
+    """Demo settings plus the override dicts for the two stage recipes."""
+    path = configs / "demo.yaml"
+    values = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    stage_over: dict[str, dict] = {"pretrain": {}, "finetune": {}}
+    for key, value in overrides.items():
+        stage, _, field = key.partition(".")
+        if field and stage in stage_over:
+            stage_over[stage][field] = value
+        else:
+            values[key] = value
+    valid = [f.name for f in fields(DemoSettings)]
+    unknown = [k for k in values if k not in valid]
+    if unknown:
+        raise BunnyError(f"unknown demo setting(s) {unknown}; valid: {', '.join(valid)} "
+                         "(stage recipe fields as pretrain.FIELD or finetune.FIELD)")
+    settings = DemoSettings(**{k: type(getattr(DemoSettings, k))(v) for k, v in values.items()})
+    return settings, stage_over["pretrain"], stage_over["finetune"]
+
+
+def run_demo(out: str | Path = "outputs/demo", configs: str | Path | None = None, tower: str | None = None,
+             overrides: dict | None = None) -> dict:
+    from bunny.data.synthetic_io import SHORT_ANSWER_SUFFIX, synthesize
+    from bunny.model.loading import DEFAULT_TOWER, build_model
+    from bunny.train.demo_eval import evaluate
+    from bunny.train.reporting import plot_losses
+    from bunny.train.trainer import train
+
+    start = time.perf_counter()
+    out = Path(out)
+    configs = Path(configs) if configs else REPO_CONFIGS
+    if not (configs / "pretrain.yaml").is_file():
+        raise BunnyError(f"{configs} holds no pretrain.yaml; pass --configs configs/demo")
+    settings, over1, over2 = load_settings(configs, overrides or {})
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+    tower = tower or DEFAULT_TOWER
+    if not (Path(tower) / "config.json").is_file():
+        raise BunnyError(f"vision tower {tower} is missing (no config.json); train one with "
+                         "`bunny train tower --out PATH` and pass --tower PATH")
+    timings = {}
+
+    _say(f"[1/5] synthetic data: {settings.train_images} training and {settings.eval_images} held-out images")
+    t = time.perf_counter()
+    data = out / "data"
+    meta = synthesize(data, settings.train_images, settings.eval_images, settings.seed, max_turns=settings.max_turns,
+                      suffix=SHORT_ANSWER_SUFFIX if settings.short_answer_suffix else "")
+    timings["data_seconds"] = time.perf_counter() - t
+
+    common = {"seed": settings.seed, "tower": tower}
+    r1 = load_recipe(configs / "pretrain.yaml", {**common, "data_path": str(data / "stage1.json"),
+                                                  "output_dir": str(out / "stage1"), **over1}, stage="pretrain")
+    r2 = load_recipe(configs / "finetune.yaml", {**common, "data_path": str(data / "stage2.json"),
+                                                  "output_dir": str(out / "stage2"), **over2}, stage="finetune")
+    for r in (r1, r2):
+        r.resume = "none"  # the demo always starts fresh
+
+    t = time.perf_counter()
+    model, processor = build_model(r1.llm, tower=tower, projector_type=r1.projector_type, template=r2.template)
+    timings["load_seconds"] = time.perf_counter() - t
+    _say("[2/5] stage 1: projector on captions (template plain, square images)")
+    s1 = train(r1, model, processor)
+    _say("[3/5] stage 2: LoRA on every linear layer of the LLM + projector")
+    s2 = train(r2, s1.model, processor)
+    timings["stage1_seconds"], timings["stage2_seconds"] = s1.wall_seconds, s2.wall_seconds
+    model = s2.model
+    loss_png = plot_losses({"stage 1 (projector, captions)": [(h["step"], h["loss"]) for h in s1.history],
+                            "stage 2 (LoRA + projector, QA)": [(h["step"], h["loss"]) for h in s2.history]},
+                           out / "loss_curve.png", "bunny demo: SmolLM2-135M-Instruct + shapes-siglip-64")
+
+    _say(f"[4/5] evaluation on {settings.eval_images} held-out images")
+    metrics, predictions = evaluate(model, processor, data, batch_size=settings.eval_batch_size)
+    (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+
+    _say("[5/5] one question about a freshly drawn image")
+    fresh = ask_fresh(model, processor, settings.fresh_seed, out)
+
+    summary = {
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},
+        "yes_no_colour_only": meta.get("yes_no_colour_only"),
+        "yes_no_shape_only": meta.get("yes_no_shape_only"),
+        "stage1": {"steps": len(s1.history), "final_loss": _tail_loss(s1.history),
+                   "samples_per_s": round(s1.samples_per_second, 2)},
+        "stage2": {"steps": len(s2.history), "final_loss": _tail_loss(s2.history),
+                   "samples_per_s": round(s2.samples_per_second, 2)},
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+        "fresh_image": fresh,
+        "settings": asdict(settings),
+        "loss_curve": str(loss_png),
+        "model": s2.outputs.get("model"),
+        "torch_threads": torch.get_num_threads(),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print_summary(summary)
+    return summary
+
+
+def ask_fresh(model, processor, seed: int, out: Path) -> dict:
+    from bunny.data.synthetic import caption, draw_example
+    from bunny.data.synthetic_render import render_scene
+    from bunny.model.generation import SamplingSettings, generate
+    from bunny.train.demo_eval import prompt_for
+
+    scene, qas = draw_example(seed, "demo-fresh", 0)
+    qa = next((q for q in qas if q.get("category") == "colour"), qas[0])
+    image = render_scene(scene)
+    image.save(out / "fresh_image.png")
+    answer = generate(model, processor, [prompt_for(processor, qa["question"])], [image],
+                      SamplingSettings(max_new_tokens=8))[0]
+    return {"image": str(out / "fresh_image.png"), "scene": caption(scene), "question": qa["question"],
+            "expected": qa["answer"], "answer": answer}
+
+
+def _tail_loss(history: list[dict]) -> float | None:
+    tail = history[-10:]
+    return round(sum(h["loss"] for h in tail) / len(tail), 4) if tail else None
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def print_summary(s: dict) -> None:
+    def pct(key):
+        v = s.get(key)
+        return f"{100 * v:6.1f}%" if isinstance(v, (int, float)) else "    n/a"
+
+    rows = [("yes/no accuracy (target >= 85%)", pct("yes_no_accuracy")),
+            ("  yes / easy no / hard no", f"{pct('yes_no_accuracy_positive')} {pct('yes_no_accuracy_easy')} "
+                                          f"{pct('yes_no_accuracy_hard')}"),
+            ("  colour-only / shape-only guesser", f"{pct('yes_no_colour_only')} {pct('yes_no_shape_only')}"),
+            ("  MME existence (acc + acc+, /200)", f"{s.get('mme_existence_acc_plus_acc_plus', 0):7.1f}"),
+            ("  POPE F1 random / adversarial", f"{pct('pope_f1_random')} {pct('pope_f1_adversarial')}"),
+            ("open-answer accuracy", pct("open_answer_accuracy")),
+            ("  colour (target >= 90%)", pct("open_colour_accuracy")),
+            ("  shape / count / position", f"{pct('open_shape_accuracy')} {pct('open_count_accuracy')} "
+                                           f"{pct('open_position_accuracy')}"),
+            ("stage 1 / stage 2 steps", f"{s['stage1']['steps']} / {s['stage2']['steps']}"),
+            ("wall time", f"{s['wall_seconds']:.0f} s")]
+    width = max(len(r[0]) for r in rows)
+    print("\n" + "=" * (width + 30))
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    f = s["fresh_image"]
+    print("=" * (width + 30))
+    print(f"fresh image: {f['scene']}\n  Q: {f['question']}\n  A: {f['answer']}   (expected: {f['expected']})")
+    print(f"summary: {Path(s['loss_curve']).parent / 'summary.json'}   loss curve: {s['loss_curve']}\n")
