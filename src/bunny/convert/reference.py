@@ -67,6 +67,8 @@ def load_reference(
     with no_init_weights():
         language_model = AutoModelForCausalLM.from_config(text_config, dtype=dtype)
     load_strict(language_model, llm_state, f"LLM weights of {source}", optional=tied_head_keys(language_model))
+    # no_init_weights also skips tying: tie now, or a tied head would keep uninitialised memory.
+    language_model.tie_weights()
     if ckpt.layout == LORA:
         from bunny.convert.lora import merge_lora
 
