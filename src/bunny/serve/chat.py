@@ -58,7 +58,8 @@ class ChatSession:
 
 
 def run_chat(model, processor, settings: SamplingSettings, image: str | None = None,
-             prompt: str | None = None, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
+             prompt: str | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout  # looked up per call (redirectable)
     session = ChatSession(model, processor, settings, image)
     if prompt is not None:  # one-shot, for scripts
         print(session.ask(prompt), file=stdout)
