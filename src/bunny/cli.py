@@ -16,6 +16,7 @@ from bunny.errors import BunnyError
 _GROUPS = [
     "bunny.model.cli",
     "bunny.convert.cli",
+    "bunny.merge.cli",
     "bunny.serve.cli",
     "bunny.eval.cli",
     "bunny.select.cli",

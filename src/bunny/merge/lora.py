@@ -1,0 +1,207 @@
+"""Folding a stage-2 LoRA adapter into its base model: W <- W + s * B @ A, s = alpha / r.
+
+Layouts accepted as ADAPTER (see docs/merge-export.md):
+- bunny's stage-2 output (`bunny train finetune`, tune lora): `OUTPUT/adapter/` holding PEFT's
+  `adapter_config.json` + `adapter_model.safetensors` (keys `base_model.model.<LLM key>`) and
+  `non_lora_trainables.safetensors` (projector, tower if unfrozen; keys of the bunny model).
+  The training output folder itself may be given: its `adapter/` is used, and its
+  `recipe.yaml` names the base (`init_from`, or `llm` + `tower`) unless `--base` is given.
+- a reference (BAAI Bunny) LoRA folder (`config.json` with `mm_vision_tower`,
+  `non_lora_trainables.bin`): converted by bunny.convert.reference, which merges it.
+
+The fold is done here rather than through PEFT so that every adapter key is checked against
+the base (PEFT only warns about keys that do not fit) and an adapter trained on another base
+fails with the modules and shapes at fault. tests/merge/test_lora.py checks equality with
+PEFT's `merge_and_unload`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from bunny.errors import BunnyError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+NON_LORA = ("non_lora_trainables.safetensors", "non_lora_trainables.bin")
+PEFT_PREFIX = "base_model.model."
+MAX_LISTED = 10
+
+
+def find_adapter(path: Path) -> Path:
+    """The folder holding adapter_config.json: `path` itself or its `adapter/` subfolder."""
+    for folder in (path, path / "adapter"):
+        if (folder / ADAPTER_CONFIG).is_file():
+            return folder
+    raise BunnyError(f"{path} holds no {ADAPTER_CONFIG} (nor adapter/{ADAPTER_CONFIG}); not a LoRA adapter")
+
+
+def is_reference_lora(folder: Path) -> bool:
+    config = folder / "config.json"
+    return config.is_file() and "mm_vision_tower" in json.loads(config.read_text())
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:  # tensors only: a pickle in a downloaded adapter must not run code
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is bad input
+        raise BunnyError(f"cannot read {path}: {exc}") from None
+
+
+def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(adapter config, LoRA tensors with PEFT's prefix removed, non-LoRA trainables)."""
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    files = [folder / n for n in ADAPTER_WEIGHTS if (folder / n).is_file()]
+    if not files:
+        raise BunnyError(f"{folder} has {ADAPTER_CONFIG} but no {' or '.join(ADAPTER_WEIGHTS)}")
+    lora = {k.removeprefix(PEFT_PREFIX): v for k, v in _load_file(files[0]).items()}
+    extra_files = [folder / n for n in NON_LORA if (folder / n).is_file()]
+    extra = _load_file(extra_files[0]) if extra_files else {}
+    return config, lora, extra
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    # PEFT's rule: a pattern key matches a module name ending in it (at a dot boundary).
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def lora_scale(config: dict, module: str) -> float:
+    r = _pattern_value(config.get("rank_pattern"), module, config["r"])
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def check_supported(config: dict, folder: Path) -> None:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise BunnyError(f"{folder}: adapter type {config.get('peft_type')!r} is not LoRA")
+    unsupported = [name for name in ("use_dora", "fan_in_fan_out") if config.get(name)]
+    if unsupported:
+        raise BunnyError(f"{folder}: LoRA options {', '.join(unsupported)} are not supported by bunny merge lora")
+
+
+@torch.no_grad()
+def fold_lora(model, config: dict, lora: dict[str, torch.Tensor], source: str = "the adapter") -> int:
+    """W += scale * B @ A for every adapted nn.Linear of `model.language_model`; other adapter
+    tensors (biases trained with bias='all') replace the base's. Returns the number of layers."""
+    llm = model.language_model
+    modules = dict(llm.named_modules())
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    plain = {}
+    for key, value in lora.items():
+        m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        if m:
+            pairs.setdefault(m.group(1), {})[m.group(2)] = value
+        elif ".lora_" in key:
+            raise BunnyError(f"{source}: tensor {key} is not a LoRA A/B weight of a linear layer (unsupported)")
+        else:
+            plain[key] = value
+    problems = []
+    for name, ab in sorted(pairs.items()):
+        module = modules.get(name)
+        if module is None or not isinstance(module, torch.nn.Linear):
+            problems.append(f"{name}: no linear layer of that name in the base LLM")
+            continue
+        if set(ab) != {"A", "B"}:
+            problems.append(f"{name}: has lora_{''.join(sorted(ab))} only")
+            continue
+        a, b = ab["A"], ab["B"]
+        out_f, in_f = module.weight.shape
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
+            problems.append(f"{name}: A {list(a.shape)} and B {list(b.shape)} do not fit a "
+                            f"{in_f} -> {out_f} layer")
+    params = dict(llm.named_parameters())
+    for key, value in sorted(plain.items()):
+        if key not in params:
+            problems.append(f"{key}: not a parameter of the base LLM")
+        elif params[key].shape != value.shape:
+            problems.append(f"{key}: shape {list(value.shape)}, the base has {list(params[key].shape)}")
+    if problems:
+        more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
+        raise BunnyError(f"{source} was not trained on this base model:\n  " + "\n  ".join(problems[:MAX_LISTED]) + more)
+    for name, ab in pairs.items():
+        weight = modules[name].weight
+        delta = lora_scale(config, name) * (ab["B"].float() @ ab["A"].float())  # (out, in)
+        weight.copy_((weight.float() + delta).to(weight.dtype))
+    for key, value in plain.items():
+        params[key].copy_(value)
+    return len(pairs)
+
+
+@torch.no_grad()
+def load_non_lora(model, extra: dict[str, torch.Tensor], source: str) -> None:
+    """Projector (and tower) weights trained beside the LoRA, in the bunny model's names."""
+    state = model.state_dict()
+    problems = [f"{k}: not a tensor of the base model" for k in sorted(extra) if k not in state]
+    problems += [f"{k}: shape {list(v.shape)}, the base has {list(state[k].shape)}"
+                 for k, v in sorted(extra.items()) if k in state and state[k].shape != v.shape]
+    if problems:
+        raise BunnyError(f"{source} does not fit the base model:\n  " + "\n  ".join(problems[:MAX_LISTED]))
+    for key, value in extra.items():
+        state[key].copy_(value)
+
+
+def base_from_recipe(run_dir: Path) -> tuple[str, dict] | None:
+    """(description, build arguments) of the base recorded in a training run's recipe.yaml."""
+    recipe_file = run_dir / "recipe.yaml"
+    if not recipe_file.is_file():
+        return None
+    import yaml
+
+    recipe = yaml.safe_load(recipe_file.read_text()) or {}
+    if recipe.get("init_from"):
+        return recipe["init_from"], {"init_from": recipe["init_from"]}
+    return f"{recipe.get('llm')} + {recipe.get('tower') or 'the shipped tower'}", {
+        "llm": recipe.get("llm"), "tower": recipe.get("tower") or None,
+        "projector_type": recipe.get("projector_type", "mlp2x_gelu"), "template": recipe.get("template", "bunny"),
+        "tokenizer_model_max_length": recipe.get("model_max_length", 2048)}
+
+
+def load_base(base: str | None, adapter_dir: Path, run_dir: Path, dtype):
+    from bunny.model.loading import DEFAULT_TOWER, build_model, load_pretrained
+
+    if base:
+        return load_pretrained(base, dtype=dtype)
+    found = base_from_recipe(run_dir)
+    if found is None:
+        raise BunnyError(f"no base model for {adapter_dir}: pass --base (the bunny checkpoint or LLM the "
+                         f"adapter was trained on); no recipe.yaml found in {run_dir}")
+    _, spec = found
+    if "init_from" in spec:
+        return load_pretrained(spec["init_from"], dtype=dtype)
+    tower = spec.pop("tower") or DEFAULT_TOWER
+    return build_model(spec.pop("llm"), tower=tower, dtype=dtype, **spec)
+
+
+def merge_lora_adapter(adapter: str | os.PathLike, out: str | os.PathLike, base: str | None = None,
+                       dtype: torch.dtype | None = None) -> Path:
+    """Fold ADAPTER into its base and write a plain bunny checkpoint to `out`."""
+    from bunny.model.loading import save_pretrained
+
+    path = Path(adapter)
+    if not path.exists():
+        raise BunnyError(f"adapter folder not found: {path}")
+    if is_reference_lora(path):
+        from bunny.convert.reference import convert_reference
+
+        return convert_reference(path, out, model_base=base, dtype=dtype)
+    folder = find_adapter(path)
+    config, lora, extra = read_adapter(folder)
+    check_supported(config, folder)
+    run_dir = folder.parent  # a training run's output folder: recipe.yaml beside adapter/
+    model, processor = load_base(base, folder, run_dir, dtype)
+    fold_lora(model, config, lora, source=str(folder))
+    load_non_lora(model, extra, str(folder))
+    model.config.projector_trained = True
+    return save_pretrained(model, processor, out)
