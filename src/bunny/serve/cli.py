@@ -15,6 +15,7 @@ def add_parsers(sub, groups) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_chat)
+    add_serve_parser(sub)
 
 
 def _chat(args) -> int:
@@ -27,3 +28,41 @@ def _chat(args) -> int:
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)
     return run_chat(model, processor, settings, image=args.image, prompt=args.prompt)
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with dynamic batching and a web demo at /")
+    p.add_argument("--model", required=True, help="checkpoint folder, reference checkpoint, or smollm2-135m")
+    p.add_argument("--served-model-name", help="the model id clients send (default: the --model value's name)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (env BUNNY_API_KEY)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
+    p.add_argument("--max-new-tokens-cap", type=int, default=1024, help="largest max_tokens accepted")
+    p.add_argument("--max-images", type=int, default=4, help="images per request")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
+    p.add_argument("--max-body-mb", type=float, default=20.0)
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="also fetch http(s) image URLs (size and time limited); off: data: URLs only")
+    p.add_argument("--quantize", choices=["int8", "8bit", "4bit"],
+                   help="int8: dynamic int8 linear layers (CPU); 8bit/4bit: bitsandbytes (GPU)")
+    p.add_argument("--template", help="override the checkpoint's template")
+    p.add_argument("--model-base", help="base LLM for stage-1 / LoRA reference checkpoints")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    import os
+
+    from bunny.serve.server import serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("BUNNY_API_KEY"),
+          served_model_name=args.served_model_name, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+          max_new_tokens_cap=args.max_new_tokens_cap, max_images=args.max_images,
+          max_image_pixels=args.max_image_pixels, max_body_bytes=int(args.max_body_mb * 2**20),
+          allow_remote_images=args.allow_remote_images, quantize=args.quantize, template=args.template,
+          model_base=args.model_base, device=args.device, dtype=args.dtype)
+    return 0
