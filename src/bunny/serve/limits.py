@@ -23,7 +23,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send, int(declared))
+            return await self._refuse(send)
         chunks, total = [], 0
         while True:
             message = await receive()
@@ -32,7 +32,7 @@ class BodyLimit:
             body = message.get("body", b"")
             total += len(body)
             if total > self.max_bytes:
-                return await self._refuse(send, total)
+                return await self._refuse(send)
             chunks.append(body)
             if not message.get("more_body", False):
                 break
@@ -47,8 +47,8 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send, size: int) -> None:
-        body = json.dumps(error_body(f"the request body ({size}+ bytes) is over the limit of {self.max_bytes} bytes",
+    async def _refuse(self, send) -> None:
+        body = json.dumps(error_body(f"the request body is over the limit of {self.max_bytes} bytes",
                                      "invalid_request_error", "request_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
