@@ -50,6 +50,8 @@ def make_accelerator(recipe: Recipe):
     bf16 = str(recipe.bf16).lower()
     use_bf16 = bf16 == "true" or (bf16 == "auto" and torch.cuda.is_available())
     kwargs = {"mixed_precision": "bf16" if use_bf16 else "no",
+              # Without a GPU, Accelerate only joins a torchrun group (gloo) when told cpu=True.
+              "cpu": not torch.cuda.is_available(),
               # A text-only batch leaves the projector (and tower) without gradients.
               "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)]}
     if recipe.deepspeed:
