@@ -1,0 +1,48 @@
+"""Recipes: YAML + overrides, unknown fields, and every shipped config loads."""
+from pathlib import Path
+
+import pytest
+
+from bunny.errors import BunnyError
+from bunny.train.recipe import load_recipe, parse_overrides
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_overrides_both_spellings(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("# a comment\nlr: 1.0e-4\nlora_r: 8\n")
+    over = parse_overrides(["--set", "lr=3e-4", "--lora-r", "16", "--gradient_checkpointing", "true"])
+    r = load_recipe(path, over, stage="finetune")
+    assert (r.lr, r.lora_r, r.gradient_checkpointing) == (3e-4, 16, True)
+    assert r.effective_projector_lr == 3e-4 and r.effective_data_template == "bunny"
+    p = load_recipe(None, {}, stage="pretrain")
+    assert (p.tune, p.effective_data_template, p.effective_image_mode) == ("projector", "plain", "square")
+
+
+def test_unknown_field_lists_valid_ones(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("lr: 1e-4\nlearning_rate: 2e-4\n")
+    with pytest.raises(BunnyError, match=r"unknown recipe field\(s\) 'learning_rate'; valid fields: stage, tune"):
+        load_recipe(path)
+    with pytest.raises(BunnyError, match="unknown recipe field.*'lora_rank'"):
+        load_recipe(None, parse_overrides(["--lora-rank", "4"]))
+
+
+def test_bad_values_and_stage_conflicts(tmp_path):
+    with pytest.raises(BunnyError, match="lora_r expects int"):
+        load_recipe(None, {"lora_r": "many"})
+    with pytest.raises(BunnyError, match="tune"):
+        load_recipe(None, {"tune": "lora"}, stage="pretrain")
+    path = tmp_path / "r.yaml"
+    path.write_text("stage: finetune\n")
+    with pytest.raises(BunnyError, match="says stage 'finetune' but the command is 'pretrain'"):
+        load_recipe(path, stage="pretrain")
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("mix",)
+                                        and p.name != "demo.yaml"), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_shipped_recipes_load(path):
+    stage = "pretrain" if "pretrain" in path.name else "finetune"
+    recipe = load_recipe(path, stage=stage)
+    assert recipe.stage == stage
