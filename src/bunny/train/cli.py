@@ -35,8 +35,9 @@ def add_parsers(sub, groups) -> None:
     p.add_argument("--configs", default=None, help="folder holding pretrain.yaml and finetune.yaml "
                    "(default: the repository's configs/demo)")
     p.add_argument("--tower", default=None, help="vision tower folder (default: the shipped tower)")
-    p.add_argument("overrides", nargs=argparse.REMAINDER,
-                   help="demo settings: --set train_images=800 etc. (see configs/demo/demo.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a demo setting (train_images=800, see configs/demo/demo.yaml) or a stage recipe "
+                        "field (finetune.lr=1e-3); repeatable")
     p.set_defaults(func=_demo)
 
 
@@ -63,5 +64,6 @@ def _demo(args) -> int:
     from bunny.train.demo import run_demo
     from bunny.train.recipe import parse_overrides
 
-    summary = run_demo(args.out, configs=args.configs, tower=args.tower, overrides=parse_overrides(args.overrides))
+    tokens = [t for kv in args.overrides for t in ("--set", kv)]
+    summary = run_demo(args.out, configs=args.configs, tower=args.tower, overrides=parse_overrides(tokens))
     return 0 if summary else 1
