@@ -1,4 +1,5 @@
-"""`bunny convert reference SRC OUT [--model-base PATH] [--dtype D]`."""
+"""`bunny convert reference SRC OUT [--model-base PATH] [--dtype D]`, and
+`bunny export llava-hf MODEL OUT` / `bunny export gguf MODEL OUT [--outtype f16]`."""
 from __future__ import annotations
 
 from bunny.cli import get_group
@@ -18,6 +19,7 @@ def add_parsers(sub, groups) -> None:
                    help="base LLM folder for stage-1 and LoRA checkpoints (default: the config's _name_or_path)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype of the output (default float32)")
     p.set_defaults(func=_run_reference)
+    add_export_parsers(sub, groups)
 
 
 def _run_reference(args) -> int:
@@ -27,4 +29,36 @@ def _run_reference(args) -> int:
 
     out = convert_reference(args.src, args.out, model_base=args.model_base, dtype=getattr(torch, args.dtype))
     print(f"wrote {out}")
+    return 0
+
+
+def add_export_parsers(sub, groups) -> None:
+    export = get_group(sub, groups, "export", help="export bunny checkpoints for other engines")
+    p = export.add_parser("llava-hf", help="a transformers LlavaForConditionalGeneration folder (vLLM, SGLang, TGI)")
+    p.add_argument("model", help="bunny checkpoint (or anything `bunny chat` loads)")
+    p.add_argument("out", help="output folder (written atomically)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="weight dtype (default: the checkpoint's)")
+    p.set_defaults(func=_run_llava_hf)
+    p = export.add_parser("gguf", help="llama.cpp GGUF files: the LLM and the tower + projector (mmproj)")
+    p.add_argument("model", help="bunny checkpoint")
+    p.add_argument("out", help="output folder: model-<outtype>.gguf and mmproj-model-<outtype>.gguf")
+    p.add_argument("--outtype", choices=("f32", "f16"), default="f16", help="tensor type of matrices (default f16)")
+    p.set_defaults(func=_run_gguf)
+
+
+def _run_llava_hf(args) -> int:
+    import torch
+
+    from bunny.convert.export_llava import export_llava_hf
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    print(f"wrote {export_llava_hf(args.model, args.out, dtype=dtype)}")
+    return 0
+
+
+def _run_gguf(args) -> int:
+    from bunny.convert.export_gguf import export_gguf
+
+    for path in export_gguf(args.model, args.out, outtype=args.outtype):
+        print(f"wrote {path}")
     return 0

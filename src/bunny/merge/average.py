@@ -1,14 +1,16 @@
 """Weighted model averaging (paper, Tab. 10-11: Bunny-4B = 0.3 * M1 + 0.7 * M2), streamed.
 
 Every tensor of the output is sum_i w_i * M_i[tensor], computed in float32 (float64 for
-float64 tensors) and stored in the last model's dtype. Tensors are read one at a time and
-written straight into safetensors shards (`safetensors_io.ShardWriter`), so an 8B merge
-needs memory for a few copies of its largest tensor, not for the models. As in the
+float64 tensors) and stored in the last model's dtype. Tensors are read one at a time, in
+pieces of at most `chunk_size` bytes, and written straight into safetensors shards
+(`safetensors_io.ShardWriter`), so an 8B merge needs memory for a few pieces, not for the
+models, nor even for one output shard. As in the
 reference, everything that is not a weight (config, tokenizer, processor) comes from the
 last model; the config fields that decide the architecture must agree across models.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -18,9 +20,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from bunny.errors import BunnyError
-from bunny.merge.safetensors_io import INDEX_FILE, SINGLE_FILE, ShardWriter, checkpoint_tensors, load_tensor, plan_shards
+from bunny.merge.safetensors_io import INDEX_FILE, SINGLE_FILE, ShardWriter, checkpoint_tensors, chunk_rows, plan_shards
 
 RECORD_FILE = "merge_record.json"
 MAX_LISTED = 10
@@ -109,21 +112,35 @@ def _read_config(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _merge_tensor(name: str, infos: list, weights: list[float]) -> torch.Tensor:
+def _merged_pieces(name: str, infos: list, weights: list[float], chunk_bytes: int):
+    """The weighted sum of tensor `name`, yielded in pieces along its first dimension, so
+    that memory holds a few pieces (default 64 MB each), never whole tensors of every model."""
     out_dtype = infos[-1].dtype
-    if not out_dtype.is_floating_point:
-        # Integer buffers (ids, counters) have no meaningful average: they must agree.
-        tensors = [load_tensor(info, name) for info in infos]
-        if not all(torch.equal(t, tensors[-1]) for t in tensors):
-            raise BunnyError(f"tensor {name} has dtype {out_dtype} and differs between models; it cannot be averaged")
-        return tensors[-1]
-    acc_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
-    acc = None
-    for info, w in zip(infos, weights):
-        t = load_tensor(info, name).to(acc_dtype)
-        acc = t.mul_(w) if acc is None else acc.add_(t, alpha=w)
-        del t
-    return acc.to(out_dtype)
+    with contextlib.ExitStack() as stack:
+        # Each file is opened for this tensor only: its memory map (and the input pages it
+        # made resident) is released before the next tensor.
+        slices = [stack.enter_context(safe_open(str(i.file), framework="pt")).get_slice(name) for i in infos]
+        if not infos[-1].shape:  # a scalar has no first dimension to cut along
+            ranges = [None]
+        else:
+            step = chunk_rows(infos[-1], chunk_bytes)
+            ranges = [slice(a, min(a + step, infos[-1].shape[0])) for a in range(0, infos[-1].shape[0], step)]
+        for rows in ranges:
+            parts = [s[:] if rows is None else s[rows] for s in slices]
+            if not out_dtype.is_floating_point:
+                # Integer buffers (ids, counters) have no meaningful average: they must agree.
+                if not all(torch.equal(p, parts[-1]) for p in parts):
+                    raise BunnyError(f"tensor {name} has dtype {out_dtype} and differs between models; "
+                                     "it cannot be averaged")
+                yield parts[-1]
+                continue
+            acc_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+            acc = None
+            for part, w in zip(parts, weights):
+                part = part.to(acc_dtype)
+                acc = part.mul_(w) if acc is None else acc.add_(part, alpha=w)
+            del parts
+            yield acc.to(out_dtype)
 
 
 def average_models(
@@ -132,6 +149,7 @@ def average_models(
     out: str | os.PathLike,
     allow_unnormalized: bool = False,
     max_shard_size: str | int = "2GB",
+    chunk_size: str | int = "64MB",
 ) -> Path:
     """Write sum_i weights[i] * models[i] (every tensor) to `out`; config etc. from the last model."""
     folders = [Path(m) for m in models]
@@ -156,7 +174,7 @@ def average_models(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        weight_map = _write_shards(tmp, shards, tables, weights)
+        weight_map = _write_shards(tmp, shards, tables, weights, parse_size(chunk_size))
         _copy_non_weights(folders[-1], tmp)
         record = {
             "kind": "weighted average", "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -173,7 +191,8 @@ def average_models(
     return out
 
 
-def _write_shards(folder: Path, shards: list[list[str]], tables: list[dict], weights) -> dict[str, str]:
+def _write_shards(folder: Path, shards: list[list[str]], tables: list[dict], weights,
+                  chunk_bytes: int) -> dict[str, str]:
     weight_map = {}
     total = 0
     for i, shard in enumerate(shards):
@@ -182,11 +201,9 @@ def _write_shards(folder: Path, shards: list[list[str]], tables: list[dict], wei
         writer = ShardWriter(folder / file, specs)
         try:
             for key in shard:
-                merged = _merge_tensor(key, [t[key] for t in tables], weights)
-                writer.write(key, merged)
+                writer.write_chunks(key, _merged_pieces(key, [t[key] for t in tables], weights, chunk_bytes))
                 total += tables[-1][key].nbytes
                 weight_map[key] = file
-                del merged
         except BaseException:
             writer.close(complete=False)
             raise

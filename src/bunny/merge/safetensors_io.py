@@ -9,13 +9,12 @@ Memory then holds one tensor, not one shard.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from bunny.errors import BunnyError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -69,11 +68,12 @@ def checkpoint_tensors(folder: Path) -> dict[str, TensorInfo]:
     return out
 
 
-def load_tensor(info: TensorInfo, name: str) -> torch.Tensor:
-    # Open per tensor: the file's memory map is released right after, so pages read from
-    # the inputs do not pile up in the process's resident memory over a whole merge.
-    with safe_open(str(info.file), framework="pt") as f:
-        return f.get_tensor(name)
+def chunk_rows(info: TensorInfo, max_bytes: int) -> int:
+    """Rows (first-dimension entries) per piece so that one piece stays under max_bytes."""
+    if not info.shape:
+        return 1
+    row_bytes = max(1, info.nbytes // max(1, info.shape[0]))
+    return max(1, max_bytes // row_bytes)
 
 
 def plan_shards(names: list[str], sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
@@ -108,12 +108,21 @@ class ShardWriter:
         self._file.write(struct.pack("<Q", len(raw)) + raw)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.write_chunks(name, [tensor])
+
+    def write_chunks(self, name: str, chunks) -> None:
+        """The tensor `name` given as consecutive pieces along its first dimension."""
         expected = self._specs[self._order[self._next]]
-        if name != expected[0] or tensor.dtype != expected[1] or tuple(tensor.shape) != expected[2]:
-            raise RuntimeError(f"shard writer expected {expected}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
-        data = tensor.detach().contiguous().cpu()
-        # Bytes through a uint8 view: numpy has no bfloat16, so tensor.numpy() cannot be used.
-        self._file.write(data.reshape(-1).view(torch.uint8).numpy())
+        written = 0
+        for chunk in chunks:
+            if name != expected[0] or chunk.dtype != expected[1]:
+                raise RuntimeError(f"shard writer expected {expected[:2]}, got {name} {chunk.dtype}")
+            data = chunk.detach().contiguous().cpu()
+            # Bytes through a uint8 view: numpy has no bfloat16, so chunk.numpy() cannot be used.
+            self._file.write(data.reshape(-1).view(torch.uint8).numpy())
+            written += data.numel()
+        if written != math.prod(expected[2]):
+            raise RuntimeError(f"shard writer got {written} values for {name}, expected shape {expected[2]}")
         self._next += 1
 
     def close(self, complete: bool = True) -> None:

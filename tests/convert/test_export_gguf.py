@@ -1,0 +1,140 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+
+from bunny.cli import main
+from bunny.convert.export_gguf import export_gguf
+from bunny.errors import BunnyError
+from bunny.model.loading import load_pretrained
+from bunny.testing import save_tiny_bunny
+
+
+def _interleave(w, n_head):
+    """llama.cpp's rotary layout, by hand: row i of a head's first half goes to 2i, of its second half to 2i+1."""
+    d = w.shape[0] // n_head
+    out = torch.empty_like(w)
+    for h in range(n_head):
+        for i in range(d // 2):
+            out[h * d + 2 * i] = w[h * d + i]
+            out[h * d + 2 * i + 1] = w[h * d + d // 2 + i]
+    return out
+
+
+def _fields(reader):
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def _tensors(reader):
+    return {t.name: (np.asarray(t.data), t.tensor_type.name) for t in reader.tensors}
+
+
+@pytest.fixture(scope="module", params=["siglip", "clip"])
+def exported(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    src = save_tiny_bunny(root / "m", tower=request.param, seed=4)
+    llm, mmproj = export_gguf(src, root / "gguf", outtype="f32")
+    model, processor = load_pretrained(src)
+    return request.param, model, processor, GGUFReader(str(llm)), GGUFReader(str(mmproj))
+
+
+def test_llm_metadata_and_tokenizer(exported):
+    _, model, processor, llm, _ = exported
+    f = _fields(llm)
+    cfg = model.config.text_config
+    assert f["general.architecture"] == "llama"
+    expected = {"llama.block_count": 2, "llama.embedding_length": 32, "llama.feed_forward_length": 64,
+                "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2, "llama.rope.dimension_count": 8,
+                "llama.context_length": 512, "llama.vocab_size": cfg.vocab_size, "general.file_type": 0,
+                "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2",
+                "tokenizer.ggml.bos_token_id": processor.tokenizer.bos_token_id,
+                "tokenizer.ggml.eos_token_id": processor.tokenizer.eos_token_id}
+    assert {k: f[k] for k in expected} == expected
+    assert f["llama.rope.freq_base"] == pytest.approx(10000.0)
+    assert f["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg.rms_norm_eps)
+    vocab = processor.tokenizer.get_vocab()
+    assert f["tokenizer.ggml.tokens"] == sorted(vocab, key=vocab.get)
+    merges = json.loads(processor.tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    assert f["tokenizer.ggml.merges"] == [" ".join(m) for m in merges]
+    assert f["tokenizer.ggml.token_type"][0] == 3 and f["tokenizer.ggml.token_type"][-1] == 1  # control, normal
+
+
+def test_every_llm_tensor(exported):
+    _, model, _, llm, _ = exported
+    state = model.language_model.state_dict()
+    expected = {"token_embd.weight": state["model.embed_tokens.weight"], "output_norm.weight": state["model.norm.weight"],
+                "output.weight": state["lm_head.weight"]}
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for hf, ours in names.items():
+            w = state[p + f"self_attn.{hf}.weight"]
+            expected[f"blk.{i}.{ours}.weight"] = _interleave(w, 4 if hf == "q_proj" else 2) if hf in ("q_proj", "k_proj") else w
+        for hf in ("gate_proj", "up_proj", "down_proj"):
+            expected[f"blk.{i}.ffn_{hf.split('_')[0]}.weight"] = state[p + f"mlp.{hf}.weight"]
+        expected[f"blk.{i}.attn_norm.weight"] = state[p + "input_layernorm.weight"]
+        expected[f"blk.{i}.ffn_norm.weight"] = state[p + "post_attention_layernorm.weight"]
+    got = _tensors(llm)
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        np.testing.assert_array_equal(got[name][0], tensor.numpy(), err_msg=name)
+        assert got[name][1] == "F32"
+
+
+def test_every_mmproj_tensor_and_metadata(exported):
+    tower, model, processor, _, mmproj = exported
+    f = _fields(mmproj)
+    vc = model.config.vision_config
+    expected_meta = {"general.architecture": "clip", "clip.has_vision_encoder": True, "clip.has_llava_projector": True,
+                     "clip.projector_type": "mlp", "clip.vision.image_size": 28, "clip.vision.patch_size": 14,
+                     "clip.vision.embedding_length": 24, "clip.vision.feed_forward_length": 48,
+                     "clip.vision.projection_dim": 32, "clip.vision.attention.head_count": 4,
+                     "clip.vision.block_count": 2,  # 3 layers, features from hidden_states[-2]
+                     "clip.use_gelu": tower == "siglip"}
+    assert {k: f[k] for k in expected_meta} == expected_meta
+    assert f["clip.vision.attention.layer_norm_epsilon"] == pytest.approx(vc.layer_norm_eps)
+    np.testing.assert_allclose(f["clip.vision.image_mean"], processor.image_processor.image_mean)
+    np.testing.assert_allclose(f["clip.vision.image_std"], processor.image_processor.image_std)
+    s = model.vision_tower.state_dict()
+    expected = {"v.patch_embd.weight": s["embeddings.patch_embedding.weight"],
+                "v.position_embd.weight": s["embeddings.position_embedding.weight"]}
+    if tower == "siglip":
+        expected["v.patch_embd.bias"] = s["embeddings.patch_embedding.bias"]
+    else:
+        expected["v.class_embd"] = s["embeddings.class_embedding"]
+        expected |= {f"v.pre_ln.{p}": s[f"pre_layrnorm.{p}"] for p in ("weight", "bias")}
+    block = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2",
+             "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
+    for i in range(2):  # the last block is not used by the features: not exported
+        for hf, ours in block.items():
+            for p in ("weight", "bias"):
+                expected[f"v.blk.{i}.{ours}.{p}"] = s[f"encoder.layers.{i}.{hf}.{p}"]
+    for j in (0, 2):
+        for p in ("weight", "bias"):
+            expected[f"mm.{j}.{p}"] = getattr(model.mm_projector[j], p)
+    got = _tensors(mmproj)
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        np.testing.assert_array_equal(got[name][0], tensor.detach().numpy(), err_msg=name)
+
+
+def test_f16_and_cli(tmp_path):
+    src = save_tiny_bunny(tmp_path / "m")
+    assert main(["export", "gguf", str(src), str(tmp_path / "g")]) == 0
+    got = _tensors(GGUFReader(str(tmp_path / "g" / "model-f16.gguf")))
+    assert got["blk.0.attn_q.weight"][1] == "F16" and got["output_norm.weight"][1] == "F32"
+    mm = _tensors(GGUFReader(str(tmp_path / "g" / "mmproj-model-f16.gguf")))
+    assert mm["v.patch_embd.weight"][1] == "F16" and mm["mm.0.bias"][1] == "F32"
+
+
+def test_unsupported_llm_and_s2_are_refused_before_writing(tmp_path):
+    qwen = save_tiny_bunny(tmp_path / "q", family="qwen2")
+    with pytest.raises(BunnyError, match="architecture 'qwen2' is not supported"):
+        export_gguf(qwen, tmp_path / "o1")
+    s2 = save_tiny_bunny(tmp_path / "s2", s2_scales=[28, 56])
+    with pytest.raises(BunnyError, match="S2 multi-scale"):
+        export_gguf(s2, tmp_path / "o2")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
