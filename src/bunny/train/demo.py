@@ -26,8 +26,8 @@ REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "demo"
 @dataclass
 class DemoSettings:
     seed: int = 0
-    train_images: int = 600
-    eval_images: int = 100  # even: hard and easy "no" questions balance
+    train_images: int = 480
+    eval_images: int = 60  # even: hard and easy "no" questions balance
     max_turns: int = 6  # QA turns per stage-2 sample (the yes/no pair always kept)
     short_answer_suffix: bool = False  # append "Answer the question using a single word or phrase."
     eval_batch_size: int = 32
