@@ -9,15 +9,20 @@ Each side runs in its own child process (so peak memory is its own), sides alter
 """
 from __future__ import annotations
 
-import argparse
-import json
-import resource
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
+
+# Run as a script, this folder comes first on sys.path, and its select.py would shadow the
+# standard library's `select` (which subprocess imports).
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
 
 
 def build_batch(tower: str, batch: int, data_dir: Path):

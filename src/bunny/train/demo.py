@@ -82,6 +82,7 @@ def run_demo(out: str | Path = "outputs/demo", configs: str | Path | None = None
     data = out / "data"
     meta = synthesize(data, settings.train_images, settings.eval_images, settings.seed, max_turns=settings.max_turns,
                       suffix=SHORT_ANSWER_SUFFIX if settings.short_answer_suffix else "")
+    shuffle_turns(data / "stage2.json", settings.seed)
     timings["data_seconds"] = time.perf_counter() - t
 
     common = {"seed": settings.seed, "tower": tower}
@@ -131,6 +132,29 @@ def run_demo(out: str | Path = "outputs/demo", configs: str | Path | None = None
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print_summary(summary)
     return summary
+
+
+def shuffle_turns(path: Path, seed: int) -> None:
+    """Put each sample's QA pairs in a seeded random order, the image before the new first
+    question. The generator always starts with the yes/no pair, but evaluation asks every
+    question as the first turn; training on every kind of question in that place too
+    removes the mismatch."""
+    import random
+
+    from bunny.model.templates import IMAGE_PLACEHOLDER
+
+    records = json.loads(path.read_text())
+    rng = random.Random(f"bunny-demo-turns/{seed}")
+    prefix = IMAGE_PLACEHOLDER + "\n"
+    for r in records:
+        convs = r["conversations"]
+        pairs = [(convs[i]["value"].removeprefix(prefix), convs[i + 1]["value"]) for i in range(0, len(convs), 2)]
+        rng.shuffle(pairs)
+        r["conversations"] = [turn for k, (q, a) in enumerate(pairs) for turn in (
+            {"from": "human", "value": (prefix if k == 0 else "") + q}, {"from": "gpt", "value": a})]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(records, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def ask_fresh(model, processor, seed: int, out: Path) -> dict:
