@@ -11,6 +11,7 @@ from PIL import Image
 from bunny.data.synthetic import (COLOURS, SHAPES, Scene, SceneObject, caption,
                                   colour_only_guess_accuracy, draw_example, easy_pairs,
                                   hard_pairs, shape_only_guess_accuracy)
+from bunny.data.llava import load_conversations
 from bunny.data.synthetic_io import SHORT_ANSWER_SUFFIX, synthesize
 from bunny.data.synthetic_render import (BACKGROUND, RGB, patch_attribute_labels,
                                          render_scene, render_with_patch_labels)
@@ -155,6 +156,8 @@ def test_llava_json_format(dataset):
             assert turns[0]["value"].startswith("<image>\n")
             assert sum(t["value"].count("<image>") for t in turns) == 1
             assert all(t["value"] for t in turns)
+        conversations, report = load_conversations(out / name)  # the trainer's own loader
+        assert report.loaded == 16 and len(conversations[0].images) == 1
     s2 = json.loads((out / "stage2.json").read_text())[0]["conversations"]
     assert all(t["value"].endswith(SHORT_ANSWER_SUFFIX) for t in s2[::2])
     assert {"question_id", "image", "image_id", "question", "prompt", "answer", "kind",
