@@ -1,0 +1,171 @@
+"""Load on the OpenAI-compatible server: 1, 4 and 16 concurrent clients, on 127.0.0.1 only.
+
+    .venv/bin/python -m benchmarks.serve_load [--clients 1 4 16] [--max-tokens 32] [--time-limit 120]
+    .venv/bin/python -m benchmarks.serve_load --quantization     # int8 vs float32: memory, agreement, speed
+
+(Run as a module: benchmarks/select.py would shadow the standard library's `select`.)
+
+The model is the demo-sized one: SmolLM2-135M composed with the shipped 64-token tower (or
+a random SigLIP of the same shape when the tower is absent). Its projector is untrained, so
+the answers mean nothing; the server is told to accept images anyway, since only the cost
+matters here. Each client sends its requests back to back (closed loop); every level is
+bounded by a request count and a time limit. Prints requests/s, generated tokens/s, p50/p95
+latency, errors, and the 16-client / 1-client throughput ratio (target >= 3).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import platform
+import threading
+import time
+
+import httpx
+import numpy as np
+import torch
+
+from benchmarks.generate import tower_folder
+from bunny.testing import random_image
+
+
+def data_url(seed: int) -> str:
+    buf = io.BytesIO()
+    random_image(seed, (64, 64)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def run_level(url: str, clients: int, n_requests: int, max_tokens: int, time_limit: float) -> dict:
+    """`clients` threads share `n_requests` requests; stops early at `time_limit` seconds."""
+    images = [data_url(i) for i in range(8)]
+    lock, counter = threading.Lock(), iter(range(n_requests))
+    latencies, tokens, errors = [], [], []
+    start = time.perf_counter()
+
+    def client() -> None:
+        with httpx.Client(timeout=300) as http:
+            while time.perf_counter() - start < time_limit:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                body = {"model": "bench", "max_tokens": max_tokens, "temperature": 0, "messages": [{
+                    "role": "user", "content": [{"type": "image_url", "image_url": {"url": images[i % 8]}},
+                                                {"type": "text", "text": f"Describe picture number {i} in detail."}]}]}
+                t = time.perf_counter()
+                r = http.post(url + "/v1/chat/completions", json=body)
+                with lock:
+                    if r.status_code == 200:
+                        latencies.append(time.perf_counter() - t)
+                        tokens.append(r.json()["usage"]["completion_tokens"])
+                    else:
+                        errors.append(f"{r.status_code}: {r.text[:200]}")
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {"clients": clients, "requests": len(latencies), "errors": len(errors), "wall_s": wall,
+            "req_s": len(latencies) / wall, "tok_s": sum(tokens) / wall,
+            "p50_s": float(np.percentile(latencies, 50)) if latencies else float("nan"),
+            "p95_s": float(np.percentile(latencies, 95)) if latencies else float("nan"),
+            "first_error": errors[0] if errors else ""}
+
+
+def load_benchmark(args) -> None:
+    from bunny.model.loading import build_model
+    from bunny.serve.app import ServerSettings, create_app
+    from bunny.serve.server import running_server
+
+    torch.manual_seed(0)
+    model, processor = build_model("smollm2-135m", tower=tower_folder())
+    model.eval()
+    model.config.projector_trained = True  # random projector: fine for timing, see the docstring
+    app = create_app(model, processor, ServerSettings(model_name="bench", max_batch_size=max(args.clients)))
+    with running_server(app) as server:
+        run_level(server.url, 1, 1, args.max_tokens, args.time_limit)  # warm-up
+        results = []
+        for clients in args.clients:
+            n = max(args.min_requests, args.requests_per_client * clients)
+            results.append(run_level(server.url, clients, n, args.max_tokens, args.time_limit))
+            r = results[-1]
+            print(f"clients {r['clients']:3d}: {r['requests']:3d} requests in {r['wall_s']:6.1f} s, "
+                  f"{r['req_s']:5.2f} req/s, {r['tok_s']:6.1f} generated tok/s, p50 {r['p50_s']:5.2f} s, "
+                  f"p95 {r['p95_s']:5.2f} s, errors {r['errors']} {r['first_error']}", flush=True)
+        scheduler = app.state.scheduler
+        print(f"batches run: {scheduler.batches_run}, largest batch: {scheduler.largest_batch}")
+    base = results[0]
+    for r in results[1:]:
+        print(f"{r['clients']} clients / 1 client: {r['req_s'] / base['req_s']:.2f}x requests/s, "
+              f"{r['tok_s'] / base['tok_s']:.2f}x tokens/s")
+
+
+def quantization_report(args) -> None:
+    """int8 dynamic quantisation of SmolLM2-135M's linear layers vs float32: bytes, outputs, speed."""
+    from bunny.model.generation import SamplingSettings, generate_ids
+    from bunny.model.loading import load_pretrained
+    from bunny.serve.quantize import quantize_model
+
+    def state_bytes(module) -> int:
+        buf = io.BytesIO()
+        torch.save(module.state_dict(), buf)  # tied weights are stored once, packed int8 as stored
+        return buf.tell()
+
+    fp32, processor = load_pretrained("smollm2-135m")
+    int8, _ = load_pretrained("smollm2-135m")
+    quantize_model(int8, "int8")
+    prompts = ["Write a short story about a rabbit.", "What is the capital of France?",
+               "Explain how a bicycle works.", "List three colours of the rainbow.",
+               "What is 12 times 7?", "Describe a sunset over the sea.", "Give me a tip for learning Python.",
+               "Why is the sky blue?"]
+    texts = [processor.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    inputs = processor(text=texts, padding_side="left")
+    settings = SamplingSettings(max_new_tokens=args.max_tokens)
+    eos = processor.stop_token_ids()
+    with torch.inference_mode():
+        t = time.perf_counter()
+        a = generate_ids(fp32, inputs, settings, eos)
+        t_fp32 = time.perf_counter() - t
+        t = time.perf_counter()
+        b = generate_ids(int8, inputs, settings, eos)
+        t_int8 = time.perf_counter() - t
+        # Teacher-forced on the float32 answers: next-token logits of both models at every position.
+        full = [processor.tokenize(x) + y for x, y in zip(texts, a)]
+        top1, diffs = [], []
+        for ids in full:
+            x = torch.tensor([ids])
+            la, lb = fp32.language_model(input_ids=x).logits[0], int8.language_model(input_ids=x).logits[0]
+            top1.append((la.argmax(-1) == lb.argmax(-1)).float().mean().item())
+            diffs.append(((la - lb).abs().max(-1).values / la.abs().max(-1).values).mean().item())
+    prefix = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y))) for x, y in zip(a, b)]
+    same = sum(x == y for x, y in zip(a, b))
+    mb_a, mb_b = state_bytes(fp32.language_model) / 2**20, state_bytes(int8.language_model) / 2**20
+    print(f"LLM weights: float32 {mb_a:.0f} MiB, int8 {mb_b:.0f} MiB ({1 - mb_b / mb_a:.0%} smaller)")
+    print(f"greedy answers identical: {same}/{len(a)}; mean identical prefix {np.mean(prefix):.1f} of "
+          f"{np.mean([len(x) for x in a]):.1f} tokens")
+    print(f"teacher-forced top-1 agreement: {np.mean(top1):.1%}; mean max |logit diff| / max |logit|: {np.mean(diffs):.3f}")
+    print(f"batch of {len(a)} x {args.max_tokens} tokens: float32 {t_fp32:.1f} s, int8 {t_int8:.1f} s")
+    for p, x, y in list(zip(prompts, a, b))[:2]:
+        print(f"  {p!r}\n    fp32: {processor.decode(x)!r}\n    int8: {processor.decode(y)!r}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--min-requests", type=int, default=6)
+    ap.add_argument("--time-limit", type=float, default=120.0, help="seconds per level, at most")
+    ap.add_argument("--quantization", action="store_true", help="measure int8 vs float32 instead")
+    args = ap.parse_args()
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"load average {' '.join(load)}")
+    quantization_report(args) if args.quantization else load_benchmark(args)
+
+
+if __name__ == "__main__":
+    main()
