@@ -22,7 +22,7 @@ def add_parsers(sub, groups) -> None:
         from bunny.train import tower_cli
     except ImportError:
         tower_cli = None
-    if tower_cli is not None:
+    if tower_cli is not None and "tower" not in train.choices:  # bunny.cli may list it itself one day
         tower_cli.add_parsers(sub, groups)
 
     data = get_group(sub, groups, "data", help="Datasets: synthesis, mixtures, selection.")
