@@ -24,7 +24,8 @@ def quantize_model(model, mode: str, device: str | torch.device = "cpu"):
             raise BunnyError("--quantize int8 (dynamic int8) runs on the CPU only; on GPU use 8bit or 4bit")
         if model.language_model.dtype != torch.float32:
             raise BunnyError("dynamic int8 quantisation needs a float32 model (load without --dtype)")
-        # Weights become int8 (per-channel scales); activations are quantised on the fly per batch.
+        # Weights become int8 (one scale per tensor); activations are quantised on the fly per batch.
+        # (torch.ao quantisation is deprecated in torch 2.14 but still works; it warns once.)
         torch.ao.quantization.quantize_dynamic(model.language_model, {nn.Linear}, dtype=torch.qint8, inplace=True)
         return model
     return _bitsandbytes(model, mode, device)
