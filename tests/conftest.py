@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
-# Tests use few threads so parallel helpers and CI runs stay predictable on 2 cores.
-torch.set_num_threads(int(os.environ.get("BUNNY_TEST_THREADS", "2")))
+# One thread: tiny test models are faster without threading overhead, and CI stays predictable.
+torch.set_num_threads(int(os.environ.get("BUNNY_TEST_THREADS", "1")))
 
 
 @pytest.fixture(autouse=True)
