@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install test-fast clean
+.PHONY: demo test install test-fast clean browser
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,7 +20,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/bunny demo
 
-test: $(STAMP)
+# The web demo's test drives Debian's headless Chromium; install it when missing (needs root).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	    else echo "note: chromium + chromium-driver missing and not root: the browser test will be skipped"; fi; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests
 
 test-fast: $(STAMP)
