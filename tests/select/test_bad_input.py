@@ -45,6 +45,7 @@ def test_nan_or_inf_rows(tmp_path, bad):
     inp = write_layout(tmp_path / "in", [_x(5), _x(10)], [_x(5), t], dtype=np.float32)
     with pytest.raises(BunnyError, match=r"shard 1 text_emb row 7 \(gid 12\): NaN or infinite"):
         sel(inp, tmp_path / "o")
+    assert not (tmp_path / "o").exists()  # nothing written, so a fixed input can reuse the folder
 
 
 def test_non_unit_norm_warns_and_renormalize_fixes(tmp_path):

@@ -77,12 +77,14 @@ class LocalMap:
         pass
 
 
-def _prepare_out(cfg: SelectConfig) -> Path:
+def _check_out(cfg: SelectConfig) -> bool:
+    """Refuse a non-empty output folder unless --overwrite/--resume (checked before any
+    work, and before anything is written). Returns whether the folder must be cleared."""
     out = Path(cfg.out)
     work = out / "_work"
     if out.exists() and any(out.iterdir()):
         if cfg.overwrite:
-            shutil.rmtree(out)
+            return True
         elif cfg.resume:
             import json
 
@@ -96,6 +98,14 @@ def _prepare_out(cfg: SelectConfig) -> Path:
         else:
             raise BunnyError(f"output folder {out} is not empty: pass --overwrite to replace it "
                              f"or --resume to continue an interrupted run")
+    return False
+
+
+def _prepare_out(cfg: SelectConfig, clear: bool) -> Path:
+    out = Path(cfg.out)
+    work = out / "_work"
+    if clear:
+        shutil.rmtree(out)
     for sub in ("assign", "clusters"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     write_json(work / "params.json", cfg.result_params())
@@ -137,11 +147,12 @@ def select(cfg: SelectConfig) -> dict:
     show = cfg.progress
     t0 = time.perf_counter()
     layout = open_layout(cfg.input, cfg.renormalize)
-    out = _prepare_out(cfg)
-    work = out / "_work"
+    clear = _check_out(cfg)
     bar = tqdm(total=2 * layout.rows, desc="check values", unit="row", disable=not show)
-    check_values(layout, progress=bar)
+    check_values(layout, progress=bar)  # bad values fail before the output folder is touched
     bar.close()
+    out = _prepare_out(cfg, clear)
+    work = out / "_work"
     t = {"check": time.perf_counter() - t0}
     centroids = _centroids(cfg, layout, out, show)
     k = len(centroids)
