@@ -52,7 +52,10 @@ def predict(model, processor, records: list[dict], image_root: Path, batch_size:
 
 
 def normalise(text: str) -> str:
-    return re.sub(r"[^a-z0-9 ]", "", text.strip().lower()).strip()
+    """First line, lowercase, letters/digits/spaces only: a short answer that runs on past
+    its end-of-turn token ("red\nWhat color...") still counts by its first line."""
+    first = text.strip().split("\n")[0]
+    return re.sub(r"[^a-z0-9 ]", "", first.lower()).strip()
 
 
 def score(predictions: list[dict]) -> dict:
