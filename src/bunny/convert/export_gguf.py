@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bunny.atomic import atomic_folder
 from bunny.errors import BunnyError
 
 SUPPORTED_LLMS = ("llama",)
@@ -167,16 +166,8 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, outtype: 
     check_mmproj_exportable(model.config)  # fail before writing anything
     check_llm_exportable(model.config.text_config)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         name = Path(model_path).name
         write_llm_gguf(model, processor.tokenizer, tmp / f"model-{outtype}.gguf", outtype, name)
         write_mmproj_gguf(model, processor.image_processor, tmp / f"mmproj-model-{outtype}.gguf", outtype, name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out / f"model-{outtype}.gguf", out / f"mmproj-model-{outtype}.gguf"

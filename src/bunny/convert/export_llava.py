@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from bunny.atomic import atomic_folder
 from bunny.errors import BunnyError
 
 IMAGE_TOKEN = "<image>"
@@ -52,16 +51,7 @@ def export_llava_hf(model_path: str | os.PathLike, out: str | os.PathLike, dtype
     check_exportable(model.config)  # S2, other projectors, timm towers: say why before converting
     llava = to_llava_hf(model)
     llava_proc = llava_processor(model, processor)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         llava.save_pretrained(tmp)
         llava_proc.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)

