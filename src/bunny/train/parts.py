@@ -29,11 +29,26 @@ def build_for_recipe(recipe: Recipe):
     else:
         model, processor = build_model(recipe.llm, tower=recipe.tower or DEFAULT_TOWER,
                                        projector_type=recipe.projector_type, template=recipe.template,
-                                       tokenizer_model_max_length=recipe.model_max_length)
+                                       tokenizer_model_max_length=recipe.model_max_length,
+                                       s2_scales=parse_scales(recipe.s2_scales))
     processor.model_max_length = recipe.model_max_length
+    if recipe.tower_image_size and recipe.tower_image_size != model.config.base_image_size:
+        from bunny.model.interpolate import set_tower_image_size
+
+        set_tower_image_size(model, recipe.tower_image_size, processor)
     if recipe.projector_weights:
         load_projector(model, recipe.projector_weights)
     return model, processor
+
+
+def parse_scales(text: str) -> list[int] | None:
+    """"384,768,1152" -> [384, 768, 1152]; "" -> None."""
+    if not str(text).strip():
+        return None
+    try:
+        return sorted(int(s) for s in str(text).split(","))
+    except ValueError:
+        raise BunnyError(f"recipe field s2_scales={text!r} must be comma-separated integers, e.g. 384,768,1152") from None
 
 
 def load_projector(model, path: str | Path) -> None:
@@ -72,6 +87,23 @@ def save_projector(model, folder: str | Path) -> list[Path]:
     for t, p in zip(tmp, out):
         t.replace(p)
     return out
+
+
+@torch.no_grad()
+def match_projector_norm(model, samples: list[dict]) -> float:
+    """Scale the projector's last linear layer so the mean norm of projected image features
+    equals the mean norm of the LLM's token embeddings; returns the factor applied."""
+    pixels = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
+    last = [m for m in model.mm_projector.modules() if isinstance(m, nn.Linear)]
+    if not pixels or not last:
+        raise BunnyError("projector_norm_init needs image samples and a projector with a linear layer")
+    features = model.get_image_features(torch.cat(pixels).to(model.device))
+    target = model.get_input_embeddings().weight.float().norm(dim=-1).mean()
+    scale = float(target / features.float().norm(dim=-1).mean())
+    last[-1].weight.mul_(scale)
+    if last[-1].bias is not None:
+        last[-1].bias.mul_(scale)
+    return scale
 
 
 def lora_targets(language_model: nn.Module) -> list[str]:

@@ -31,6 +31,10 @@ class Recipe:
     template: str = "bunny"  # the model's chat template (stage 2 trains with it)
     init_from: str = ""  # a bunny checkpoint folder to start from instead of llm + tower
     projector_weights: str = ""  # stage-1 projector file (mm_projector.safetensors or .bin)
+    # Run the tower at this resolution by interpolating its position embeddings (the paper's
+    # SigLIP 384 -> 448, 1024 tokens); 0 = the tower's own size. Saved in the model config.
+    tower_image_size: int = 0
+    s2_scales: str = ""  # e.g. "384,768,1152": S2 multi-scale features; "" = single scale
     # -- data --------------------------------------------------------------------------------
     data_path: str = ""  # LLaVA-format .json or .jsonl
     image_root: str = ""  # "" = the data file's folder
@@ -48,6 +52,11 @@ class Recipe:
     grad_accum: int = 1
     lr: float = 2e-4  # the LLM's (LoRA or full); in stage 1 the projector's
     projector_lr: float = 0.0  # 0 = lr (the paper: 2e-5 in stage 2)
+    # Before step 1 of a fresh run, scale the projector's last layer so projected image
+    # features have the LLM's mean token-embedding norm (measured on the first batch).
+    # A small tower's residual stream can be 50x larger than the LLM's embeddings, which
+    # a short stage 1 cannot undo; the reference has no such step (default off).
+    projector_norm_init: bool = False
     tower_lr: float = 0.0  # 0 = projector_lr (an unfrozen tower trains at the projector's rate)
     unfreeze_tower: bool = False
     weight_decay: float = 0.0

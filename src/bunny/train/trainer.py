@@ -27,7 +27,7 @@ from bunny.data.llava import ConversationDataset, load_conversations
 from bunny.data.sampler import modality_length_grouped_order, shuffled_order
 from bunny.errors import BunnyError
 from bunny.train.checkpoint import find_resume_point, load_checkpoint, save_checkpoint
-from bunny.train.parts import build_for_recipe, configure_trainables
+from bunny.train.parts import build_for_recipe, configure_trainables, match_projector_norm
 from bunny.train.recipe import Recipe, dump_recipe
 from bunny.train.reporting import MetricSink
 
@@ -110,6 +110,9 @@ def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = N
         model, processor = build_for_recipe(recipe)
     dataset, skipped = build_dataset(recipe, processor)
     groups = configure_trainables(model, recipe)
+    if recipe.projector_norm_init and find_resume_point(out_dir, recipe.resume) is None:
+        scale = match_projector_norm(model, [dataset[i] for i in range(min(len(dataset), 16))])
+        acc.print(f"projector scaled by {scale:.4g} to the LLM's embedding norm")
     world, rank = acc.num_processes, acc.process_index
     per_step = recipe.per_device_batch_size * world * recipe.grad_accum
     steps_per_epoch = len(dataset) // per_step
