@@ -34,8 +34,12 @@ class BunnyLmms:
 
     def __init__(self, pretrained: str, device: str = "cpu", batch_size: int | str = 1,
                  template: str | None = None, max_new_tokens: int | str = 128, model=None, **kwargs):
+        import torch
+
         from bunny.model.loading import load_pretrained
 
+        # lmms-eval passes these generically: trust_remote_code is accepted but never honoured
+        # (bunny never runs checkpoint code), device_map is replaced by `device`.
         unknown = sorted(set(kwargs) - {"dtype", "trust_remote_code", "device_map"})
         if unknown:
             raise BunnyError(f"bunny (lmms-eval): unknown model_args {', '.join(unknown)}; valid: "
@@ -46,7 +50,12 @@ class BunnyLmms:
             self.task_dict = {}
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
-        self.model, self.processor = model or load_pretrained(pretrained, device=device, template=template)
+        dtype = kwargs.get("dtype")
+        if dtype not in (None, "auto") and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+            raise BunnyError(f"bunny (lmms-eval): dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+        dtype = None if dtype in (None, "auto") else getattr(torch, str(dtype))
+        self.model, self.processor = model or load_pretrained(pretrained, device=device, template=template,
+                                                              dtype=dtype)
 
     # -- prompts --------------------------------------------------------------------------
     def _visuals(self, doc_to_visual, doc_id, task, split) -> list:

@@ -8,14 +8,13 @@ previous checkpoint intact and never a half-written one under a real name.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from bunny.atomic import atomic_folder
 from bunny.errors import BunnyError
 
 PREFIX = "step-"
@@ -38,19 +37,12 @@ def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, schedul
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"{PREFIX}{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-    try:
+    with atomic_folder(target) as tmp:
         trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(trainable, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
         # state.json last: its presence marks a complete checkpoint.
         (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
