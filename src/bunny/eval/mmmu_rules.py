@@ -122,3 +122,14 @@ def judge_open(gold: str | list[str], candidates: list) -> bool:
 def judge_multi_choice(gold: str | list[str], letter: str | None) -> bool:
     golds = gold if isinstance(gold, list) else [gold]
     return letter is not None and letter in golds
+
+
+def choose_letter(prediction: str, options: list[str], rng, reference_fallback: bool) -> tuple[str | None, bool]:
+    """(letter, parsed): the parsed option letter, or None when unparseable; with
+    `reference_fallback` an unparseable answer gets a letter drawn from `rng` (a
+    `random.Random`), as the official evaluation does."""
+    letter = parse_multi_choice(prediction, options)
+    parsed = letter is not None
+    if not parsed and reference_fallback and options:
+        letter = rng.choice([chr(ord("A") + i) for i in range(len(options))])
+    return letter, parsed

@@ -155,11 +155,8 @@ def score_mmmu(records: list[dict], reference_fallback: bool = False, seed: int 
     for r in records:
         if r["question_type"] == "multiple-choice":
             options = [str(o) for o in r["options"]]
-            letter = mmmu_rules.parse_multi_choice(r["prediction"], options)
-            if letter is None:
-                unparseable += 1
-                if reference_fallback and options:
-                    letter = rng.choice([chr(ord("A") + i) for i in range(len(options))])
+            letter, parsed = mmmu_rules.choose_letter(r["prediction"], options, rng, reference_fallback)
+            unparseable += not parsed
             correct += mmmu_rules.judge_multi_choice(r["answer"], letter)
         else:
             correct += mmmu_rules.judge_open(r["answer"], mmmu_rules.parse_open(r["prediction"]))

@@ -108,11 +108,8 @@ def _mmmu(records, out_stem, reference_fallback, seed):
     for r in records:
         if r["question_type"] == "multiple-choice":
             options = [str(o) for o in r["options"]]
-            letter = mmmu_rules.parse_multi_choice(r["prediction"], options)
-            if letter is None:
-                unparseable += 1
-                if reference_fallback and options:
-                    letter = rng.choice([chr(ord("A") + i) for i in range(len(options))])
+            letter, parsed = mmmu_rules.choose_letter(r["prediction"], options, rng, reference_fallback)
+            unparseable += not parsed
             answers[r["question_id"]] = letter if letter is not None else r["prediction"]
         else:
             answers[r["question_id"]] = r["prediction"]

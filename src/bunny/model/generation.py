@@ -92,6 +92,20 @@ def generate_ids(model, inputs, settings: SamplingSettings, eos_token_ids: list[
     return rows
 
 
+def safe_stream_length(text: str, stop_strings: list[str]) -> int:
+    """How much of `text` can be shown while streaming: hold back a tail that could be the
+    start of a stop string, and a half-decoded multi-byte character."""
+    safe = len(text)
+    for s in stop_strings:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                safe = min(safe, len(text) - k)
+                break
+    if text.endswith("\ufffd"):
+        safe = min(safe, len(text) - 1)
+    return safe
+
+
 def cut_at_stop(text: str, stop_strings: list[str]) -> str:
     cut = min((text.find(s) for s in stop_strings if s and s in text), default=-1)
     return text[:cut] if cut >= 0 else text
@@ -128,15 +142,7 @@ def stream(model, processor, prompt: str, images: list | None = None,
             if len(final) > len(shown):
                 yield final[len(shown):]
             return
-        # Hold back a tail that could be the start of a stop string, and half-decoded bytes.
-        safe = len(text)
-        for s in stops:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    safe = min(safe, len(text) - k)
-                    break
-        if text.endswith("\ufffd"):
-            safe = min(safe, len(text) - 1)
+        safe = safe_stream_length(text, stops)
         if safe > len(shown):
             yield text[len(shown):safe]
             shown = text[:safe]

@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from bunny.errors import BunnyError
-from bunny.model.generation import SamplingSettings, _pick, cut_at_stop
+from bunny.model.generation import SamplingSettings, _pick, cut_at_stop, safe_stream_length
 from bunny.model.modeling import positions_from_mask
 from bunny.model.processor import pad_rows
 
@@ -72,16 +72,7 @@ class RowText:
         final = cut_at_stop(text, self.stops)
         if final != text:  # a stop string completed
             return self._advance(final), "stop"
-        safe = len(text)
-        # Hold back a tail that could be the start of a stop string, and half-decoded bytes.
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    safe = min(safe, len(text) - k)
-                    break
-        if text.endswith("\ufffd"):
-            safe = min(safe, len(text) - 1)
-        return self._advance(text[:safe]), None
+        return self._advance(text[:safe_stream_length(text, self.stops)]), None
 
     def flush(self) -> str:
         return self._advance(cut_at_stop(self.processor.decode(self.ids), self.stops))
