@@ -12,6 +12,6 @@ def test_projected_features_get_the_embedding_norm():
     scale = match_projector_norm(model, samples + [{"pixel_values": None}])
     with torch.no_grad():
         after = model.get_image_features(torch.cat([s["pixel_values"] for s in samples])).norm(dim=-1).mean()
-    target = model.get_input_embeddings().weight.norm(dim=-1).mean()
+    target = model.get_input_embeddings().weight.detach().norm(dim=-1).mean()
     torch.testing.assert_close(after, target, rtol=1e-4, atol=1e-6)
     assert abs(scale - float(target / before)) < 1e-4 * abs(scale)
