@@ -24,7 +24,8 @@ from transformers.initialization import no_init_weights
 from bunny.convert.reference_config import LORA, MERGED, STAGE1, ReferenceCheckpoint, read_reference
 from bunny.convert.weights import load_strict, load_tensor_file, read_shards, tied_head_keys
 from bunny.errors import BunnyError
-from bunny.model.loading import fit_vocabulary, load_image_processor_for, save_pretrained
+from bunny.model.loading import fit_vocabulary, save_pretrained
+from bunny.model.towers import load_image_processor
 from bunny.model.modeling import BunnyForConditionalGeneration
 from bunny.model.processor import BunnyProcessor
 from bunny.model.projectors import build_projector
@@ -84,7 +85,7 @@ def load_reference(
         projector=projector, **settings,
     )
     model.eval()
-    image_processor = load_image_processor_for(ckpt.tower_source())
+    image_processor = load_image_processor(ckpt.tower_source())
     if model.config.s2_scales:  # the reference feeds S2 towers images at the largest scale
         image_processor.size = {"height": max(model.config.s2_scales), "width": max(model.config.s2_scales)}
     return model, BunnyProcessor.from_config(model.config, tokenizer, image_processor)

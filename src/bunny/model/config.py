@@ -79,14 +79,15 @@ class BunnyConfig(PreTrainedConfig):
             # One id past the LLM's vocabulary: never a real token, never generated.
             self.image_token_index = self.text_config.vocab_size
         if self.image_seq_length is None:
-            self.image_seq_length = self._derive_image_seq_length()
+            self.image_seq_length = self.derive_image_seq_length()
 
     @property
     def base_image_size(self) -> int:
         size = self.vision_config.image_size
         return size if isinstance(size, int) else int(size[0])
 
-    def _derive_image_seq_length(self) -> int:
+    def derive_image_seq_length(self) -> int:
+        """Tokens per image for a known tower family, from its image and patch size."""
         tower_type = self.vision_config.model_type
         if tower_type not in TOWER_HAS_CLS:
             raise BunnyError(

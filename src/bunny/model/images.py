@@ -14,8 +14,6 @@ from PIL import Image, UnidentifiedImageError
 
 from bunny.errors import BunnyError
 
-ImageInput = "Image.Image | str | Path"
-
 
 def load_image(image) -> Image.Image:
     """A PIL image from a PIL image or a file path; a missing or corrupt file names itself."""

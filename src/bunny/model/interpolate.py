@@ -73,7 +73,7 @@ def set_tower_image_size(model, image_size: int, processor=None):
                          "set s2_scales instead")
     interpolate_tower(model.vision_tower, image_size)
     model.config.vision_config.image_size = image_size
-    model.config.image_seq_length = model.config._derive_image_seq_length()
+    model.config.image_seq_length = model.config.derive_image_seq_length()
     if processor is not None:
         image_processor = processor.image_processor
         if "shortest_edge" in (image_processor.size or {}):  # CLIP: resize the short side, then crop

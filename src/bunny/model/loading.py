@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bunny.atomic import atomic_folder
 from bunny.errors import BunnyError
@@ -14,15 +14,11 @@ from bunny.model.config import BunnyConfig
 from bunny.model.embedded import EMBEDDED_LLMS, resolve_llm
 from bunny.model.modeling import BunnyForConditionalGeneration
 from bunny.model.processor import BunnyProcessor
-from bunny.model.towers import load_vision_model, resolve_tower_source
+from bunny.model.towers import load_image_processor, load_vision_model
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # The small tower shipped in the repository (trained on the synthetic shapes generator).
 DEFAULT_TOWER = str(ASSETS / "towers" / "shapes-siglip-64")
-
-
-def load_image_processor_for(tower: str):
-    return AutoImageProcessor.from_pretrained(resolve_tower_source(tower), backend="pil")
 
 
 def build_model(
@@ -52,7 +48,7 @@ def build_model(
         projector_trained=False,
         **config_kwargs,
     )
-    processor = BunnyProcessor.from_config(model.config, tokenizer, load_image_processor_for(tower))
+    processor = BunnyProcessor.from_config(model.config, tokenizer, load_image_processor(tower))
     return model, processor
 
 

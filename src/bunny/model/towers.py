@@ -98,7 +98,8 @@ def load_vision_model(name_or_path: str, dtype=None) -> nn.Module:
 
 
 def load_image_processor(name_or_path: str):
-    return AutoImageProcessor.from_pretrained(resolve_tower_source(name_or_path))
+    """The tower's image processor on transformers' PIL backend, as the reference used it."""
+    return AutoImageProcessor.from_pretrained(resolve_tower_source(name_or_path), backend="pil")
 
 
 def select_features(hidden_states: tuple[torch.Tensor, ...], layer: int, select: str) -> torch.Tensor:
