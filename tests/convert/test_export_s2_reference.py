@@ -9,7 +9,7 @@ from bunny.convert.reference import load_reference
 from bunny.model.modeling import BunnyForConditionalGeneration
 from bunny.testing import make_tiny_bunny, random_image
 
-from conftest import llm_state, make_llm, projector_state, reference_config, save_tower, write_json
+from reference_builders import llm_state, make_llm, projector_state, reference_config, save_tower, write_json
 
 SCALES = [28, 56, 84]  # the reference's 384, 768, 1152 for a 28-pixel tower
 

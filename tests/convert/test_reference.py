@@ -10,7 +10,7 @@ from bunny.model.images import expand_to_square
 from bunny.model.templates import DEFAULT_SYSTEM
 from bunny.testing import random_image
 
-from conftest import TIED, build_lora, build_merged, build_stage1
+from reference_builders import TIED, build_lora, build_merged, build_stage1
 
 QUESTION = "What is in the image?"
 MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]

@@ -11,7 +11,7 @@ from bunny.convert.reference import load_reference
 from bunny.convert.reference_config import read_reference, text_config_from
 from bunny.errors import BunnyError
 
-from conftest import build_lora, build_merged, build_stage1
+from reference_builders import build_lora, build_merged, build_stage1
 
 
 def _edit_config(folder, **changes):
