@@ -173,8 +173,40 @@ def test_max_turns_keeps_the_yes_no_pair(tmp_path):
         assert answers == ["no", "yes"]
 
 
+def test_extra_yes_no_pairs_are_distinct_balanced_and_true(tmp_path):
+    from bunny.data.synthetic import draw_example
+
+    synthesize(tmp_path, 24, 0, seed=2, suffix="", yes_no_per_image=3)
+    samples = json.loads((tmp_path / "stage2.json").read_text())
+    more = 0
+    for i, s in enumerate(samples):
+        scene, _ = draw_example(2, "train", i)
+        turns = s["conversations"]
+        qa = [(turns[k]["value"].removeprefix("<image>\n"), turns[k + 1]["value"]) for k in range(0, len(turns), 2)]
+        yes_no = [(q, a) for q, a in qa if q.startswith("Is there")]
+        assert len({q for q, _ in yes_no}) == len(yes_no)  # never the same question twice
+        assert sum(a == "yes" for _, a in yes_no) == sum(a == "no" for _, a in yes_no)
+        for q, a in yes_no:
+            colour, shape = q.split()[3:5]
+            assert a == ("yes" if (colour, shape) in scene.pairs else "no"), (q, scene.pairs)
+        more += len(yes_no) > 2
+    assert more > 5  # scenes with two or more distinct objects get extra pairs
+    # the default stays one pair per image
+    synthesize(tmp_path / "one", 24, 0, seed=2, suffix="")
+    for s in json.loads((tmp_path / "one" / "stage2.json").read_text()):
+        assert sum(t["value"] in ("yes", "no") for t in s["conversations"][1::2]) == 2
+
+
+def test_an_orange(tmp_path):
+    from bunny.data.synthetic import yes_no_question
+
+    assert yes_no_question("orange", "cross") == "Is there an orange cross in the image?"
+    assert yes_no_question("red", "cross") == "Is there a red cross in the image?"
+
+
 @pytest.mark.parametrize("kwargs", [dict(n_train=2, n_eval=3), dict(n_train=-1, n_eval=2),
-                                    dict(n_train=2, n_eval=2, max_turns=0)])
+                                    dict(n_train=2, n_eval=2, max_turns=0),
+                                    dict(n_train=2, n_eval=2, yes_no_per_image=0)])
 def test_bad_input_raises(tmp_path, kwargs):
     with pytest.raises(BunnyError):
         synthesize(tmp_path, **kwargs)

@@ -140,7 +140,8 @@ def _join(items: list[str]) -> str:
 
 
 def yes_no_question(colour: str, shape: str) -> str:
-    return f"Is there a {colour} {shape} in the image?"
+    article = "an" if colour[0] in "aeiou" else "a"  # "an orange circle"
+    return f"Is there {article} {colour} {shape} in the image?"
 
 
 def yes_no_qas(scene: Scene, rng: random.Random, no_kind: str) -> list[dict]:
@@ -159,6 +160,29 @@ def yes_no_qas(scene: Scene, rng: random.Random, no_kind: str) -> list[dict]:
         {"question": yes_no_question(*no), "answer": "no", "kind": "yes_no",
          "category": no_kind, "colour": no[0], "shape": no[1]},
     ]
+
+
+def extra_yes_no_qas(scene: Scene, rng: random.Random, asked: list[dict], pairs: int) -> list[dict]:
+    """Up to `pairs` more yes/no pairs about the scene, none repeating a question in `asked`:
+    as many "yes" as "no" (limited by the scene's distinct colour-shape pairs), the "no"
+    ones alternating hard and easy where both exist. Training data only: the evaluation
+    keeps one MME-style pair per image."""
+    seen = {(q["colour"], q["shape"]) for q in asked if q.get("kind") == "yes_no"}
+    yes = [p for p in sorted(scene.pairs) if p not in seen]
+    hard = [p for p in hard_pairs(scene) if p not in seen]
+    easy = [p for p in easy_pairs(scene) if p not in seen]
+    rng.shuffle(yes)
+    rng.shuffle(hard)
+    rng.shuffle(easy)
+    out = []
+    for k in range(min(pairs, len(yes), len(hard) + len(easy))):
+        no_kind = "hard" if (k % 2 == 0 and hard) or not easy else "easy"
+        no = (hard if no_kind == "hard" else easy).pop()
+        out += [{"question": yes_no_question(*yes[k]), "answer": "yes", "kind": "yes_no",
+                 "category": "positive", "colour": yes[k][0], "shape": yes[k][1]},
+                {"question": yes_no_question(*no), "answer": "no", "kind": "yes_no",
+                 "category": no_kind, "colour": no[0], "shape": no[1]}]
+    return out
 
 
 def open_qas(scene: Scene, rng: random.Random) -> list[dict]:

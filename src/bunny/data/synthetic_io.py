@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bunny.data.synthetic import (COLOURS, POSITIONS, SHAPES, caption,
                                   colour_only_guess_accuracy, draw_example,
-                                  shape_only_guess_accuracy)
+                                  extra_yes_no_qas, shape_only_guess_accuracy)
 from bunny.data.synthetic_render import IMAGE_SIZE, render_scene
 from bunny.errors import BunnyError
 
@@ -29,7 +29,7 @@ from bunny.errors import BunnyError
 # same suffix teaches the model the answer style the evaluation asks for.
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 CAPTION_INSTRUCTION = "Describe the image."
-GENERATOR_VERSION = 1  # bump when a change alters images or questions for a given seed
+GENERATOR_VERSION = 2  # bump when a change alters images or questions for a given seed
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -65,7 +65,8 @@ def stage2_sample(sample_id: str, image: str, qas: list[dict], suffix: str) -> d
 
 
 def synthesize(out_dir: str | os.PathLike, n_train: int, n_eval: int, seed: int = 0, *,
-               max_turns: int | None = None, suffix: str = SHORT_ANSWER_SUFFIX) -> dict:
+               max_turns: int | None = None, suffix: str = SHORT_ANSWER_SUFFIX,
+               yes_no_per_image: int = 1) -> dict:
     """Generate the demo dataset under `out_dir` (layout in this module's docstring).
 
     n_train / n_eval are numbers of images. Each image gets one "yes" and one "no" question
@@ -73,13 +74,17 @@ def synthesize(out_dir: str | os.PathLike, n_train: int, n_eval: int, seed: int 
     balanced split) and up to four open questions (colour, shape, count, position).
     `max_turns` caps the QA turns per stage-2 sample (the yes/no pair is kept first, so a
     cap of 2 keeps the balance); `suffix` is appended to every stage-2 question and to the
-    eval `prompt`. Returns the metadata also written to meta.json.
+    eval `prompt`. `yes_no_per_image` > 1 adds up to that many yes/no pairs in all to each
+    *training* image (distinct questions, balanced; evaluation keeps one pair per image).
+    Returns the metadata also written to meta.json.
     """
     for name, n in (("n_train", n_train), ("n_eval", n_eval)):
         if not isinstance(n, int) or n < 0:
             raise BunnyError(f"{name} must be a non-negative integer, got {n!r}")
     if n_eval % 2:
         raise BunnyError(f"n_eval must be even so hard and easy 'no' questions balance, got {n_eval}")
+    if not isinstance(yes_no_per_image, int) or yes_no_per_image < 1:
+        raise BunnyError(f"yes_no_per_image must be an integer >= 1, got {yes_no_per_image!r}")
     if max_turns is not None and max_turns < 1:
         raise BunnyError(f"max_turns must be >= 1, got {max_turns}")
     out = Path(out_dir)
@@ -92,8 +97,13 @@ def synthesize(out_dir: str | os.PathLike, n_train: int, n_eval: int, seed: int 
         rel = f"images/train/{i:06d}.png"
         _save_png(render_scene(scene), out / rel)
         stage1.append(stage1_sample(f"synth-train-{i:06d}", rel, caption(scene)))
+        n_yes_no = 2
+        if yes_no_per_image > 1:  # own stream: the default dataset stays byte-identical
+            extra = extra_yes_no_qas(scene, random.Random(f"bunny-synth-extra/{seed}/{i}"), qas, yes_no_per_image - 1)
+            qas = qas[:2] + extra + qas[2:]
+            n_yes_no += len(extra)
         # Shuffled so the answer of turn 1 is not always "yes".
-        order = _turn_order(seed, i, len(qas))
+        order = _turn_order(seed, i, len(qas), n_yes_no)
         qas = [qas[k] for k in order][:max_turns]
         stage2.append(stage2_sample(f"synth-train-{i:06d}", rel, qas, suffix))
 
@@ -114,15 +124,16 @@ def synthesize(out_dir: str | os.PathLike, n_train: int, n_eval: int, seed: int 
     _atomic_write_text(out / "stage2.json", json.dumps(stage2, indent=1) + "\n")
     _atomic_write_text(out / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     meta = _meta(seed, n_train, n_eval, max_turns, suffix, records)
+    meta["yes_no_per_image"] = yes_no_per_image
     _atomic_write_text(out / "meta.json", json.dumps(meta, indent=1) + "\n")
     return meta
 
 
-def _turn_order(seed: int, index: int, n: int) -> list[int]:
-    """Yes/no pair first (in random order), then the open questions shuffled: a cap on the
-    turns drops open questions, never half of a yes/no pair."""
+def _turn_order(seed: int, index: int, n: int, n_yes_no: int = 2) -> list[int]:
+    """Yes/no pairs first (in random order), then the open questions shuffled: a cap on the
+    turns drops open questions first (an odd cap keeps one more "yes" or "no")."""
     rng = random.Random(f"bunny-synth-turns/{seed}/{index}")
-    yes_no, opens = [0, 1], list(range(2, n))
+    yes_no, opens = list(range(n_yes_no)), list(range(n_yes_no, n))
     rng.shuffle(yes_no)
     rng.shuffle(opens)
     return yes_no + opens

@@ -28,7 +28,8 @@ class DemoSettings:
     seed: int = 0
     train_images: int = 480
     eval_images: int = 60  # even: hard and easy "no" questions balance
-    max_turns: int = 6  # QA turns per stage-2 sample (the yes/no pair always kept)
+    max_turns: int = 6  # QA turns per stage-2 sample (yes/no pairs kept first)
+    yes_no_per_image: int = 1  # yes/no pairs per training image (evaluation: always one)
     short_answer_suffix: bool = False  # append "Answer the question using a single word or phrase."
     eval_batch_size: int = 32
     num_threads: int = 0  # 0 = torch's default (all cores)
@@ -81,7 +82,8 @@ def run_demo(out: str | Path = "outputs/demo", configs: str | Path | None = None
     t = time.perf_counter()
     data = out / "data"
     meta = synthesize(data, settings.train_images, settings.eval_images, settings.seed, max_turns=settings.max_turns,
-                      suffix=SHORT_ANSWER_SUFFIX if settings.short_answer_suffix else "")
+                      suffix=SHORT_ANSWER_SUFFIX if settings.short_answer_suffix else "",
+                      yes_no_per_image=settings.yes_no_per_image)
     shuffle_turns(data / "stage2.json", settings.seed)
     timings["data_seconds"] = time.perf_counter() - t
 
@@ -119,9 +121,11 @@ def run_demo(out: str | Path = "outputs/demo", configs: str | Path | None = None
         "yes_no_colour_only": meta.get("yes_no_colour_only"),
         "yes_no_shape_only": meta.get("yes_no_shape_only"),
         "stage1": {"steps": len(s1.history), "final_loss": _tail_loss(s1.history),
-                   "samples_per_s": round(s1.samples_per_second, 2)},
+                   "samples_per_s": round(s1.samples_per_second, 2),
+                   "tokens": stage_tokens(s1.history, r1.per_device_batch_size * r1.grad_accum)},
         "stage2": {"steps": len(s2.history), "final_loss": _tail_loss(s2.history),
-                   "samples_per_s": round(s2.samples_per_second, 2)},
+                   "samples_per_s": round(s2.samples_per_second, 2),
+                   "tokens": stage_tokens(s2.history, r2.per_device_batch_size * r2.grad_accum)},
         "timings": {k: round(v, 1) for k, v in timings.items()},
         "fresh_image": fresh,
         "settings": asdict(settings),
@@ -171,6 +175,12 @@ def ask_fresh(model, processor, seed: int, out: Path) -> dict:
                       SamplingSettings(max_new_tokens=8))[0]
     return {"image": str(out / "fresh_image.png"), "scene": caption(scene), "question": qa["question"],
             "expected": qa["answer"], "answer": answer}
+
+
+def stage_tokens(history: list[dict], per_step: int) -> int:
+    """Tokens (attention-mask ones) a stage processed: tokens/s over samples/s is tokens per
+    sample, times the samples of a step. What the stage's time on a CPU is proportional to."""
+    return round(sum(h["tokens_per_s"] / h["samples_per_s"] * per_step for h in history))
 
 
 def _tail_loss(history: list[dict]) -> float | None:

@@ -1,0 +1,122 @@
+"""Recipe search for `bunny demo`: run the whole demo (data, stage 1, stage 2, held-out
+evaluation) once per variant of its settings and print one line of results per variant,
+with the LLM tokens each stage processed and the CPU time that would cost.
+
+On a GPU a variant takes seconds instead of the CPU's ~13 minutes, so many recipes can be
+compared; the runs use float32 without TF32 so the numbers track the CPU's. The CPU time
+is an estimate from token counts: stage-1 and stage-2 tokens per second measured on the
+2-core CPU (`--cpu-tok-s1`, `--cpu-tok-s2`), plus the evaluation's measured seconds.
+
+    python -m benchmarks.demo_sweep --out /tmp/sweep --json sweep.jsonl [--variants FILE.json]
+        [--only NAME,...] [--budget-s 300]
+
+A variants file is a JSON object {name: {setting: value}} with `bunny demo --set` keys
+(`train_images`, `pretrain.lr`, `finetune.max_steps`, ...); the value "{data}" inside a
+string is replaced by the variant's data folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+
+# Ordered by what they test; the first is the shipped recipe (calibration against the CPU).
+VARIANTS: dict[str, dict] = {
+    "shipped": {},
+    "yn3": {"yes_no_per_image": 3, "max_turns": 8},  # more yes/no answers per image's tokens
+    "s1x3_s2half": {"pretrain.epochs": 3.0, "finetune.max_steps": 30},  # budget to grounding
+    "bs4": {"pretrain.per_device_batch_size": 4, "finetune.per_device_batch_size": 4},  # 2x updates
+    "s2lr3e-3": {"finetune.lr": 3.0e-3, "finetune.projector_lr": 3.0e-3},
+    "s1lr1e-2": {"pretrain.lr": 1.0e-2},
+    "s1qa": {"pretrain.data_path": "{data}/stage2.json", "pretrain.data_template": "bunny",
+             "pretrain.image_mode": "pad"},  # stage 1 on the QA turns instead of captions
+    "big": {"yes_no_per_image": 3, "max_turns": 8, "pretrain.epochs": 5.0, "finetune.epochs": 3.0},  # ceiling
+    "s2x3": {"finetune.epochs": 3.0},
+    "s1x5": {"pretrain.epochs": 5.0},
+    "yn3_bs4_s1x2": {"yes_no_per_image": 3, "max_turns": 8, "pretrain.epochs": 2.0,
+                     "pretrain.per_device_batch_size": 4, "finetune.per_device_batch_size": 4,
+                     "finetune.max_steps": 90},
+    "s2lr3e-4": {"finetune.lr": 3.0e-4},
+    "nodrop_r64": {"finetune.lora_dropout": 0.0, "finetune.lora_r": 64, "finetune.lora_alpha": 128},
+}
+
+CPU_TOK_S1 = 227.0  # stage-1 (projector only) tokens/s on the 2-core CPU, run C of docs/training.md
+CPU_TOK_S2 = 175.0  # stage-2 (LoRA) tokens/s, same run
+CPU_EVAL_S = 81.0  # evaluation of 60 held-out images, same run
+
+
+def substitute(overrides: dict, data: Path) -> dict:
+    return {k: v.replace("{data}", str(data)) if isinstance(v, str) else v for k, v in overrides.items()}
+
+
+def run_variant(name: str, overrides: dict, out: Path, args) -> dict:
+    from bunny.train.demo import run_demo
+
+    vout = out / name
+    start = time.perf_counter()
+    summary = run_demo(vout, overrides=substitute(overrides, vout / "data"))
+    t1, t2 = summary["stage1"]["tokens"], summary["stage2"]["tokens"]
+    cpu = t1 / args.cpu_tok_s1 + t2 / args.cpu_tok_s2 + args.cpu_eval_s
+    keys = ("yes_no_accuracy", "yes_no_accuracy_positive", "yes_no_accuracy_easy", "yes_no_accuracy_hard",
+            "open_answer_accuracy", "open_colour_accuracy", "open_shape_accuracy", "open_count_accuracy",
+            "open_position_accuracy")
+    return {"variant": name, "overrides": overrides, **{k: summary.get(k) for k in keys},
+            "stage1_loss": summary["stage1"]["final_loss"], "stage2_loss": summary["stage2"]["final_loss"],
+            "stage1_steps": summary["stage1"]["steps"], "stage2_steps": summary["stage2"]["steps"],
+            "stage1_tokens": t1, "stage2_tokens": t2, "cpu_seconds_estimate": round(cpu),
+            "wall_seconds_here": round(time.perf_counter() - start, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--json", required=True, help="results, one JSON line per variant (appended)")
+    ap.add_argument("--variants", help="JSON file {name: {setting: value}}; default: the built-in list")
+    ap.add_argument("--only", help="comma-separated variant names to run")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="added to every variant (e.g. eval_images=20 for a smoke run)")
+    ap.add_argument("--budget-s", type=float, default=0, help="start no variant after this many seconds")
+    ap.add_argument("--cpu-tok-s1", type=float, default=CPU_TOK_S1)
+    ap.add_argument("--cpu-tok-s2", type=float, default=CPU_TOK_S2)
+    ap.add_argument("--cpu-eval-s", type=float, default=CPU_EVAL_S)
+    args = ap.parse_args()
+
+    import torch
+    import yaml
+
+    # float32 without TF32: GPU numbers that track the CPU's.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    variants = json.loads(Path(args.variants).read_text()) if args.variants else VARIANTS
+    if args.only:
+        names = args.only.split(",")
+        missing = [n for n in names if n not in variants]
+        if missing:
+            raise SystemExit(f"unknown variant(s) {missing}; known: {', '.join(variants)}")
+        variants = {n: variants[n] for n in names}
+    common = {"pretrain.bf16": "false", "finetune.bf16": "false"}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        common[key] = yaml.safe_load(value)
+    out = Path(args.out)
+    start = time.perf_counter()
+    for name, overrides in variants.items():
+        if args.budget_s and time.perf_counter() - start > args.budget_s:
+            print(json.dumps({"variant": name, "skipped": "budget"}), flush=True)
+            continue
+        try:
+            row = run_variant(name, {**common, **overrides}, out, args)
+        except Exception as e:  # one broken variant must not lose the others' results
+            traceback.print_exc()
+            row = {"variant": name, "error": f"{type(e).__name__}: {e}"}
+        row["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        line = json.dumps(row)
+        print("RESULT " + line, flush=True)
+        with open(args.json, "a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
