@@ -29,10 +29,42 @@ def collate(samples: list[dict], pad_token_id: int, padding_side: str = "right")
         labels[i, span] = s["labels"]
         mask[i, span] = 1
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if any("segment_ids" in s for s in samples):
+        if padding_side != "right":
+            raise BunnyError("samples with independent turns are collated with right padding only")
+        batch.update(segment_mask(samples, width))
     pixels = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
     if pixels:
         batch["pixel_values"] = torch.cat(pixels)
     return batch
+
+
+def segment_mask(samples: list[dict], width: int) -> dict:
+    """4-D attention mask and position ids for samples with independent turns (see
+    `tokenize_independent_turns`): a token sees earlier tokens of its own segment and of the
+    shared prefix (segment 0). A padding row sees only the first token (no empty softmax
+    row); `mask.diagonal(...).sum()` therefore counts real tokens."""
+    n = len(samples)
+    segments = torch.full((n, width), -1, dtype=torch.long)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    for i, s in enumerate(samples):
+        length = len(s["input_ids"])
+        seg = s.get("segment_ids")
+        segments[i, :length] = seg if seg is not None else 0  # a plain sample is all prefix
+        positions[i, :length] = s["position_ids"] if seg is not None else torch.arange(length)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = segments[:, :, None] == segments[:, None, :]
+    to_prefix = (segments == 0)[:, None, :]
+    real = (segments >= 0)
+    allowed = causal & (same | to_prefix) & real[:, :, None] & real[:, None, :]
+    allowed[:, :, 0] |= ~real  # padding rows look at token 0 only
+    return {"attention_mask": allowed[:, None], "position_ids": positions}
+
+
+def real_tokens(batch: dict) -> int:
+    """Non-padding tokens of a collated batch (2-D or independent-turn 4-D mask)."""
+    mask = batch["attention_mask"]
+    return int(mask.sum() if mask.ndim == 2 else mask.diagonal(dim1=-2, dim2=-1).sum())
 
 
 def count_targets(labels: torch.Tensor) -> int:

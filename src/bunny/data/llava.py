@@ -13,6 +13,7 @@ span. No token counting that can drift out of step with the tokenizer (the refer
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,6 +192,65 @@ def tokenize_conversation(conv: Conversation, processor, template: str,
     return ids, labels
 
 
+_LEADING_IMAGES = re.compile(r"^(?:" + re.escape(IMAGE_PLACEHOLDER) + r"\s*)+")
+
+
+def tokenize_independent_turns(conv: Conversation, processor, template: str, max_length: int | None = None
+                               ) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(input_ids, labels, segment_ids, position_ids): every question-answer pair of a
+    multi-turn sample trained as if it were the sample's only turn, behind one shared prefix.
+
+    Visual QA data often bundles independent questions about one image in one sample (as
+    LLaVA's VQAv2/GQA samples do). Trained as one dialogue, later questions can be answered
+    from earlier answers instead of from the image, and their positions differ from a
+    single-question prompt's. Here each pair k is rendered alone (system, images, question,
+    answer), the token prefix all renders share (system prompt and image tokens) is kept
+    once, and each pair's remaining tokens follow as segment k + 1 with the positions they
+    have in their own render. The collator lets segment k attend to the prefix and to itself
+    only. Costs the same as the dialogue; needs the images at the start of the first
+    question (the LLaVA convention). Pairs that do not fit `max_length` are dropped from the end.
+    """
+    turns = conv.turns
+    if len(turns) % 2:
+        raise BunnyError(f"sample {conv.id!r}: independent turns need question-answer pairs, got {len(turns)} turns")
+    head = _LEADING_IMAGES.match(turns[0][1]) if conv.images else None
+    if conv.images and (head is None or sum(t.count(IMAGE_PLACEHOLDER) for _, t in turns)
+                        != head.group(0).count(IMAGE_PLACEHOLDER)):
+        raise BunnyError(f"sample {conv.id!r}: independent turns need every {IMAGE_PLACEHOLDER} at the start "
+                         "of the first question")
+    prefix = head.group(0) if head else ""
+    pairs = [(turns[0][1][len(prefix):], turns[1][1])] + [(turns[i][1], turns[i + 1][1])
+                                                           for i in range(2, len(turns), 2)]
+    singles = [tokenize_conversation(Conversation(f"{conv.id}#{k}", [("user", prefix + q), ("assistant", a)],
+                                                  conv.images), processor, template)
+               for k, (q, a) in enumerate(pairs)]
+    shared = len(singles[0][0])
+    for ids, _ in singles[1:]:
+        shared = next((i for i, (x, y) in enumerate(zip(singles[0][0][:shared], ids)) if x != y),
+                      min(shared, len(ids)))
+    image_end = max((i + 1 for i, t in enumerate(singles[0][0]) if t == processor.image_token_index), default=0)
+    if shared < image_end:
+        raise BunnyError(f"sample {conv.id!r}: the questions' renders share only {shared} tokens, fewer than "
+                         f"the {image_end} up to the last image token")
+    # Answers never go in the prefix (a single pair's render is all "shared").
+    shared = min([shared] + [next(i for i, x in enumerate(s_labels) if x != IGNORE_INDEX) for _, s_labels in singles])
+    ids, labels = list(singles[0][0][:shared]), list(singles[0][1][:shared])
+    segments, positions = [0] * shared, list(range(shared))
+    limit = max_length or processor.model_max_length
+    for k, (s_ids, s_labels) in enumerate(singles):
+        tail = len(s_ids) - shared
+        if len(ids) + tail > limit:
+            if k == 0:
+                raise BunnyError(f"sample {conv.id!r}: its first question alone needs {len(s_ids)} tokens, "
+                                 f"more than {limit}")
+            break
+        ids += s_ids[shared:]
+        labels += s_labels[shared:]
+        segments += [k + 1] * tail
+        positions += range(shared, len(s_ids))
+    return ids, labels, segments, positions
+
+
 def _skip_back_whitespace(text: str, start: int) -> int:
     while start > 0 and text[start - 1] in " \t":
         start -= 1
@@ -208,11 +268,13 @@ class ConversationDataset(torch.utils.data.Dataset):
     with images loaded and preprocessed on access (`square` or `pad`)."""
 
     def __init__(self, conversations: list[Conversation], processor, template: str, image_mode: str,
-                 max_length: int | None = None, cache_images: bool = False):
+                 max_length: int | None = None, cache_images: bool = False, independent_turns: bool = False):
         self.conversations = conversations
         self.processor = processor
         self.image_mode = image_mode
-        self.encoded = [tokenize_conversation(c, processor, template, max_length) for c in conversations]
+        # independent_turns: (ids, labels, segment_ids, position_ids); else (ids, labels)
+        encode = tokenize_independent_turns if independent_turns else tokenize_conversation
+        self.encoded = [encode(c, processor, template, max_length) for c in conversations]
         self.cache: dict[int, torch.Tensor] | None = {} if cache_images else None
 
     def __len__(self) -> int:
@@ -220,7 +282,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     @property
     def lengths(self) -> list[int]:
-        return [len(ids) for ids, _ in self.encoded]
+        return [len(e[0]) for e in self.encoded]
 
     @property
     def has_image(self) -> list[bool]:
@@ -228,7 +290,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         conv = self.conversations[i]
-        ids, labels = self.encoded[i]
+        ids, labels = self.encoded[i][:2]
         pixels = None
         if conv.images:
             if self.cache is not None and i in self.cache:
@@ -240,5 +302,9 @@ class ConversationDataset(torch.utils.data.Dataset):
                     raise BunnyError(f"sample {conv.id!r}: {exc}") from None
                 if self.cache is not None:
                     self.cache[i] = pixels
-        return {"id": conv.id, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+        item = {"id": conv.id, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
                 "pixel_values": pixels}
+        if len(self.encoded[i]) == 4:
+            item["segment_ids"] = torch.tensor(self.encoded[i][2])
+            item["position_ids"] = torch.tensor(self.encoded[i][3])
+        return item

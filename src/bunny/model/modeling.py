@@ -127,6 +127,12 @@ class BunnyForConditionalGeneration(BunnyPreTrainedModel, GenerationMixin):
             inputs_embeds = self.embed_inputs(input_ids, pixel_values)
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
             position_ids = positions_from_mask(attention_mask)[:, -inputs_embeds.shape[1] :]
+        if attention_mask is not None and attention_mask.ndim == 4 and attention_mask.dtype == torch.bool \
+                and self.language_model.config._attn_implementation == "eager":
+            # A custom 4-D mask (independent turns) goes to the attention as it is; eager
+            # attention adds it to the scores, so it must be additive there.
+            attention_mask = torch.zeros(attention_mask.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device
+                                         ).masked_fill(~attention_mask, torch.finfo(inputs_embeds.dtype).min)
 
         targets = None
         if labels is not None:

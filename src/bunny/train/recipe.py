@@ -43,6 +43,10 @@ class Recipe:
     skip_missing: bool = False  # drop samples whose image is missing (counted, reported)
     group_by_modality_length: bool = False
     max_samples: int = 0  # 0 = all
+    # Train each question-answer pair of a multi-turn sample as if it were the only one,
+    # behind the shared system prompt and image tokens (for bundles of independent questions
+    # about one image, e.g. VQA data; not for dialogues whose turns build on each other).
+    independent_turns: bool = False
     model_max_length: int = 2048
     cache_images: bool = True  # keep preprocessed images in memory across epochs
     # -- optimisation ----------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bunny.data.collate import collate, count_targets
+from bunny.data.collate import collate, count_targets, real_tokens
 from bunny.data.llava import ConversationDataset, load_conversations
 from bunny.data.sampler import modality_length_grouped_order, shuffled_order
 from bunny.errors import BunnyError
@@ -73,7 +73,8 @@ def build_dataset(recipe: Recipe, processor) -> tuple[ConversationDataset, int]:
     if recipe.max_samples:
         convs = convs[:recipe.max_samples]
     dataset = ConversationDataset(convs, processor, recipe.effective_data_template, recipe.effective_image_mode,
-                                  recipe.model_max_length, cache_images=recipe.cache_images)
+                                  recipe.model_max_length, cache_images=recipe.cache_images,
+                                  independent_turns=recipe.independent_turns)
     return dataset, len(report.skipped_missing)
 
 
@@ -186,7 +187,7 @@ def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = N
             train_time += dt
             samples_done += per_step
             record = {"step": step, "loss": step_loss, "samples_per_s": per_step / dt,
-                      "tokens_per_s": acc.reduce(sum(b["attention_mask"].sum() for b in micro).float().to(acc.device),
+                      "tokens_per_s": acc.reduce(torch.tensor(float(sum(real_tokens(b) for b in micro)), device=acc.device),
                                                  reduction="sum").item() / dt}
             record.update({f"lr_{name}": v for name, v in lrs.items()})
             if grad_norm is not None:
