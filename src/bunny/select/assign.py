@@ -55,13 +55,26 @@ def fit_kmeans(layout: Layout, k: int, seed: int, sample: int = 0, niter: int = 
 
 
 def exact_sq_dist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """(n, k) squared L2 distances computed per row (no expansion)."""
+    """(n, k) squared L2 distances computed per (row, centroid) from the two vectors alone
+    (float64 differences, then numpy's pairwise sum along d): no expansion, so the value
+    does not depend on the other rows. Rows go in chunks of at most ~32M differences."""
     out = np.empty((len(x), len(c)))
     c64 = c.astype(np.float64)
-    for r, row in enumerate(x.astype(np.float64)):
-        d = row[None, :] - c64
-        out[r] = (d * d).sum(axis=1)
+    step = max(1, (1 << 25) // max(1, c.size))
+    for a in range(0, len(x), step):
+        d = x[a:a + step].astype(np.float64)[:, None, :] - c64[None, :, :]
+        out[a:a + step] = (d * d).sum(axis=2)
     return out
+
+
+def refine(x: np.ndarray, c: np.ndarray, best: np.ndarray, gap: np.ndarray) -> np.ndarray:
+    """Rows whose two nearest proposals are within GAP are decided again by
+    `exact_sq_dist`; argmin returns the first (lowest) index among exact ties. Shared by
+    every assigner, so the labels never depend on the one used."""
+    close = np.flatnonzero(gap <= GAP)
+    if len(close):
+        best[close] = exact_sq_dist(x[close], c).argmin(axis=1)
+    return best
 
 
 class Assigner:
@@ -80,8 +93,5 @@ class Assigner:
         dist, idx = self.index.search(np.ascontiguousarray(x, dtype=np.float32), kk)
         best = idx[:, 0].astype(np.int32)
         if kk > 1:
-            close = np.flatnonzero(dist[:, 1] - dist[:, 0] <= GAP)
-            if len(close):
-                # argmin returns the first (lowest) index among exact ties
-                best[close] = exact_sq_dist(x[close], self.c).argmin(axis=1)
+            best = refine(x, self.c, best, dist[:, 1] - dist[:, 0])
         return best

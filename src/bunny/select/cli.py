@@ -21,7 +21,10 @@ def add_parsers(sub, groups) -> None:
     p.add_argument("--mode", choices=["bunny", "semdedup"], default="bunny")
     p.add_argument("--eps", type=float, default=0.14, help="semdedup: drop at cosine > 1 - eps")
     p.add_argument("--engine", choices=["local", "ray"], default="local")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="shards/clusters processed at once (threads or Ray tasks)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (numpy + faiss, default), cuda or cuda:N (assignment and similarity with torch "
+                        "on a GPU; same ids), torch-cpu (the torch code on the CPU)")
     p.add_argument("--address", help="ray: address of a running cluster (default: start a local one)")
     p.add_argument("--renormalize", action="store_true", help="L2-normalise rows as they are read")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -53,7 +56,7 @@ def _select(args) -> int:
     rep = select(SelectConfig(
         input=args.input, out=args.out, centroids=args.centroids, k=args.k, seed=args.seed,
         threshold=args.threshold, clip_window=tuple(args.clip_window), centroid_window=tuple(args.centroid_window),
-        n=args.n, mode=args.mode, eps=args.eps, engine=args.engine, workers=args.workers, address=args.address,
+        n=args.n, mode=args.mode, eps=args.eps, engine=args.engine, device=args.device, workers=args.workers, address=args.address,
         renormalize=args.renormalize, overwrite=args.overwrite, resume=args.resume,
         kmeans_sample=args.kmeans_sample, progress=not args.no_progress))
     print(" -> ".join(f"{k} {v}" for k, v in rep["rows_after"].items()))

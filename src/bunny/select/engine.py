@@ -42,6 +42,7 @@ class SelectConfig:
     mode: str = "bunny"  # or "semdedup"
     eps: float = 0.14  # semdedup only
     engine: str = "local"  # or "ray"
+    device: str = "cpu"  # "cuda[:N]": assignment and similarity with torch on a GPU; "torch-cpu"
     workers: int = 1
     address: str | None = None  # ray: join this cluster instead of starting a local one
     renormalize: bool = False
@@ -133,6 +134,12 @@ def _check_params(cfg: SelectConfig):
         raise BunnyError(f"--mode {cfg.mode!r}: choose one of bunny, semdedup")
     if cfg.engine not in ("local", "ray"):
         raise BunnyError(f"--engine {cfg.engine!r}: choose one of local, ray")
+    if cfg.device != "cpu":
+        if cfg.engine != "local":
+            raise BunnyError(f"--device {cfg.device} runs on the embedded engine (--engine local)")
+        from bunny.select.gpu import torch_device
+
+        torch_device(cfg.device)  # fails now, before any work, if the device is missing
     for name in ("clip_window", "centroid_window"):
         lo, hi = getattr(cfg, name)
         if not 0.0 <= lo <= hi <= 1.0:
@@ -149,7 +156,7 @@ def select(cfg: SelectConfig) -> dict:
     layout = open_layout(cfg.input, cfg.renormalize)
     clear = _check_out(cfg)
     bar = tqdm(total=2 * layout.rows, desc="check values", unit="row", disable=not show)
-    check_values(layout, progress=bar)  # bad values fail before the output folder is touched
+    check_values(layout, progress=bar, workers=cfg.workers)  # bad values fail before the output folder is touched
     bar.close()
     out = _prepare_out(cfg, clear)
     work = out / "_work"
@@ -164,15 +171,16 @@ def select(cfg: SelectConfig) -> dict:
     else:
         mapper = LocalMap(cfg.workers)
     try:
-        mapper(assign_shard, [(layout, s.index, centroids, work) for s in layout.shards], "assign", show,
-               weights=[s.rows for s in layout.shards])
+        block = 65536 if cfg.device == "cpu" else 262144
+        mapper(assign_shard, [(layout, s.index, centroids, work, block, cfg.device) for s in layout.shards],
+               "assign", show, weights=[s.rows for s in layout.shards])
         sizes = np.zeros(k, np.int64)
         for s in layout.shards:
             sizes += np.diff(np.load(work / "assign" / f"bounds_{s.index:04d}.npy"))
         atomic_npy(out / "cluster_sizes.npy", sizes)
         t["assign"] = time.perf_counter() - t0 - sum(t.values())
         batches = _batches(sizes, cfg)
-        params = KernelParams(cfg.mode, cfg.threshold, cfg.eps)
+        params = KernelParams(cfg.mode, cfg.threshold, cfg.eps, device=cfg.device)
         mapper(run_clusters, [(layout, work, b, centroids, params) for b in batches], "step 1 (dedup)", show,
                weights=[int(sizes[b].sum()) for b in batches])
     finally:
@@ -186,7 +194,7 @@ def select(cfg: SelectConfig) -> dict:
     for c in range(k):
         cs = np.load(work / "clusters" / f"c_{c:07d}.npz")["comp_sizes"]
         comp = np.pad(comp, (0, max(0, len(cs) - len(comp)))) + np.pad(cs, (0, max(0, len(comp) - len(cs))))
-    report = {"params": cfg.result_params(), "engine": cfg.engine, "workers": cfg.workers,
+    report = {"params": cfg.result_params(), "engine": cfg.engine, "device": cfg.device, "workers": cfg.workers,
               "input": {"rows": layout.rows, "shards": len(layout.shards), "dim": layout.dim},
               "k": k, "rows_after": {"input": layout.rows, "dedup": steps.n1, "clip": steps.w2.kept,
                                      "centroid": steps.w3.kept, "selected": steps.w4.kept},

@@ -15,7 +15,7 @@ import numpy as np
 
 from bunny.select import rules
 from bunny.select.assign import Assigner
-from bunny.select.layout import Layout
+from bunny.select.layout import Layout, open_npy
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class KernelParams:
     threshold: float = 0.86  # bunny: edge when dot > threshold
     eps: float = 0.14  # semdedup: drop when cosine > 1 - eps with an earlier-ranked row
     block: int = 65536  # rows per read block during assignment
+    device: str = "cpu"  # "cpu": numpy + faiss; "cuda[:N]" / "torch-cpu": torch (gpu.py)
 
 
 def atomic_save(path: Path, **arrays) -> None:
@@ -41,12 +42,21 @@ def atomic_npy(path: Path, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def assign_shard(layout: Layout, shard: int, centroids: np.ndarray, work: Path, block: int = 65536) -> int:
+def make_assigner(centroids: np.ndarray, device: str = "cpu"):
+    if device == "cpu":
+        return Assigner(centroids)
+    from bunny.select.gpu import TorchAssigner
+
+    return TorchAssigner(centroids, device)
+
+
+def assign_shard(layout: Layout, shard: int, centroids: np.ndarray, work: Path, block: int = 65536,
+                 device: str = "cpu") -> int:
     """Assign every row of one shard; write its order/bounds files. Skips finished shards."""
     bounds_path = work / "assign" / f"bounds_{shard:04d}.npy"
     if bounds_path.exists():
         return 0
-    assigner = Assigner(centroids)
+    assigner = make_assigner(centroids, device)
     s = layout.shards[shard]
     img = layout.img(shard)
     labels = np.empty(s.rows, dtype=np.int32)
@@ -59,13 +69,29 @@ def assign_shard(layout: Layout, shard: int, centroids: np.ndarray, work: Path, 
     return s.rows
 
 
+_INDEX: dict = {}
+
+
+def _assign_index(layout: Layout, work: Path):
+    """(S, k+1) bounds of every shard, loaded once per process and run folder."""
+    key = (str(work), len(layout.shards))
+    hit = _INDEX.get(key)
+    paths = [work / "assign" / f"bounds_{s.index:04d}.npy" for s in layout.shards]
+    stamp = tuple((st.st_mtime_ns, st.st_ino) for st in map(os.stat, paths))
+    if hit is None or hit[0] != stamp:
+        hit = (stamp, np.stack([np.load(p) for p in paths]) if paths else np.zeros((0, 1), np.int64))
+        _INDEX.clear()
+        _INDEX[key] = hit
+    return hit[1]
+
+
 def cluster_rows(layout: Layout, work: Path, c: int):
     """(shard, rows) pairs of cluster c, in gid order."""
+    bounds = _assign_index(layout, work)
     for s in layout.shards:
-        bounds = np.load(work / "assign" / f"bounds_{s.index:04d}.npy", mmap_mode="r")
-        a, b = int(bounds[c]), int(bounds[c + 1])
+        a, b = int(bounds[s.index, c]), int(bounds[s.index, c + 1])
         if b > a:
-            order = np.load(work / "assign" / f"order_{s.index:04d}.npy", mmap_mode="r")
+            order = open_npy(work / "assign" / f"order_{s.index:04d}.npy")
             yield s, np.asarray(order[a:b])
 
 
@@ -85,13 +111,23 @@ def run_cluster(layout: Layout, work: Path, c: int, centroid: np.ndarray, p: Ker
         gid = np.concatenate([s.offset + r for s, r in parts]).astype(np.int64)
     else:
         img, gid = np.zeros((0, layout.dim), np.float32), np.zeros(0, np.int64)
-    dist = rules.centroid_distance(img, centroid)
+    edges = None
+    if p.device != "cpu":
+        from bunny.select.gpu import torch_edges
+
+        edges = torch_edges(p.device)
     if p.mode == "bunny":
-        labels = rules.components(img, p.threshold)
+        labels = rules.components(img, p.threshold, edges=edges)
+        size = np.bincount(labels, minlength=len(labels))
+        # the distance only orders members of a component: singletons need none
+        dist = np.zeros(len(labels))
+        multi = np.flatnonzero(size[labels] > 1)
+        dist[multi] = rules.centroid_distance(img[multi], centroid)
         keep = rules.keep_upper_median(labels, dist, gid)
-        comp_sizes = np.bincount(np.bincount(labels)[np.unique(labels)]) if len(labels) else np.zeros(1, np.int64)
+        comp_sizes = np.bincount(size[size > 0]) if len(labels) else np.zeros(1, np.int64)
     else:
-        keep = rules.keep_semdedup(img, dist, gid, p.eps)
+        dist = rules.centroid_distance(img, centroid)
+        keep = rules.keep_semdedup(img, dist, gid, p.eps, edges=edges)
         comp_sizes = np.zeros(1, np.int64)
     # text rows only for survivors: the text matrix is never needed whole
     txt_parts, at = [], 0

@@ -8,7 +8,9 @@ memory-mapped and only the rows asked for are read (as float32).
 """
 from __future__ import annotations
 
+import os
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,10 +51,10 @@ class Layout:
         return np.array([s.offset for s in self.shards] + [self.rows], dtype=np.int64)
 
     def img(self, shard: int) -> np.ndarray:
-        return np.load(self.shards[shard].img, mmap_mode="r")
+        return open_npy(self.shards[shard].img)
 
     def txt(self, shard: int) -> np.ndarray:
-        return np.load(self.shards[shard].txt, mmap_mode="r")
+        return open_npy(self.shards[shard].txt)
 
     def rows_f32(self, arr: np.ndarray, rows) -> np.ndarray:
         """Read `rows` of a memory-mapped (N, d) array as float32, renormalised if asked.
@@ -66,11 +68,34 @@ class Layout:
         return x
 
     def keys(self, shard: int, rows: np.ndarray | None = None) -> np.ndarray:
+        keys = np.asarray(self.key_column(shard).to_pylist(), dtype=object)
+        return keys if rows is None else keys[rows]
+
+    def key_column(self, shard: int):
+        """The shard's `key` column as one pyarrow string array."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         col = pq.read_table(self.shards[shard].meta, columns=["key"]).column("key")
-        keys = np.asarray(col.cast("string").to_pylist(), dtype=object)
-        return keys if rows is None else keys[rows]
+        return pa.concat_arrays([c.cast(pa.string()) for c in col.chunks]) if col.num_chunks else pa.array([], pa.string())
+
+
+_MAPS: dict = {}
+_MAPS_LOCK = threading.Lock()
+
+
+def open_npy(path: Path) -> np.ndarray:
+    """Memory-mapped .npy, opened once per process (and again if the file changed)."""
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    arr = _MAPS.get(key)
+    if arr is None:
+        arr = np.load(path, mmap_mode="r")
+        with _MAPS_LOCK:
+            if len(_MAPS) >= 256:  # each map holds a file descriptor
+                _MAPS.clear()
+            _MAPS[key] = arr
+    return arr
 
 
 def _numbered(folder: Path, prefix: str, suffix: str) -> dict[int, Path]:
@@ -136,32 +161,57 @@ def open_layout(root: str | Path, renormalize: bool = False) -> Layout:
     return Layout(root, tuple(shards), dim, renormalize)
 
 
-def check_values(layout: Layout, block: int = 65536, progress=None) -> int:
+def _check_part(layout: Layout, s: Shard, kind: str, block: int):
+    """(error or None, rows off unit norm, first such row's note) of one shard's image or
+    text rows."""
+    arr = layout.img(s.index) if kind == "img_emb" else layout.txt(s.index)
+    bad, first = 0, None
+    for a in range(0, s.rows, block):
+        x = np.asarray(arr[a:a + block], dtype=np.float32)
+        n2 = np.einsum("ij,ij->i", x, x)  # NaN/inf in a row make its n2 non-finite
+        finite = np.isfinite(n2)
+        if not finite.all():
+            rows = np.flatnonzero(~np.isfinite(n2))
+            really = rows[~np.isfinite(x[rows]).all(axis=1)]  # a huge finite row overflows n2
+            if len(really):
+                r = a + int(really[0])
+                return f"shard {s.index} {kind} row {r} (gid {s.offset + r}): NaN or infinite values", bad, first
+        n = np.sqrt(n2)  # float32 is plenty for a 1e-2 tolerance
+        if layout.renormalize and (n == 0).any():
+            r = a + int(np.flatnonzero(n == 0)[0])
+            return f"shard {s.index} {kind} row {r}: zero vector cannot be renormalised", bad, first
+        off = np.abs(n - 1.0) > NORM_TOL
+        if off.any():
+            bad += int(off.sum())
+            if first is None:
+                r = a + int(np.flatnonzero(off)[0])
+                first = f"shard {s.index} {kind} row {r} has norm {n[r - a]:.4f}"
+    return None, bad, first
+
+
+def check_values(layout: Layout, block: int = 16384, progress=None, workers: int = 1) -> int:
     """Stream every row once: NaN/inf are errors naming shard and row; rows that are not
     unit-norm give one warning (with a count) unless the layout renormalises.
     Zero rows cannot be renormalised and are errors when renormalising. Returns the
-    number of non-unit rows."""
+    number of non-unit rows. `workers` threads check shards at once; the error raised is
+    the first in shard order, as when checking one shard after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    parts = [(s, kind) for s in layout.shards for kind in ("img_emb", "text_emb")]
     bad_norm, first = 0, None
-    for s in layout.shards:
-        for kind, arr in (("img_emb", layout.img(s.index)), ("text_emb", layout.txt(s.index))):
-            for a in range(0, s.rows, block):
-                x = np.asarray(arr[a:a + block], dtype=np.float32)
-                finite = np.isfinite(x).all(axis=1)
-                if not finite.all():
-                    r = a + int(np.flatnonzero(~finite)[0])
-                    raise BunnyError(f"shard {s.index} {kind} row {r} (gid {s.offset + r}): NaN or infinite values")
-                n = np.sqrt(np.einsum("ij,ij->i", x, x))  # float32 is plenty for a 1e-2 tolerance
-                if layout.renormalize and (n == 0).any():
-                    r = a + int(np.flatnonzero(n == 0)[0])
-                    raise BunnyError(f"shard {s.index} {kind} row {r}: zero vector cannot be renormalised")
-                off = np.abs(n - 1.0) > NORM_TOL
-                if off.any():
-                    bad_norm += int(off.sum())
-                    if first is None:
-                        r = a + int(np.flatnonzero(off)[0])
-                        first = f"shard {s.index} {kind} row {r} has norm {n[r - a]:.4f}"
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
+        futures = [pool.submit(_check_part, layout, s, kind, block) for s, kind in parts]
+        for (s, kind), fut in zip(parts, futures):
+            err, bad, note = fut.result()
+            if err:
+                raise BunnyError(err)
+            bad_norm += bad
+            first = first or note
             if progress is not None:
                 progress.update(s.rows)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     if bad_norm and not layout.renormalize:
         warnings.warn(f"{bad_norm} embedding rows are not unit-norm (first: {first}); thresholds assume "
                       f"L2-normalised rows: pass --renormalize to normalise them", stacklevel=2)

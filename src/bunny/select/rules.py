@@ -69,42 +69,166 @@ def union_edges(parent: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     return parent
 
 
-def similarity_edges(x: np.ndarray, threshold: float, block: int = 0):
+def _decide(x: np.ndarray, ii: np.ndarray, jj: np.ndarray, v: np.ndarray, threshold: float):
+    """Keep the candidate pairs (ii, jj) whose dot is > threshold, given float32 values `v`
+    within REFINE of the true dot: values farther than REFINE decide alone, the rest are
+    decided by `pair_dots` (the canonical value, computed from the two rows alone)."""
+    near = np.abs(v - threshold) <= REFINE
+    ok = v > threshold
+    if near.any():
+        ok[near] = pair_dots(x, ii[near], jj[near]) > threshold
+    return ii[ok], jj[ok]
+
+
+def _tiles(n: int, block: int):
+    """(a, b) row ranges of the upper-triangle tiles: rows [a, b) against columns [a, n)."""
+    for a in range(0, n, block):
+        yield a, min(a + block, n)
+
+
+def _above(s: np.ndarray, cut: float):
+    """(rows, cols) of the entries of 2-d `s` greater than `cut` (np.nonzero on a 2-d mask
+    is ~10x slower than on a flat one)."""
+    return np.divmod(np.flatnonzero(s > cut), s.shape[1])
+
+
+def _upper(s: np.ndarray, a: int, b: int) -> np.ndarray:
+    """Blank the diagonal and below of tile rows [a, b) x columns [a, n)."""
+    diag = s[:, : b - a]
+    diag[np.tri(b - a, dtype=bool)] = -np.inf
+    return s
+
+
+def dense_edges(x: np.ndarray, threshold: float, block: int = 0):
     """Yield (i, j) arrays, i < j, of the pairs of rows of x (float32, (n, d)) whose dot
-    is strictly greater than `threshold`. Blocked upper triangle: memory is one
-    (block, n) tile."""
+    is strictly greater than `threshold`: every product of the upper triangle, tile by
+    tile (memory: one (block, n) tile)."""
     n = len(x)
     block = block or max(64, min(2048, (1 << 24) // max(n, 1)))  # tile <= ~16M floats
-    for a in range(0, n, block):
-        b = min(a + block, n)
-        s = x[a:b] @ x[a:].T  # (b-a, n-a)
-        diag = s[:, : b - a]
-        diag[np.arange(b - a)[:, None] >= np.arange(b - a)[None, :]] = -np.inf  # keep j > i only
-        ii, jj = np.nonzero(s > threshold - REFINE)  # candidates: one pass over the tile
-        v = s[ii, jj]
-        near = v <= threshold + REFINE
-        if near.any():  # decide pairs close to the threshold from the rows alone
-            ok = ~near
-            ok[near] = pair_dots(x, ii[near] + a, jj[near] + a) > threshold
-            ii, jj = ii[ok], jj[ok]
-        yield ii + a, jj + a
+    for a, b in _tiles(n, block):
+        s = _upper(x[a:b] @ x[a:].T, a, b)  # (b-a, n-a)
+        ii, jj = _above(s, threshold - REFINE)  # candidates: one pass over the tile
+        yield _decide(x, ii + a, jj + a, s[ii, jj], threshold)
 
 
-def components(x: np.ndarray, threshold: float, block: int = 0) -> np.ndarray:
+# ---- exact pruning for large clusters -------------------------------------------------
+# With an orthonormal basis V of R^d split into its first r columns (A) and the rest (B),
+#     x.y = x_A.y_A + x_B.y_B <= z_x.z_y + |x_B| |y_B|,   z = V_A^T x,  |x_B|^2 = |x|^2 - |z|^2
+# (Cauchy-Schwarz). A pair whose bound is not above the threshold has no edge, whatever its
+# exact dot. With V the eigenvectors of the cluster's (uncentred) second-moment matrix, the
+# first r of the d dimensions carry most of |x|^2, and the bound (one (r+1)-column product
+# per pair) rules out almost every pair; the few pairs left are decided like any other
+# candidate (`_decide`). The edges are exactly `dense_edges`' edges: the pruning only skips
+# pairs that provably have none. Floating point: see `_bound_slack`.
+BOUND_MIN_ROWS = 6000  # below this the full product is about as cheap as building the basis
+_PAIR_COST = 40000.0  # one candidate pair (gather two rows, a dot: ~1 us) in multiply-adds
+_SAMPLE = 768  # rows used to estimate how many pairs each r leaves
+
+
+def _bound_slack(r: int, d: int) -> tuple[float, float]:
+    """Worst-case float32 rounding of the bound, as multiples of |x| |y| (rows) and |x|^2.
+
+    z is computed in float32 from the float32 basis V32 = fl(V) (V orthonormal to ~1e-15):
+    |z' - z| <= sqrt(r) (gamma_d + 2^-24) |x| =: c |x| (Higham's bound for each of the r
+    dots, plus the rounding of V). Then |z'_x.z'_y - z_x.z_y| <= (2c + c^2)|x||y|, and
+    |x_B|^2 computed as |x|^2 - |z'|^2 is raised by (2c + c^2)|x|^2 so it is never below the
+    true one. The final (r+1)-term float32 product adds gamma_(r+1) (1 + c)^2 |x||y| (both
+    bound terms are <= (1 + c)|x||y| in absolute sum). Returns (per-pair slack, b^2 raise),
+    each to be multiplied by the norms; the factor 2 is headroom."""
+    u = 2.0 ** -24
+    gamma = lambda m: m * u / (1 - m * u)  # noqa: E731
+    c = np.sqrt(r) * (gamma(d) + u)
+    pair = 2.0 * ((2 * c + c * c) + gamma(r + 1) * (1 + c) ** 2 + 2 * u)
+    return pair, 2.0 * (2 * c + c * c)
+
+
+def bound_plan(x: np.ndarray, threshold: float, rank: int | None = None):
+    """(basis (d, r) float32, r) for `bounded_edges`, or None when the full product is
+    expected to be cheaper. Only the speed depends on this choice, never the result
+    (`rank` forces r, for tests)."""
+    n, d = x.shape
+    if rank is None and (n < BOUND_MIN_ROWS or d < 64):
+        return None
+    _, vec = np.linalg.eigh((x.T @ x).astype(np.float64))  # second moments (BLAS syrk)
+    vec = vec[:, ::-1]  # largest eigenvalue first; orthonormal to ~1e-15
+    if rank is not None:
+        return np.ascontiguousarray(vec[:, :rank], dtype=np.float32), rank
+    s = x[np.linspace(0, n - 1, min(n, _SAMPLE)).astype(np.int64)]
+    z = s @ vec[:, : d // 2].astype(np.float32)
+    nn = np.einsum("ij,ij->i", s, s).astype(np.float64)
+    cum = np.cumsum(z.astype(np.float64) ** 2, axis=1)
+    upper = np.flatnonzero(np.triu(np.ones((len(s), len(s)), bool), 1))
+    dots = np.zeros((len(s), len(s)), np.float32)
+    best, best_cost, r0 = None, 0.7 * d, 0  # dense: d multiply-adds per pair
+    for r in range(32, d // 2 + 1, 16):
+        dots += z[:, r0:r] @ z[:, r0:r].T
+        r0 = r
+        b = np.sqrt(np.maximum(nn - cum[:, r - 1], 0.0)).astype(np.float32)
+        ub = (dots + b[:, None] * b[None, :]).ravel()[upper]
+        frac = float(np.count_nonzero(ub > threshold - _bound_slack(r, d)[0] * nn.max())) / len(upper)
+        cost = r + 1 + frac * _PAIR_COST
+        if cost < best_cost:
+            best, best_cost = r, cost
+        if frac < 1e-4:  # a larger r only adds products
+            break
+    return None if best is None else (np.ascontiguousarray(vec[:, :best], dtype=np.float32), best)
+
+
+def bounded_edges(x: np.ndarray, threshold: float, plan, block: int = 0):
+    """`dense_edges`' pairs, found with the Cauchy-Schwarz bound of `bound_plan`."""
+    vec, r = plan
+    n, d = x.shape
+    pair_slack, b_raise = _bound_slack(r, d)
+    z = x @ vec  # (n, r) float32
+    nn = np.einsum("ij,ij->i", x.astype(np.float64), x.astype(np.float64))
+    b2 = nn - np.einsum("ij,ij->i", z.astype(np.float64), z.astype(np.float64)) + b_raise * nn
+    b = np.sqrt(np.maximum(b2, 0.0)) * (1 + 2.0 ** -20)  # rounded up through float32
+    zb = np.empty((n, r + 1), np.float32)
+    zb[:, :r] = z
+    zb[:, r] = b
+    del z
+    cut = threshold - pair_slack * float(nn.max())  # |x||y| <= max |x|^2
+    block = block or max(64, min(4096, (1 << 24) // max(n, 1)))
+    for a, bb in _tiles(n, block):
+        s = _upper(zb[a:bb] @ zb[a:].T, a, bb)
+        ii, jj = _above(s, cut)
+        ii, jj = ii + a, jj + a
+        v = np.empty(len(ii), np.float32)
+        for c in range(0, len(ii), 1024):  # float32 dots, error < REFINE for unit rows
+            v[c:c + 1024] = np.einsum("ij,ij->i", x[ii[c:c + 1024]], x[jj[c:c + 1024]])
+        yield _decide(x, ii, jj, v, threshold)
+
+
+def similarity_edges(x: np.ndarray, threshold: float, block: int = 0):
+    """Yield (i, j) arrays, i < j, of the pairs of rows of x (float32, (n, d)) whose dot
+    is strictly greater than `threshold`; exact (see `_decide`). Large clusters use the
+    pruning bound when it pays off, small ones the full upper triangle."""
+    plan = bound_plan(x, threshold)
+    if plan is None:
+        yield from dense_edges(x, threshold, block)
+    else:
+        yield from bounded_edges(x, threshold, plan, block)
+
+
+def components(x: np.ndarray, threshold: float, block: int = 0, edges=None) -> np.ndarray:
     """(n,) component label (smallest member index) of the graph joining rows of x whose
     dot exceeds `threshold`. Bit-identical rows are collapsed first: they are one node
-    when their self-dot exceeds the threshold (always, for unit rows and threshold < 1)."""
+    when their self-dot exceeds the threshold (always, for unit rows and threshold < 1).
+    `edges(u, threshold)` finds the pairs of distinct rows (default `similarity_edges`)."""
     first, inverse = collapse_identical(x)
     u = x[first]
     parent = np.arange(len(u))
-    for i, j in similarity_edges(u, threshold, block):
+    for i, j in (edges or (lambda v, t: similarity_edges(v, t, block)))(u, threshold):
         parent = union_edges(parent, i, j)
-    self_ok = pair_dots(u, np.arange(len(u)), np.arange(len(u))) > threshold
     label_u = first[parent]  # root's original index
     labels = label_u[inverse]
     # duplicates whose self-dot is not above the threshold are their own components
-    lone = ~self_ok[inverse] & (np.arange(len(x)) != first[inverse])
-    labels[lone] = np.flatnonzero(lone)
+    copies = np.flatnonzero(np.bincount(inverse, minlength=len(u)) > 1)
+    if len(copies):
+        self_ok = np.ones(len(u), dtype=bool)
+        self_ok[copies] = pair_dots(u, copies, copies) > threshold
+        lone = ~self_ok[inverse] & (np.arange(len(x)) != first[inverse])
+        labels[lone] = np.flatnonzero(lone)
     return labels
 
 
@@ -123,7 +247,7 @@ def keep_upper_median(labels: np.ndarray, dist: np.ndarray, gid: np.ndarray) -> 
 
 
 def keep_semdedup(x: np.ndarray, dist: np.ndarray, gid: np.ndarray, eps: float,
-                  block: int = 0) -> np.ndarray:
+                  block: int = 0, edges=None) -> np.ndarray:
     """(n,) bool, SemDeDup's rule: rank rows by distance to the centroid descending (the
     paper's keep-hard order; ties by gid), drop a row when any earlier-ranked row (kept or
     not) has cosine > 1 - eps with it."""
@@ -142,7 +266,7 @@ def keep_semdedup(x: np.ndarray, dist: np.ndarray, gid: np.ndarray, eps: float,
     drop |= self_ok[inverse] & (rank != best[inverse])
     # distinct rows: an edge drops the later-ranked side; for a row standing for several
     # copies, its earliest copy is the one compared (later copies are dropped above)
-    for i, j in similarity_edges(u, 1 - eps, block):
+    for i, j in (edges or (lambda v, t: similarity_edges(v, t, block)))(u, 1 - eps):
         later = np.where(best[i] > best[j], i, j)
         later_rows = np.isin(inverse, later)
         drop |= later_rows
