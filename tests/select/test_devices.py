@@ -141,3 +141,17 @@ def test_unknown_device_is_refused(make_input, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(BunnyError, match="no CUDA device"):
             select(SelectConfig(input=str(inp), out=str(tmp_path / "o"), k=3, device="cuda", progress=False))
+
+
+def test_assignment_without_faiss_is_identical(monkeypatch):
+    import sys
+
+    rng = np.random.default_rng(2)
+    c = unit(rng.normal(size=(30, 24))).astype(np.float32)
+    x = unit(c[rng.integers(30, size=2000)] + 0.7 * rng.normal(size=(2000, 24))).astype(np.float32)
+    x[:10] = (c[1] + c[2]) / np.linalg.norm(c[1] + c[2])
+    want = Assigner(c)(x)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
+    a = Assigner(c)
+    assert type(a.index).__name__ == "_NumpyIndex"
+    assert np.array_equal(a(x), want)

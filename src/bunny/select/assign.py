@@ -77,15 +77,35 @@ def refine(x: np.ndarray, c: np.ndarray, best: np.ndarray, gap: np.ndarray) -> n
     return best
 
 
-class Assigner:
-    """Nearest centroid of each row; holds a faiss flat index over the centroids."""
+class _NumpyIndex:
+    """faiss.IndexFlatL2's search (two nearest, float32 expansion) in numpy, for machines
+    without faiss; `refine` makes the labels identical whichever index proposed them."""
 
     def __init__(self, centroids: np.ndarray):
-        import faiss
+        self.c = np.ascontiguousarray(centroids, dtype=np.float32)
+        self.cn = np.einsum("ij,ij->i", self.c, self.c)
 
+    def search(self, x: np.ndarray, kk: int):
+        d2 = self.cn[None, :] - 2.0 * (x @ self.c.T) + np.einsum("ij,ij->i", x, x)[:, None]
+        idx = np.argpartition(d2, kk - 1, axis=1)[:, :kk] if kk < d2.shape[1] else np.argsort(d2, axis=1)
+        dist = np.take_along_axis(d2, idx, axis=1)
+        o = np.argsort(dist, axis=1, kind="stable")
+        return np.take_along_axis(dist, o, axis=1), np.take_along_axis(idx, o, axis=1)
+
+
+class Assigner:
+    """Nearest centroid of each row; holds a faiss flat index over the centroids (or its
+    numpy equivalent when faiss is not installed: same labels)."""
+
+    def __init__(self, centroids: np.ndarray):
         self.c = centroids
-        self.index = faiss.IndexFlatL2(centroids.shape[1])
-        self.index.add(centroids)
+        try:
+            import faiss
+        except ImportError:
+            self.index = _NumpyIndex(centroids)
+        else:
+            self.index = faiss.IndexFlatL2(centroids.shape[1])
+            self.index.add(centroids)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """(n,) int32 cluster of each float32 row."""

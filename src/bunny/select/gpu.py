@@ -24,7 +24,7 @@ import numpy as np
 
 from bunny.errors import BunnyError
 from bunny.select import rules
-from bunny.select.assign import refine
+from bunny.select.assign import GAP, refine
 
 _LOCK = threading.Lock()
 _CENTROIDS: dict = {}
@@ -79,7 +79,7 @@ class TorchAssigner:
         import torch
 
         ct, cn = _centroids_on(self.c, self.dev)
-        xt = torch.as_tensor(x).to(self.dev, torch.float32)
+        xt = torch.as_tensor(x).to(self.dev).float()
         d2 = torch.addmm(cn[None, :], xt, ct.T, alpha=-2.0)  # |c|^2 - 2 x.c
         if len(self.c) == 1:
             return np.zeros(len(xt), np.int32), np.full(len(xt), np.inf)
@@ -88,9 +88,13 @@ class TorchAssigner:
         return idx[:, 0].int().cpu().numpy(), gap.cpu().numpy()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """(n,) int32 cluster of each float32 row."""
+        """(n,) int32 cluster of each row (float32, or float16 as stored: converted to
+        float32 on the device, exactly as `Layout.rows_f32` does on the host)."""
         best, gap = self.labels_and_gap(x)
-        return refine(np.asarray(x, np.float32), self.c, best, gap)
+        close = gap <= GAP
+        if close.any():  # only these rows are needed on the host, in float32
+            best[close] = refine(np.asarray(x[close], np.float32), self.c, best[close], gap[close])
+        return best
 
 
 def torch_edges(device: str, block: int = 0):

@@ -60,8 +60,10 @@ def assign_shard(layout: Layout, shard: int, centroids: np.ndarray, work: Path, 
     s = layout.shards[shard]
     img = layout.img(shard)
     labels = np.empty(s.rows, dtype=np.int32)
+    raw = device != "cpu" and not layout.renormalize  # the device converts to float32 itself
     for a in range(0, s.rows, block):
-        labels[a:a + block] = assigner(layout.rows_f32(img, slice(a, a + block)))
+        rows = np.array(img[a:a + block]) if raw else layout.rows_f32(img, slice(a, a + block))
+        labels[a:a + block] = assigner(rows)
     order = np.argsort(labels, kind="stable").astype(np.int64)
     bounds = np.searchsorted(labels[order], np.arange(len(centroids) + 1)).astype(np.int64)
     atomic_npy(work / "assign" / f"order_{shard:04d}.npy", order)

@@ -108,19 +108,22 @@ def write_outputs(layout: Layout, out: Path, work: Path, k: int, steps: Steps, s
         ch = {n: a[order] for n, a in ch.items()}
         shard = (np.searchsorted(offsets, ch["gid"], side="right") - 1).astype(np.int32)
         row = ch["gid"] - offsets[shard]
-        keys = np.empty(len(row), dtype=object)
-        for s in np.unique(shard):
-            if int(s) not in key_cache:
+        # rows are in gid order, so each shard's rows are one contiguous run
+        runs = np.flatnonzero(np.r_[True, shard[1:] != shard[:-1], True])
+        key_parts = []
+        for a, b in zip(runs[:-1], runs[1:]):
+            s = int(shard[a])
+            if s not in key_cache:
                 key_cache.clear()  # buckets go in gid order: one shard's keys at a time
-                key_cache[int(s)] = layout.keys(int(s))
-            sel = shard == s
-            keys[sel] = key_cache[int(s)][row[sel]]
+                key_cache[s] = layout.key_column(s)
+            key_parts.append(key_cache[s].take(pa.array(row[a:b])))
+        keys = pa.concat_arrays(key_parts)
         masks = dict(zip(("clip", "centroid", "selected"), steps.masks(ch)))
         masks["dedup"] = np.ones(len(row), dtype=bool)
         hist_clip += np.histogram(ch["clip"], HIST_BINS)[0]
         hist_cos += np.histogram(ch["cos"][masks["clip"]], HIST_BINS)[0]
         for name, m in masks.items():
-            table = pa.table([ch["gid"][m], pa.array(keys[m].tolist(), pa.string()), shard[m], row[m],
+            table = pa.table([ch["gid"][m], keys.filter(pa.array(m)), shard[m], row[m],
                               ch["cluster"][m], ch["clip"][m], ch["cos"][m]], schema=schema)
             writers[name].write_table(table)
             counts[name] += int(m.sum())

@@ -104,6 +104,11 @@ def dense_edges(x: np.ndarray, threshold: float, block: int = 0):
     is strictly greater than `threshold`: every product of the upper triangle, tile by
     tile (memory: one (block, n) tile)."""
     n = len(x)
+    if not block and n <= 4096:  # one symmetric product (BLAS syrk computes half of it)
+        s = _upper(x @ x.T, 0, n)
+        ii, jj = _above(s, threshold - REFINE)
+        yield _decide(x, ii, jj, s[ii, jj], threshold)
+        return
     block = block or max(64, min(2048, (1 << 24) // max(n, 1)))  # tile <= ~16M floats
     for a, b in _tiles(n, block):
         s = _upper(x[a:b] @ x[a:].T, a, b)  # (b-a, n-a)
