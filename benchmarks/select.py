@@ -155,8 +155,9 @@ def naive_select(root: Path, method: str, n_draw=None, seed=0, thr=0.86):
     score = rules.row_dots(x[surv], t[surv])
     a, b = rules.window(len(surv), 0.4, 0.6)
     s2 = np.sort(surv[np.lexsort((surv, -score.astype(np.float64)))[a:b]])
-    cos = np.concatenate([rules.centroid_cosine(x[s2][cl[s2] == k], c[k]) for k in range(len(c))])
-    s2c = np.concatenate([s2[cl[s2] == k] for k in range(len(c))])
+    xs2, cl2 = x[s2], cl[s2]
+    cos = np.concatenate([rules.centroid_cosine(xs2[cl2 == k], c[k]) for k in range(len(c))])
+    s2c = np.concatenate([s2[cl2 == k] for k in range(len(c))])
     a, b = rules.window(len(s2c), 0.15, 0.35)
     s3 = np.sort(s2c[np.lexsort((s2c, -cos.astype(np.float64)))[a:b]])
     o = np.lexsort((s3, rules.draw_hash(s3, seed)))
@@ -182,10 +183,26 @@ def child(spec: dict) -> dict:
         extra = {}
     wall = time.perf_counter() - t0
     np.save(spec["ids"], ids)
-    return {"wall_s": wall, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **extra}
+    return {"wall_s": wall, "peak_rss_gb": peak_rss_gb(), **extra}
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: after fork + exec it
+    starts from the parent's peak, which here includes the generated inputs."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def measure(spec: dict, cap: float | None = None) -> dict:
+    load0 = os.getloadavg()[0]
+    res = _measure(spec, cap)
+    res["load_avg_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]  # before, after
+    return res
+
+
+def _measure(spec: dict, cap: float | None = None) -> dict:
     try:
         r = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
                            timeout=cap)
@@ -202,38 +219,72 @@ def measure(spec: dict, cap: float | None = None) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default="/tmp/bunny_bench")
+    ap.add_argument("--work", default=None, help="folder for inputs and outputs (default /tmp/bunny_bench)")
     ap.add_argument("--child")
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the script")
     ap.add_argument("--speed-rows", type=int, default=200_000)
     ap.add_argument("--speed-cluster", type=int, default=2_000)
     ap.add_argument("--cap", type=int, default=600, help="seconds before a baseline run is stopped")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="BLAS threads of every measured run (OPENBLAS/OMP/MKL_NUM_THREADS; 0: library default)")
+    ap.add_argument("--only-speed", action="store_true", help="skip the scale and Ray parts")
+    ap.add_argument("--baselines", default="dense,reference", help="comma-separated: dense, reference")
+    g = ap.add_argument_group("GPU mode (--gpu): see benchmarks/select_gpu.py")
+    g.add_argument("--gpu", action="store_true", help="generate --rows on the GPU and select with --device cuda")
+    g.add_argument("--rows", type=int, default=10_000_000)
+    g.add_argument("--per-cluster", type=int, default=20_000)
+    g.add_argument("--shard-rows", type=int, default=250_000)
+    g.add_argument("--budget", type=float, default=200.0, help="seconds for the whole GPU run, generation included")
+    g.add_argument("--gen-frac", type=float, default=0.3, help="share of the budget generation may take")
+    g.add_argument("--device", default="cuda")
+    g.add_argument("--workers", type=int, default=0, help="threads (default: all cores)")
+    g.add_argument("--check-rows", type=int, default=200_000, help="input for the identical-ids check (0: skip)")
+    g.add_argument("--kernel-clusters", type=int, default=2)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", help="write the results here")
+    g.add_argument("--keep", action="store_true", help="keep the generated input")
     args = ap.parse_args()
+    if args.threads:
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(args.threads)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    w = Path(args.work)
+    if args.gpu:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("select_gpu", Path(__file__).with_name("select_gpu.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        mod.main(args)
+        return
+    w = Path(args.work or "/tmp/bunny_bench")
     scale = [20_000, 40_000] if args.quick else [250_000, 500_000, 1_000_000]
     per = 5_000 if args.quick else 20_000
     speed_rows = 20_000 if args.quick else args.speed_rows
     print("generating inputs", flush=True)
-    speed_root = generate(w / f"speed_{speed_rows}", speed_rows, args.speed_cluster, seed=1)
-    roots = {n: generate(w / f"scale_{n}", n, per, seed=2) for n in scale}
+    speed_root = generate(w / f"speed_{speed_rows}_{args.speed_cluster}", speed_rows, args.speed_cluster, seed=1)
+    roots = {} if args.only_speed else {n: generate(w / f"scale_{n}", n, per, seed=2) for n in scale}
+    baselines = [b for b in args.baselines.split(",") if b]
 
-    res = {"speed": {}, "scale": {}, "ray": {}}
+    res = {"speed": {}, "scale": {}, "ray": {}, "threads": args.threads or None}
     print(f"speed: {speed_rows} rows, {args.speed_cluster} rows per cluster", flush=True)
-    for what in ("ours", "dense", "reference"):
+    for what in ["ours"] + baselines:
         res["speed"][what] = measure({"what": what, "root": str(speed_root), "out": str(w / "out_speed"),
                                       "ids": str(w / f"ids_{what}.npy"), "n": None},
                                      cap=None if what == "ours" else args.cap)
     ours_ids = np.load(w / "ids_ours.npy")
-    for what in ("dense", "reference"):
+    for what in baselines:
         if res["speed"][what].get("stopped"):  # speedup is then a lower bound
             res["speed"][what]["speedup"] = res["speed"][what]["wall_s"] / res["speed"]["ours"]["wall_s"]
             continue
         same = np.array_equal(ours_ids, np.load(w / f"ids_{what}.npy"))
         res["speed"][what]["identical_ids"] = bool(same)
         res["speed"][what]["speedup"] = res["speed"][what]["wall_s"] / res["speed"]["ours"]["wall_s"]
+    if args.only_speed:
+        (w / "results_speed.json").write_text(json.dumps(res, indent=1, default=str))
+        print(json.dumps(res, indent=1, default=str))
+        return
     print("scale", flush=True)
     for n, root in roots.items():
         res["scale"][n] = measure({"what": "ours", "root": str(root), "out": str(w / "out_scale"),

@@ -10,7 +10,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bunny.select import rules
-from bunny.select.kernel import cluster_file
+from bunny.select.kernel import atomic_save, cluster_file
 from bunny.select.layout import Layout
 from bunny.select.windows import Window
 
@@ -19,8 +19,8 @@ BUCKET = 1 << 23  # gids per output bucket: bounds memory while sorting by gid
 HIST_BINS = np.linspace(-1.0, 1.0, 401)
 
 
-def survivor_chunks(work: Path, k: int, progress: str | None = None):
-    """Yield dicts of arrays (gid, clip, cos, cluster) over all clusters, ~CHUNK rows each."""
+def _cluster_chunks(work: Path, k: int, progress: str | None = None):
+    """Dicts of arrays (gid, clip, cos, cluster) read from the per-cluster files, ~CHUNK rows each."""
     buf, rows = [], 0
     it = range(k) if progress is None else tqdm(range(k), desc=progress, leave=False, unit="cluster")
     for c in it:
@@ -34,6 +34,37 @@ def survivor_chunks(work: Path, k: int, progress: str | None = None):
         yield _join(buf)
 
 
+def compact(work: Path, k: int, progress: str | None = None) -> int:
+    """Copy the step-1 survivors of all clusters into a few CHUNK-row files
+    (_work/survivors/), so the passes of steps 2-4 read a few large files instead of one
+    small file per cluster. Returns the number of survivors."""
+    import shutil
+
+    d = work / "survivors"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    n = 0
+    for i, ch in enumerate(_cluster_chunks(work, k, progress)):
+        atomic_save(d / f"chunk_{i:06d}.npz", **ch)
+        n += len(ch["gid"])
+    write_json(d / "done.json", {"k": k, "rows": n})  # last: marks the copy complete
+    return n
+
+
+def survivor_chunks(work: Path, k: int, progress: str | None = None):
+    """Yield dicts of arrays (gid, clip, cos, cluster) over all clusters, ~CHUNK rows each
+    (from the compacted copy when there is one)."""
+    d = work / "survivors"
+    done = d / "done.json"
+    if not (done.exists() and json.loads(done.read_text())["k"] == k):
+        yield from _cluster_chunks(work, k, progress)
+        return
+    files = sorted(d.glob("chunk_*.npz"))
+    for f in (files if progress is None else tqdm(files, desc=progress, leave=False, unit="chunk")):
+        z = np.load(f)
+        yield {name: z[name] for name in ("gid", "clip", "cos", "cluster")}
+
+
 def _join(buf):
     return {name: np.concatenate([b[i] for b in buf]) for i, name in enumerate(("gid", "clip", "cos", "cluster"))}
 
@@ -44,7 +75,7 @@ class Steps:
     def __init__(self, work: Path, k: int, clip_window, centroid_window, n, seed: int, show: bool):
         self.work, self.k, self.seed = work, k, seed
         self.show = show
-        self.n1 = sum(len(np.load(cluster_file(work, c))["gid"]) for c in range(k))
+        self.n1 = compact(work, k, "collect survivors" if show else None)
         self.w2 = Window(self._stream(2), (32, 64), self.n1, *rules.window(self.n1, *clip_window))
         n2 = self.w2.kept
         self.w3 = Window(self._stream(3), (32, 64), n2, *rules.window(n2, *centroid_window))
