@@ -229,6 +229,11 @@ def main(args) -> dict:
     print("environment:", json.dumps(env), flush=True)
     res = {"environment": env, "requested_rows": n_want, "notes": notes}
 
+    def save():  # after every stage: a run stopped early still leaves its figures
+        if args.json:
+            res["elapsed_s"] = time.perf_counter() - t_start
+            Path(args.json).write_text(json.dumps(res, indent=1, default=float))
+
     # 0. identical ids on a small input, device against the CPU path (first: cheap, and it
     # exercises every stage on the device before the large run)
     if args.check_rows:
@@ -244,6 +249,7 @@ def main(args) -> dict:
               f"identical outputs: {res['check']['identical_outputs']}", flush=True)
         for d in ("check_input", "check_dev", "check_cpu"):
             shutil.rmtree(work / d, ignore_errors=True)
+        save()
 
     # 1. data generation: at most gen_frac of the budget
     print(f"generating {n} rows ({n // args.per_cluster} clusters) in {work}", flush=True)
@@ -255,6 +261,7 @@ def main(args) -> dict:
                      f"{args.gen_frac:.0%} of the {budget:.0f} s budget")
     print(f"  generated {gen['rows']} rows in {gen['seconds']:.1f} s "
           f"({gen['rows'] / gen['seconds']:,.0f} rows/s)", flush=True)
+    save()
 
     # 2. the selection end to end on the device
     print(f"select --device {device} --workers {workers}", flush=True)
@@ -269,6 +276,7 @@ def main(args) -> dict:
     res["select"] = run
     print(f"  {rows} rows in {run['wall_s']:.1f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in st.items()), flush=True)
     print("  rows/s: " + ", ".join(f"{k} {v:,.0f}" for k, v in run["rows_per_s"].items()), flush=True)
+    save()
 
     # 3. the kernel alone, GPU against CPU
     if time.perf_counter() < deadline - 20:
