@@ -136,15 +136,16 @@ def _bound_slack(r: int, d: int) -> tuple[float, float]:
     z is computed in float32 from the float32 basis V32 = fl(V) (V orthonormal to ~1e-15):
     |z' - z| <= sqrt(r) (gamma_d + 2^-24) |x| =: c |x| (Higham's bound for each of the r
     dots, plus the rounding of V). Then |z'_x.z'_y - z_x.z_y| <= (2c + c^2)|x||y|, and
-    |x_B|^2 computed as |x|^2 - |z'|^2 is raised by (2c + c^2)|x|^2 so it is never below the
-    true one. The final (r+1)-term float32 product adds gamma_(r+1) (1 + c)^2 |x||y| (both
+    |x_B|^2 computed as |x|^2 - |z'|^2 is raised by (2c + c^2)|x|^2, plus the float32
+    rounding of both squared norms, so it is never below the true one. The final (r+1)-term float32 product adds gamma_(r+1) (1 + c)^2 |x||y| (both
     bound terms are <= (1 + c)|x||y| in absolute sum). Returns (per-pair slack, b^2 raise),
     each to be multiplied by the norms; the factor 2 is headroom."""
     u = 2.0 ** -24
     gamma = lambda m: m * u / (1 - m * u)  # noqa: E731
     c = np.sqrt(r) * (gamma(d) + u)
     pair = 2.0 * ((2 * c + c * c) + gamma(r + 1) * (1 + c) ** 2 + 2 * u)
-    return pair, 2.0 * (2 * c + c * c)
+    # |x|^2 and |z'|^2 are float32 sums too: gamma_d |x|^2 and gamma_r (1 + c)^2 |x|^2
+    return pair, 2.0 * (2 * c + c * c + gamma(d) + gamma(r) * (1 + c) ** 2)
 
 
 def bound_plan(x: np.ndarray, threshold: float, rank: int | None = None):
@@ -185,8 +186,8 @@ def bounded_edges(x: np.ndarray, threshold: float, plan, block: int = 0):
     n, d = x.shape
     pair_slack, b_raise = _bound_slack(r, d)
     z = x @ vec  # (n, r) float32
-    nn = np.einsum("ij,ij->i", x.astype(np.float64), x.astype(np.float64))
-    b2 = nn - np.einsum("ij,ij->i", z.astype(np.float64), z.astype(np.float64)) + b_raise * nn
+    nn = np.einsum("ij,ij->i", x, x).astype(np.float64)
+    b2 = nn - np.einsum("ij,ij->i", z, z).astype(np.float64) + b_raise * nn
     b = np.sqrt(np.maximum(b2, 0.0)) * (1 + 2.0 ** -20)  # rounded up through float32
     zb = np.empty((n, r + 1), np.float32)
     zb[:, :r] = z
