@@ -7,6 +7,7 @@ reference's did, so pixel values match it.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -15,21 +16,44 @@ from PIL import Image, UnidentifiedImageError
 from bunny.errors import BunnyError
 
 
+class ImageRef:
+    """An image stored elsewhere (a tar member, a parquet cell), read only when needed.
+
+    Subclasses implement `read() -> bytes` and `__str__` (where the image is, for error
+    messages); `load_image` and `preprocess_images` accept them like paths.
+    """
+
+    def read(self) -> bytes:
+        raise NotImplementedError
+
+    def open(self) -> Image.Image:
+        return load_image(self)
+
+
 def load_image(image) -> Image.Image:
-    """A PIL image from a PIL image or a file path; a missing or corrupt file names itself."""
+    """A PIL image from a PIL image, a file path, encoded bytes or an `ImageRef`; a missing
+    or corrupt image names itself."""
     if isinstance(image, Image.Image):
         return image.convert("RGB") if image.mode != "RGB" else image
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
             raise BunnyError(f"image file not found: {path}")
-        try:
-            with Image.open(path) as img:
-                img.load()
-                return img.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise BunnyError(f"cannot read image file {path}: {exc}") from None
+        return _decode(path, f"file {path}")
+    if isinstance(image, ImageRef):
+        return _decode(io.BytesIO(image.read()), str(image))
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return _decode(io.BytesIO(bytes(image)), f"({len(image)} bytes)")
     raise BunnyError(f"expected a PIL image or an image path, got {type(image).__name__}")
+
+
+def _decode(source, where: str) -> Image.Image:
+    try:
+        with Image.open(source) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise BunnyError(f"cannot read image {where}: {exc}") from None
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
