@@ -2,7 +2,8 @@
 
 A sample is `{"id", "image"?: str | [str, ...], "conversations": [{"from": "human" | "gpt",
 "value": ...}, ...]}` in a JSON list or one per line (JSONL). Text-only samples (no
-"image"), multi-turn conversations and several images per sample are all allowed.
+"image"), multi-turn conversations and several images per sample are all allowed. Sharded
+datasets (parquet, webdataset tars) load through `bunny.data.shards`, with the same rules.
 
 Labels come from character offsets: the template says which character spans of the
 rendered prompt are answers (each answer plus its end-of-turn `sep2`), the fast tokenizer
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bunny.errors import BunnyError
-from bunny.model.images import preprocess_images
+from bunny.model.images import ImageRef, preprocess_images
 from bunny.model.templates import IMAGE_PLACEHOLDER, get_template
 
 IGNORE_INDEX = -100
@@ -31,13 +32,14 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 class Conversation:
     id: str
     turns: list[tuple[str, str]]  # (user|assistant, text), alternating, starting with user
-    images: list[str] = field(default_factory=list)  # resolved paths, in placeholder order
+    # resolved paths (or lazy `ImageRef`s of sharded datasets), in placeholder order
+    images: list[str | ImageRef] = field(default_factory=list)
 
 
 @dataclass
 class LoadReport:
     loaded: int = 0
-    skipped_missing: list[tuple[str, str]] = field(default_factory=list)  # (sample id, path)
+    skipped_missing: list[tuple[str, str]] = field(default_factory=list)  # (sample id, path or place)
 
     def summary(self) -> str:
         text = f"{self.loaded} samples loaded"
@@ -73,7 +75,8 @@ def read_records(path: str | Path) -> list[dict]:
 
 
 def parse_record(record: dict, index: int, image_root: Path | None, where: str) -> Conversation:
-    """One validated `Conversation`; image paths resolved against `image_root` (not checked)."""
+    """One validated `Conversation`; image paths resolved against `image_root` (not checked).
+    `ImageRef` entries (sharded datasets) are kept as they are."""
     if not isinstance(record, dict):
         raise BunnyError(f"{where}: sample {index} is not an object")
     sample_id = str(record.get("id", index))
@@ -93,7 +96,7 @@ def parse_record(record: dict, index: int, image_root: Path | None, where: str) 
         turns.append((role, msg["value"]))
     images = record.get("image", [])
     images = [images] if isinstance(images, str) else list(images)
-    if not all(isinstance(i, str) for i in images):
+    if not all(isinstance(i, (str, ImageRef)) for i in images):
         raise BunnyError(f"{where}: sample {sample_id!r} 'image' must be a path or a list of paths")
     n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
     if n_placeholders == 0 and len(images) == 1:
@@ -103,16 +106,21 @@ def parse_record(record: dict, index: int, image_root: Path | None, where: str) 
         raise BunnyError(f"{where}: sample {sample_id!r} has {n_placeholders} <image> placeholders "
                          f"but {len(images)} images")
     root = image_root if image_root is not None else Path(".")
-    return Conversation(sample_id, turns, [str(root / p) for p in images])
+    return Conversation(sample_id, turns, [str(root / p) if isinstance(p, str) else p for p in images])
 
 
 def load_conversations(path: str | Path, image_root: str | Path | None = None,
                        skip_missing: bool = False) -> tuple[list[Conversation], LoadReport]:
-    """Validated conversations of a LLaVA JSON/JSONL file.
+    """Validated conversations of a LLaVA JSON/JSONL file, or of sharded data (a .parquet or
+    .tar file, a folder of them or a glob: `bunny.data.shards`).
 
     `image_root` defaults to the data file's folder. A missing image is an error naming the
     sample and the path, unless `skip_missing`, which drops the sample and reports it.
     """
+    from bunny.data.shards import is_sharded, load_shards
+
+    if is_sharded(path):
+        return load_shards(path, image_root, skip_missing)
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     report = LoadReport()

@@ -36,8 +36,8 @@ class Recipe:
     tower_image_size: int = 0
     s2_scales: str = ""  # e.g. "384,768,1152": S2 multi-scale features; "" = single scale
     # -- data --------------------------------------------------------------------------------
-    data_path: str = ""  # LLaVA-format .json or .jsonl
-    image_root: str = ""  # "" = the data file's folder
+    data_path: str = ""  # LLaVA-format .json or .jsonl, or shards: .parquet / .tar, a folder, a glob
+    image_root: str = ""  # "" = the data file's (or shard's) folder
     data_template: str = ""  # "" = plain for pretrain, `template` for finetune
     image_mode: str = ""  # "" = square for pretrain, pad for finetune
     skip_missing: bool = False  # drop samples whose image is missing (counted, reported)
