@@ -30,9 +30,6 @@ _LOCK = threading.Lock()
 _CENTROIDS: dict = {}
 
 
-def is_torch(device: str) -> bool:
-    return device != "cpu"
-
 
 def torch_device(device: str):
     """torch.device for a --device value: "cuda", "cuda:N" or "torch-cpu"."""
