@@ -12,7 +12,8 @@
    rule functions (distance, scores, near-threshold refinement) so ids can be compared.
 2. Scale: 250k / 500k / 1M rows, ~20k rows per cluster: wall time and peak RSS.
 3. Ray (local, 2 workers) against the embedded engine on the 250k input.
-Each measurement runs in a child process; peak memory is its ru_maxrss.
+Each measurement runs in a child process; peak memory is its VmHWM (resident, including the
+touched pages of memory-mapped inputs) and its peak RssAnon (what it allocated), sampled.
 """
 from __future__ import annotations
 
@@ -166,6 +167,7 @@ def naive_select(root: Path, method: str, n_draw=None, seed=0, thr=0.86):
 
 # ---------------------------------------------------------------- child runs
 def child(spec: dict) -> dict:
+    anon = AnonPeak()
     t0 = time.perf_counter()
     if spec["what"] == "ours":
         import pyarrow.parquet as pq
@@ -183,7 +185,36 @@ def child(spec: dict) -> dict:
         extra = {}
     wall = time.perf_counter() - t0
     np.save(spec["ids"], ids)
-    return {"wall_s": wall, "peak_rss_gb": peak_rss_gb(), **extra}
+    return {"wall_s": wall, "peak_rss_gb": peak_rss_gb(), "peak_anon_gb": anon.stop(), **extra}
+
+
+class AnonPeak:
+    """Peak anonymous memory (RssAnon) of this process, sampled every 20 ms. VmHWM also
+    counts the pages of memory-mapped input shards the run has touched, which grow with the
+    input and which the kernel drops under pressure; RssAnon is what the run allocated."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> int:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+        return 0
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._read())
+            self._stop.wait(0.02)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self._read()) / 2**20
 
 
 def peak_rss_gb() -> float:
@@ -213,7 +244,7 @@ def _measure(spec: dict, cap: float | None = None) -> dict:
         raise SystemExit(f"child failed: {spec}\n{r.stderr[-3000:]}")
     res = json.loads(r.stdout.strip().splitlines()[-1])
     print(f"  {spec['what']:<9} {spec.get('engine', ''):<5} {Path(spec['root']).name:<12} "
-          f"{res['wall_s']:8.1f} s  peak {res['peak_rss_gb']:.2f} GB", flush=True)
+          f"{res['wall_s']:8.1f} s  peak {res['peak_rss_gb']:.2f} GB (anonymous {res.get('peak_anon_gb') or 0:.2f} GB)", flush=True)
     return res
 
 
@@ -228,6 +259,7 @@ def main():
     ap.add_argument("--threads", type=int, default=0,
                     help="BLAS threads of every measured run (OPENBLAS/OMP/MKL_NUM_THREADS; 0: library default)")
     ap.add_argument("--only-speed", action="store_true", help="skip the scale and Ray parts")
+    ap.add_argument("--only-scale", action="store_true", help="skip the speed comparison")
     ap.add_argument("--baselines", default="dense,reference", help="comma-separated: dense, reference")
     g = ap.add_argument_group("GPU mode (--gpu): see benchmarks/select_gpu.py")
     g.add_argument("--gpu", action="store_true", help="generate --rows on the GPU and select with --device cuda")
@@ -263,22 +295,22 @@ def main():
     per = 5_000 if args.quick else 20_000
     speed_rows = 20_000 if args.quick else args.speed_rows
     print("generating inputs", flush=True)
-    speed_root = generate(w / f"speed_{speed_rows}_{args.speed_cluster}", speed_rows, args.speed_cluster, seed=1)
+    speed_root = None if args.only_scale else generate(w / f"speed_{speed_rows}_{args.speed_cluster}", speed_rows,
+                                                       args.speed_cluster, seed=1)
     roots = {} if args.only_speed else {n: generate(w / f"scale_{n}", n, per, seed=2) for n in scale}
     baselines = [b for b in args.baselines.split(",") if b]
 
     res = {"speed": {}, "scale": {}, "ray": {}, "threads": args.threads or None}
     print(f"speed: {speed_rows} rows, {args.speed_cluster} rows per cluster", flush=True)
-    for what in ["ours"] + baselines:
+    for what in [] if args.only_scale else ["ours"] + baselines:
         res["speed"][what] = measure({"what": what, "root": str(speed_root), "out": str(w / "out_speed"),
                                       "ids": str(w / f"ids_{what}.npy"), "n": None},
                                      cap=None if what == "ours" else args.cap)
-    ours_ids = np.load(w / "ids_ours.npy")
-    for what in baselines:
+    for what in [] if args.only_scale else baselines:
         if res["speed"][what].get("stopped"):  # speedup is then a lower bound
             res["speed"][what]["speedup"] = res["speed"][what]["wall_s"] / res["speed"]["ours"]["wall_s"]
             continue
-        same = np.array_equal(ours_ids, np.load(w / f"ids_{what}.npy"))
+        same = np.array_equal(np.load(w / "ids_ours.npy"), np.load(w / f"ids_{what}.npy"))
         res["speed"][what]["identical_ids"] = bool(same)
         res["speed"][what]["speedup"] = res["speed"][what]["wall_s"] / res["speed"]["ours"]["wall_s"]
     if args.only_speed:
