@@ -123,18 +123,26 @@ def load_conversations(path: str | Path, image_root: str | Path | None = None,
         return load_shards(path, image_root, skip_missing)
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
+    samples = ((parse_record(record, i, root, str(path)), f"{path}: sample {i}")
+               for i, record in enumerate(read_records(path)))
+    return collect_conversations(samples, skip_missing, lambda image: not Path(image).is_file())
+
+
+def collect_conversations(samples, skip_missing: bool, is_missing) -> tuple[list[Conversation], LoadReport]:
+    """The rules every data source shares, over (conversation, where-it-came-from) pairs:
+    unique ids (a duplicate names both places), and a missing image (`is_missing(image)`)
+    is an error naming the sample and image unless `skip_missing` drops and reports it."""
     report = LoadReport()
-    out = []
-    seen: set[str] = set()
-    for i, record in enumerate(read_records(path)):
-        conv = parse_record(record, i, root, str(path))
+    out: list[Conversation] = []
+    seen: dict[str, str] = {}
+    for conv, place in samples:
         if conv.id in seen:
-            raise BunnyError(f"{path}: sample id {conv.id!r} appears twice")
-        seen.add(conv.id)
-        missing = next((p for p in conv.images if not Path(p).is_file()), None)
+            raise BunnyError(f"sample id {conv.id!r} appears twice: {seen[conv.id]} and {place}")
+        seen[conv.id] = place
+        missing = next((str(p) for p in conv.images if is_missing(p)), None)
         if missing is not None:
             if not skip_missing:
-                raise BunnyError(f"{path}: sample {conv.id!r}: image not found: {missing} "
+                raise BunnyError(f"{place}: sample {conv.id!r}: image not found: {missing} "
                                  "(pass skip_missing / --skip-missing to drop such samples)")
             report.skipped_missing.append((conv.id, missing))
             continue

@@ -33,7 +33,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from bunny.data.llava import Conversation, LoadReport, parse_record
+from bunny.data.llava import Conversation, LoadReport, collect_conversations, parse_record
 from bunny.errors import BunnyError
 from bunny.model.images import ImageRef
 from bunny.model.templates import IMAGE_PLACEHOLDER
@@ -179,26 +179,10 @@ def find_shards(path) -> tuple[str, list[Path]]:
 def load_shards(path, image_root=None, skip_missing: bool = False) -> tuple[list[Conversation], LoadReport]:
     """Validated conversations of sharded data (see the module doc); as `load_conversations`."""
     fmt, files = find_shards(path)
-    report = LoadReport()
-    out: list[Conversation] = []
-    seen: dict[str, str] = {}
     reader = _parquet_samples if fmt == "parquet" else _tar_samples
-    for shard in files:
-        root = Path(image_root) if image_root is not None else shard.parent
-        for conv, place in reader(shard, root):
-            if conv.id in seen:
-                raise BunnyError(f"sample id {conv.id!r} appears twice: {seen[conv.id]} and {place}")
-            seen[conv.id] = place
-            missing = next((str(p) for p in conv.images if _is_missing(p)), None)
-            if missing is not None:
-                if not skip_missing:
-                    raise BunnyError(f"{place}: sample {conv.id!r}: image not found: {missing} "
-                                     "(pass skip_missing / --skip-missing to drop such samples)")
-                report.skipped_missing.append((conv.id, missing))
-                continue
-            out.append(conv)
-    report.loaded = len(out)
-    return out, report
+    samples = ((conv, place) for shard in files
+               for conv, place in reader(shard, Path(image_root) if image_root is not None else shard.parent))
+    return collect_conversations(samples, skip_missing, _is_missing)
 
 
 def _is_missing(image) -> bool:
