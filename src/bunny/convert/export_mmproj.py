@@ -31,6 +31,8 @@ def check_mmproj_exportable(config) -> None:
         reasons.append("S2 multi-scale features (llama.cpp's LLaVA encoder runs one scale)")
     if config.projector_type != "mlp2x_gelu":
         reasons.append(f"projector {config.projector_type!r} (only mlp2x_gelu maps to llama.cpp's 'mlp')")
+    if getattr(config, "image_token_pool", 1) > 1:
+        reasons.append(f"image_token_pool {config.image_token_pool} (llama.cpp's 'mlp' projects every patch token)")
     if config.vision_config.model_type not in TOWERS:
         reasons.append(f"tower type {config.vision_config.model_type!r} (supported: {', '.join(TOWERS)})")
     if config.vision_config.model_type == "siglip_vision_model" and config.vision_feature_select != "full":

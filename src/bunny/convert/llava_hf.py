@@ -24,6 +24,8 @@ def check_exportable(config) -> None:
         reasons.append(f"projector {config.projector_type!r} (Llava has mlp2x_gelu only)")
     if config.vision_config.model_type == "bunny_timm_vision":
         reasons.append("a timm tower (Llava needs a transformers vision model)")
+    if getattr(config, "image_token_pool", 1) > 1:
+        reasons.append(f"image_token_pool {config.image_token_pool} (Llava projects every patch token)")
     if reasons:
         raise BunnyError("cannot export to llava-hf: " + "; ".join(reasons))
 

@@ -50,6 +50,9 @@ class BunnyConfig(PreTrainedConfig):
     tokenizer_model_max_length: int = 2048
     image_seq_length: int | None = None  # tokens per image; derived for known tower types
     s2_scales: list[int] | None = None  # multi-scale (S2) image sizes; None = single scale
+    # Average k x k neighbouring patch tokens before the projector: k*k times fewer image
+    # tokens for the LLM (1 = every patch token, as the reference).
+    image_token_pool: int = 1
     tie_word_embeddings: bool = False
     # False for a freshly composed model: its projector is random, so images mean nothing yet.
     projector_trained: bool = True
@@ -75,6 +78,8 @@ class BunnyConfig(PreTrainedConfig):
         _check_choice("template", self.template, sorted(TEMPLATES))
         _check_choice("image_aspect_ratio", self.image_aspect_ratio, IMAGE_MODES)
         _check_choice("tokenizer_padding_side", self.tokenizer_padding_side, PADDING_SIDES)
+        if not isinstance(self.image_token_pool, int) or self.image_token_pool < 1:
+            raise BunnyError(f"BunnyConfig.image_token_pool must be an integer >= 1, got {self.image_token_pool!r}")
         if self.image_token_index is None:
             # One id past the LLM's vocabulary: never a real token, never generated.
             self.image_token_index = self.text_config.vocab_size
@@ -95,6 +100,12 @@ class BunnyConfig(PreTrainedConfig):
             )
         grid = self.base_image_size // self.vision_config.patch_size
         keeps_cls = TOWER_HAS_CLS[tower_type] and self.vision_feature_select == "full"
+        k = self.image_token_pool
+        if k > 1:
+            if keeps_cls or grid % k:
+                raise BunnyError(f"image_token_pool={k} needs a square grid of patch tokens divisible by {k}; "
+                                 f"this tower gives a {grid}x{grid} grid{' plus a CLS token' if keeps_cls else ''}")
+            grid //= k
         return grid * grid + int(keeps_cls)
 
     @property

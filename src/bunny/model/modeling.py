@@ -7,6 +7,8 @@ expanded, one run of `config.image_seq_length` tokens per image, with `masked_sc
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,6 +68,8 @@ class BunnyForConditionalGeneration(BunnyPreTrainedModel, GenerationMixin):
             features = s2_features(self._tower_features, pixel_values, self.config.s2_scales)
         else:
             features = self._tower_features(pixel_values)
+        if self.config.image_token_pool > 1:
+            features = pool_tokens(features, self.config.image_token_pool)
         return self.mm_projector(features.to(self.mm_projector_dtype))
 
     def _tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -190,6 +194,17 @@ class BunnyForConditionalGeneration(BunnyPreTrainedModel, GenerationMixin):
         if projector is None:
             model.mm_projector.to(dtype=language_model.dtype)
         return model
+
+
+def pool_tokens(features: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, g*g, D) patch tokens in row-major grid order -> (N, (g/k)^2, D), each the mean of
+    a k x k block of neighbours (still row-major)."""
+    n, length, dim = features.shape
+    g = math.isqrt(length)
+    if g * g != length or g % k:
+        raise BunnyError(f"cannot pool {length} image tokens in {k}x{k} blocks: not a square grid divisible by {k}")
+    grid = features.reshape(n, g, g, dim).permute(0, 3, 1, 2)
+    return F.avg_pool2d(grid, k).flatten(2).transpose(1, 2)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:

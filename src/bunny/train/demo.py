@@ -96,7 +96,8 @@ def run_demo(out: str | Path = "outputs/demo", configs: str | Path | None = None
         r.resume = "none"  # the demo always starts fresh
 
     t = time.perf_counter()
-    model, processor = build_model(r1.llm, tower=tower, projector_type=r1.projector_type, template=r2.template)
+    model, processor = build_model(r1.llm, tower=tower, projector_type=r1.projector_type, template=r2.template,
+                                   image_token_pool=r1.image_token_pool or 1)
     timings["load_seconds"] = time.perf_counter() - t
     _say("[2/5] stage 1: projector on captions (template plain, square images)")
     s1 = train(r1, model, processor)

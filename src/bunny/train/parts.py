@@ -30,7 +30,8 @@ def build_for_recipe(recipe: Recipe):
         model, processor = build_model(recipe.llm, tower=recipe.tower or DEFAULT_TOWER,
                                        projector_type=recipe.projector_type, template=recipe.template,
                                        tokenizer_model_max_length=recipe.model_max_length,
-                                       s2_scales=parse_scales(recipe.s2_scales))
+                                       s2_scales=parse_scales(recipe.s2_scales),
+                                       image_token_pool=recipe.image_token_pool or 1)
     processor.model_max_length = recipe.model_max_length
     if recipe.tower_image_size and recipe.tower_image_size != model.config.base_image_size:
         from bunny.model.interpolate import set_tower_image_size

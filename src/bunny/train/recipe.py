@@ -34,6 +34,9 @@ class Recipe:
     # Run the tower at this resolution by interpolating its position embeddings (the paper's
     # SigLIP 384 -> 448, 1024 tokens); 0 = the tower's own size. Saved in the model config.
     tower_image_size: int = 0
+    # Average k x k patch tokens before the projector (k*k fewer image tokens); 0 = the
+    # model's own (1 for a newly built model). Fixed when the model is built.
+    image_token_pool: int = 0
     s2_scales: str = ""  # e.g. "384,768,1152": S2 multi-scale features; "" = single scale
     # -- data --------------------------------------------------------------------------------
     data_path: str = ""  # LLaVA-format .json or .jsonl, or shards: .parquet / .tar, a folder, a glob

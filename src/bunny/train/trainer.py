@@ -109,6 +109,9 @@ def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = N
     torch.manual_seed(recipe.seed)  # LoRA and projector init: identical on every rank
     if model is None:
         model, processor = build_for_recipe(recipe)
+    if recipe.image_token_pool and recipe.image_token_pool != model.config.image_token_pool:
+        raise BunnyError(f"the recipe asks for image_token_pool {recipe.image_token_pool} but the model was built "
+                         f"with {model.config.image_token_pool}; it is fixed when the model is built")
     dataset, skipped = build_dataset(recipe, processor)
     groups = configure_trainables(model, recipe)
     if recipe.projector_norm_init and find_resume_point(out_dir, recipe.resume) is None:
