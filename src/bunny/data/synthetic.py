@@ -153,7 +153,11 @@ def yes_no_qas(scene: Scene, rng: random.Random, no_kind: str) -> list[dict]:
     candidates = hard_pairs(scene) if no_kind == "hard" else easy_pairs(scene)
     if not candidates:
         raise BunnyError(f"scene {scene.to_list()} has no {no_kind} 'no' question")
-    no = rng.choice(candidates)
+    return yes_no_pair(yes, rng.choice(candidates), no_kind)
+
+
+def yes_no_pair(yes: tuple[str, str], no: tuple[str, str], no_kind: str) -> list[dict]:
+    """The two QA records asking about the (colour, shape) pairs `yes` and `no`."""
     return [
         {"question": yes_no_question(*yes), "answer": "yes", "kind": "yes_no",
          "category": "positive", "colour": yes[0], "shape": yes[1]},
@@ -178,10 +182,7 @@ def extra_yes_no_qas(scene: Scene, rng: random.Random, asked: list[dict], pairs:
     for k in range(min(pairs, len(yes), len(hard) + len(easy))):
         no_kind = "hard" if (k % 2 == 0 and hard) or not easy else "easy"
         no = (hard if no_kind == "hard" else easy).pop()
-        out += [{"question": yes_no_question(*yes[k]), "answer": "yes", "kind": "yes_no",
-                 "category": "positive", "colour": yes[k][0], "shape": yes[k][1]},
-                {"question": yes_no_question(*no), "answer": "no", "kind": "yes_no",
-                 "category": no_kind, "colour": no[0], "shape": no[1]}]
+        out += yes_no_pair(yes[k], no, no_kind)
     return out
 
 
