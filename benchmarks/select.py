@@ -41,10 +41,16 @@ def unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def generate(root: Path, n: int, per_cluster: int, seed: int = 0) -> Path:
+def generate(root: Path, n: int, per_cluster: int, seed: int = 0, spectrum: float = 0.0) -> Path:
     """LAION layout with CLIP-like structure: clusters around a shared mean direction
     (rows in a cluster have cosine ~0.5), 25% near-duplicates (cosine ~0.97 to their
-    source, chains included), 8% bit-identical copies; captions at cosine ~0.3."""
+    source, chains included), 8% bit-identical copies; captions at cosine ~0.3.
+
+    `spectrum` shapes the in-cluster spread: 0 is isotropic (every direction the same
+    variance: the worst case for exact pruning, since no projection certifies a pair);
+    a > 0 gives direction i (of a random orthonormal basis) a variance proportional to
+    i**-a, with the same total, like real embeddings whose variance sits in a minority of
+    directions. The near-duplicate noise stays isotropic in both cases."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -53,11 +59,18 @@ def generate(root: Path, n: int, per_cluster: int, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     k = max(1, n // per_cluster)
     centers = unit(unit(rng.normal(size=D))[None] + unit(rng.normal(size=(k, D)))).astype(np.float32)
+    shape = None
+    if spectrum:
+        scale = np.arange(1, D + 1, dtype=np.float64) ** (-spectrum / 2)
+        scale *= np.sqrt(D / np.sum(scale ** 2))  # same total variance as the isotropic case
+        basis, _ = np.linalg.qr(rng.standard_normal((D, D)))
+        shape = (scale[:, None] * basis.T).astype(np.float32)  # z @ shape: variance i**-a along basis i
     for sub in ("img_emb", "text_emb", "metadata"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     for s, a in enumerate(range(0, n, SHARD)):
         m = min(SHARD, n - a)
-        x = centers[rng.integers(k, size=m)] + rng.standard_normal((m, D), dtype=np.float32) / np.sqrt(D)
+        z = rng.standard_normal((m, D), dtype=np.float32)
+        x = centers[rng.integers(k, size=m)] + (z if shape is None else z @ shape) / np.sqrt(D)
         nd = m // 4
         src, dst = rng.integers(m, size=nd), rng.choice(m, nd, replace=False)
         x[dst] = x[src] + 0.25 * rng.standard_normal((nd, D), dtype=np.float32) / np.sqrt(D)
@@ -248,6 +261,10 @@ def _measure(spec: dict, cap: float | None = None) -> dict:
     return res
 
 
+def _tag(spectrum: float) -> str:
+    return f"_spec{spectrum:g}" if spectrum else ""
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default=None, help="folder for inputs and outputs (default /tmp/bunny_bench)")
@@ -261,6 +278,8 @@ def main():
     ap.add_argument("--only-speed", action="store_true", help="skip the scale and Ray parts")
     ap.add_argument("--only-scale", action="store_true", help="skip the speed comparison")
     ap.add_argument("--baselines", default="dense,reference", help="comma-separated: dense, reference")
+    ap.add_argument("--spectrum", type=float, default=0.0,
+                    help="in-cluster variance along direction i proportional to i**-SPECTRUM (0: isotropic)")
     g = ap.add_argument_group("GPU mode (--gpu): see benchmarks/select_gpu.py")
     g.add_argument("--gpu", action="store_true", help="generate --rows on the GPU and select with --device cuda")
     g.add_argument("--rows", type=int, default=10_000_000)
@@ -295,12 +314,14 @@ def main():
     per = 5_000 if args.quick else 20_000
     speed_rows = 20_000 if args.quick else args.speed_rows
     print("generating inputs", flush=True)
-    speed_root = None if args.only_scale else generate(w / f"speed_{speed_rows}_{args.speed_cluster}", speed_rows,
-                                                       args.speed_cluster, seed=1)
-    roots = {} if args.only_speed else {n: generate(w / f"scale_{n}", n, per, seed=2) for n in scale}
+    speed_root = None if args.only_scale else generate(
+        w / f"speed_{speed_rows}_{args.speed_cluster}{_tag(args.spectrum)}", speed_rows, args.speed_cluster, seed=1,
+        spectrum=args.spectrum)
+    roots = {} if args.only_speed else {n: generate(w / f"scale_{n}{_tag(args.spectrum)}", n, per, seed=2,
+                                                     spectrum=args.spectrum) for n in scale}
     baselines = [b for b in args.baselines.split(",") if b]
 
-    res = {"speed": {}, "scale": {}, "ray": {}, "threads": args.threads or None}
+    res = {"speed": {}, "scale": {}, "ray": {}, "threads": args.threads or None, "spectrum": args.spectrum}
     print(f"speed: {speed_rows} rows, {args.speed_cluster} rows per cluster", flush=True)
     for what in [] if args.only_scale else ["ours"] + baselines:
         res["speed"][what] = measure({"what": what, "root": str(speed_root), "out": str(w / "out_speed"),

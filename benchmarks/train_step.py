@@ -491,9 +491,10 @@ def gpu_main(argv: list[str]) -> dict:
         model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     model.vision_tower.eval()
-    if args.compile:
-        for layer in model.language_model.get_decoder().layers:
-            layer.compile()
+    if args.compile:  # the trainer's own `compile: true`
+        from bunny.train.trainer import compile_layers
+
+        compile_layers(model)
     _sync(device)
     doc["build_s"] = time.perf_counter() - t0
     flops = step_flops(seq=args.seq, labelled=args.label_tokens, lora_rank=args.lora_r,

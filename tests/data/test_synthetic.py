@@ -197,6 +197,40 @@ def test_extra_yes_no_pairs_are_distinct_balanced_and_true(tmp_path):
         assert sum(t["value"] in ("yes", "no") for t in s["conversations"][1::2]) == 2
 
 
+def _no_kinds(folder):
+    """(hard, easy) counts of the training "no" questions, judged against each scene."""
+    hard = easy = 0
+    for i, s in enumerate(json.loads((folder / "stage2.json").read_text())):
+        turns = s["conversations"]
+        for k in range(0, len(turns), 2):
+            q, a = turns[k]["value"].removeprefix("<image>\n"), turns[k + 1]["value"]
+            if q.startswith("Is there") and a == "no":
+                colour, shape = q.split()[3:5]
+                is_hard = _is_hard(folder, i, colour, shape)
+                hard, easy = hard + is_hard, easy + (not is_hard)
+    return hard, easy
+
+
+def _is_hard(folder, i, colour, shape):
+    """Whether the asked colour and shape both appear in training image i's scene (from the
+    PNG-independent record: captions in stage1.json name every object)."""
+    caption = json.loads((folder / "stage1.json").read_text())[i]["conversations"][1]["value"]
+    return f" {colour} " in f" {caption} " and (shape in caption)
+
+
+def test_train_hard_share_moves_training_no_questions_only(tmp_path):
+    synthesize(tmp_path / "half", 40, 4, seed=3, suffix="", yes_no_per_image=2)
+    synthesize(tmp_path / "hard", 40, 4, seed=3, suffix="", yes_no_per_image=2, train_hard_share=1.0)
+    h_half, e_half = _no_kinds(tmp_path / "half")
+    h_hard, e_hard = _no_kinds(tmp_path / "hard")
+    assert h_hard > h_half and e_hard < e_half
+    assert e_hard <= 2  # only scenes with no hard pair left fall back to easy
+    # the evaluation split does not move
+    assert (tmp_path / "half" / "eval.jsonl").read_text() == (tmp_path / "hard" / "eval.jsonl").read_text()
+    with pytest.raises(BunnyError, match="train_hard_share"):
+        synthesize(tmp_path / "bad", 2, 2, train_hard_share=1.5)
+
+
 def test_an_orange(tmp_path):
     from bunny.data.synthetic import yes_no_question
 

@@ -136,3 +136,22 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, monke
     assert [p.name for p in ckpts] == ["step-0000002"]
     state = json.loads((ckpts[0] / "state.json").read_text())
     assert state["step"] == 2 and all(h["loss"] == h["loss"] for h in state["history"])
+
+
+def test_compiled_layers_give_the_same_losses(tmp_path, data):
+    """`compile: true` compiles each decoder layer in place: same losses, same parameter
+    names (aot_eager: traced and run through AOTAutograd without a C compiler)."""
+    model_a, proc = make_tiny_bunny()
+    plain = train(tiny_recipe(tmp_path / "a", data, max_steps=2), model_a, proc)
+    model_b, proc = make_tiny_bunny()
+    compiled = train(tiny_recipe(tmp_path / "b", data, max_steps=2, compile=True, compile_backend="aot_eager"),
+                     model_b, proc)
+    torch.testing.assert_close([h["loss"] for h in compiled.history], [h["loss"] for h in plain.history],
+                               rtol=1e-4, atol=1e-5)
+    assert [n for n, _ in model_b.named_parameters()] == [n for n, _ in model_a.named_parameters()]
+
+
+def test_unknown_compile_backend_is_an_error(tmp_path, data):
+    model, proc = make_tiny_bunny()
+    with pytest.raises(BunnyError, match="unknown compile_backend 'nope'"):
+        train(tiny_recipe(tmp_path, data, max_steps=1, compile=True, compile_backend="nope"), model, proc)

@@ -166,11 +166,13 @@ def yes_no_pair(yes: tuple[str, str], no: tuple[str, str], no_kind: str) -> list
     ]
 
 
-def extra_yes_no_qas(scene: Scene, rng: random.Random, asked: list[dict], pairs: int) -> list[dict]:
+def extra_yes_no_qas(scene: Scene, rng: random.Random, asked: list[dict], pairs: int,
+                     hard_share: float = 0.5) -> list[dict]:
     """Up to `pairs` more yes/no pairs about the scene, none repeating a question in `asked`:
     as many "yes" as "no" (limited by the scene's distinct colour-shape pairs), the "no"
-    ones alternating hard and easy where both exist. Training data only: the evaluation
-    keeps one MME-style pair per image."""
+    ones alternating hard and easy where both exist (`hard_share` 0.5), or hard with
+    probability `hard_share`. Training data only: the evaluation keeps one MME-style pair
+    per image."""
     seen = {(q["colour"], q["shape"]) for q in asked if q.get("kind") == "yes_no"}
     yes = [p for p in sorted(scene.pairs) if p not in seen]
     hard = [p for p in hard_pairs(scene) if p not in seen]
@@ -180,7 +182,8 @@ def extra_yes_no_qas(scene: Scene, rng: random.Random, asked: list[dict], pairs:
     rng.shuffle(easy)
     out = []
     for k in range(min(pairs, len(yes), len(hard) + len(easy))):
-        no_kind = "hard" if (k % 2 == 0 and hard) or not easy else "easy"
+        want_hard = k % 2 == 0 if hard_share == 0.5 else rng.random() < hard_share
+        no_kind = "hard" if (want_hard and hard) or not easy else "easy"
         no = (hard if no_kind == "hard" else easy).pop()
         out += yes_no_pair(yes[k], no, no_kind)
     return out
@@ -226,10 +229,11 @@ def no_kind_for(index: int) -> str:
     return "hard" if index % 2 == 0 else "easy"
 
 
-def draw_example(seed: int, split: str, index: int) -> tuple[Scene, list[dict]]:
-    """The scene for image `index` of `split` and all its questions (yes/no pair first)."""
+def draw_example(seed: int, split: str, index: int, no_kind: str | None = None) -> tuple[Scene, list[dict]]:
+    """The scene for image `index` of `split` and all its questions (yes/no pair first).
+    `no_kind` ("hard"/"easy") overrides the alternation by index (training mixtures)."""
     rng = scene_rng(seed, split, index)
-    kind = no_kind_for(index)
+    kind = no_kind or no_kind_for(index)
     scene = sample_scene(rng, need_hard=kind == "hard")
     return scene, yes_no_qas(scene, rng, kind) + open_qas(scene, rng)
 

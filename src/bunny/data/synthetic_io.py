@@ -66,7 +66,7 @@ def stage2_sample(sample_id: str, image: str, qas: list[dict], suffix: str) -> d
 
 def synthesize(out_dir: str | os.PathLike, n_train: int, n_eval: int, seed: int = 0, *,
                max_turns: int | None = None, suffix: str = SHORT_ANSWER_SUFFIX,
-               yes_no_per_image: int = 1) -> dict:
+               yes_no_per_image: int = 1, train_hard_share: float = 0.5) -> dict:
     """Generate the demo dataset under `out_dir` (layout in this module's docstring).
 
     n_train / n_eval are numbers of images. Each image gets one "yes" and one "no" question
@@ -76,7 +76,9 @@ def synthesize(out_dir: str | os.PathLike, n_train: int, n_eval: int, seed: int 
     cap of 2 keeps the balance); `suffix` is appended to every stage-2 question and to the
     eval `prompt`. `yes_no_per_image` > 1 adds up to that many yes/no pairs in all to each
     *training* image (distinct questions, balanced; evaluation keeps one pair per image).
-    Returns the metadata also written to meta.json.
+    `train_hard_share` is the share of hard "no" questions in training (0.5: alternate, like
+    the evaluation; higher puts more weight on binding colour to shape, which the easy
+    ones do not need; the evaluation split is unchanged). Returns the metadata also written to meta.json.
     """
     for name, n in (("n_train", n_train), ("n_eval", n_eval)):
         if not isinstance(n, int) or n < 0:
@@ -85,6 +87,8 @@ def synthesize(out_dir: str | os.PathLike, n_train: int, n_eval: int, seed: int 
         raise BunnyError(f"n_eval must be even so hard and easy 'no' questions balance, got {n_eval}")
     if not isinstance(yes_no_per_image, int) or yes_no_per_image < 1:
         raise BunnyError(f"yes_no_per_image must be an integer >= 1, got {yes_no_per_image!r}")
+    if not 0.0 <= train_hard_share <= 1.0:
+        raise BunnyError(f"train_hard_share must be within [0, 1], got {train_hard_share!r}")
     if max_turns is not None and max_turns < 1:
         raise BunnyError(f"max_turns must be >= 1, got {max_turns}")
     out = Path(out_dir)
@@ -93,13 +97,17 @@ def synthesize(out_dir: str | os.PathLike, n_train: int, n_eval: int, seed: int 
 
     stage1, stage2 = [], []
     for i in range(n_train):
-        scene, qas = draw_example(seed, "train", i)
+        kind = None  # 0.5: alternate by index, the default dataset stays byte-identical
+        if train_hard_share != 0.5:
+            kind = "hard" if random.Random(f"bunny-synth-kind/{seed}/{i}").random() < train_hard_share else "easy"
+        scene, qas = draw_example(seed, "train", i, no_kind=kind)
         rel = f"images/train/{i:06d}.png"
         _save_png(render_scene(scene), out / rel)
         stage1.append(stage1_sample(f"synth-train-{i:06d}", rel, caption(scene)))
         n_yes_no = 2
         if yes_no_per_image > 1:  # own stream: the default dataset stays byte-identical
-            extra = extra_yes_no_qas(scene, random.Random(f"bunny-synth-extra/{seed}/{i}"), qas, yes_no_per_image - 1)
+            extra = extra_yes_no_qas(scene, random.Random(f"bunny-synth-extra/{seed}/{i}"), qas, yes_no_per_image - 1,
+                                     hard_share=train_hard_share)
             qas = qas[:2] + extra + qas[2:]
             n_yes_no += len(extra)
         # Shuffled so the answer of turn 1 is not always "yes".
@@ -125,6 +133,7 @@ def synthesize(out_dir: str | os.PathLike, n_train: int, n_eval: int, seed: int 
     _atomic_write_text(out / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     meta = _meta(seed, n_train, n_eval, max_turns, suffix, records)
     meta["yes_no_per_image"] = yes_no_per_image
+    meta["train_hard_share"] = train_hard_share
     _atomic_write_text(out / "meta.json", json.dumps(meta, indent=1) + "\n")
     return meta
 

@@ -30,6 +30,7 @@ class DemoSettings:
     eval_images: int = 60  # even: hard and easy "no" questions balance
     max_turns: int = 6  # QA turns per stage-2 sample (yes/no pairs kept first)
     yes_no_per_image: int = 1  # yes/no pairs per training image (evaluation: always one)
+    train_hard_share: float = 0.5  # share of hard "no" among training yes/no (evaluation: always 0.5)
     short_answer_suffix: bool = False  # append "Answer the question using a single word or phrase."
     eval_batch_size: int = 32
     num_threads: int = 0  # 0 = torch's default (all cores)
@@ -83,7 +84,7 @@ def run_demo(out: str | Path = "outputs/demo", configs: str | Path | None = None
     data = out / "data"
     meta = synthesize(data, settings.train_images, settings.eval_images, settings.seed, max_turns=settings.max_turns,
                       suffix=SHORT_ANSWER_SUFFIX if settings.short_answer_suffix else "",
-                      yes_no_per_image=settings.yes_no_per_image)
+                      yes_no_per_image=settings.yes_no_per_image, train_hard_share=settings.train_hard_share)
     shuffle_turns(data / "stage2.json", settings.seed)
     timings["data_seconds"] = time.perf_counter() - t
 

@@ -94,6 +94,16 @@ def make_scheduler(optimizer, recipe: Recipe, total_steps: int):
     return get_constant_schedule_with_warmup(optimizer, warmup)
 
 
+def compile_layers(model, backend: str = "inductor") -> None:
+    """torch.compile each decoder layer of the LLM in place (module.compile keeps the
+    parameters and their names, so checkpoints and LoRA merging are unaffected)."""
+    valid = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in valid:
+        raise BunnyError(f"unknown compile_backend {backend!r}; valid: {', '.join(valid)}")
+    for layer in model.language_model.get_decoder().layers:
+        layer.compile(backend=backend)
+
+
 def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = None) -> TrainResult:
     """Run one stage as the recipe says. `model`/`processor` may be given (tests, the demo)
     instead of being built from the recipe. `stop_after` ends the loop early after that
@@ -128,6 +138,8 @@ def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = N
     scheduler = make_scheduler(optimizer, recipe, total_steps)
     if recipe.gradient_checkpointing:
         model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.compile:
+        compile_layers(model, recipe.compile_backend)
     model.train()
     if not recipe.unfreeze_tower:
         model.vision_tower.eval()  # frozen: no dropout, fixed statistics
