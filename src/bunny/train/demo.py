@@ -35,6 +35,10 @@ class DemoSettings:
     eval_batch_size: int = 32
     num_threads: int = 0  # 0 = torch's default (all cores)
     fresh_seed: int = 12345  # seed of the freshly drawn image asked about at the end
+    # Start the projector from a least-squares map of patch features to the LLM's embeddings
+    # of the words naming each patch's object (bunny/train/demo_ground.py); replaces stage 1's
+    # projector_norm_init.
+    projector_word_init: bool = False
 
 
 def load_settings(configs: Path, overrides: dict) -> tuple[DemoSettings, dict, dict]:
@@ -100,6 +104,15 @@ def run_demo(out: str | Path = "outputs/demo", configs: str | Path | None = None
     model, processor = build_model(r1.llm, tower=tower, projector_type=r1.projector_type, template=r2.template,
                                    image_token_pool=r1.image_token_pool or 1)
     timings["load_seconds"] = time.perf_counter() - t
+    grounding = None
+    if settings.projector_word_init:
+        from bunny.train.demo_ground import fit_word_projector
+
+        _say("[1b/5] projector: least-squares map of patch features to the words naming their objects")
+        grounding = fit_word_projector(model, processor.tokenizer, seed=settings.seed)
+        r1.projector_norm_init = False  # the map already has the embeddings' scale
+        _say(f"       fit R^2 {grounding['r2']}, object patches nearest their own words: "
+             f"{grounding['object_patch_words_right']}")
     _say("[2/5] stage 1: projector on captions (template plain, square images)")
     s1 = train(r1, model, processor)
     _say("[3/5] stage 2: LoRA on every linear layer of the LLM + projector")
@@ -129,6 +142,7 @@ def run_demo(out: str | Path = "outputs/demo", configs: str | Path | None = None
                    "samples_per_s": round(s2.samples_per_second, 2),
                    "tokens": stage_tokens(s2.history, r2.per_device_batch_size * r2.grad_accum)},
         "timings": {k: round(v, 1) for k, v in timings.items()},
+        "projector_word_init": grounding,
         "fresh_image": fresh,
         "settings": asdict(settings),
         "loss_curve": str(loss_png),

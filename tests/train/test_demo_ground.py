@@ -1,0 +1,54 @@
+"""The demo's word-grounded projector start: the linear map is installed exactly, and the
+targets name each patch's object."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bunny.errors import BunnyError
+from bunny.model.projectors import build_projector
+from bunny.train.demo_ground import install_linear, patch_targets
+
+
+def test_installed_map_is_exact():
+    torch.manual_seed(0)
+    proj = build_projector("mlp2x_gelu", 6, 16)
+    w, b = torch.randn(6, 16), torch.randn(16)
+    install_linear(proj, w, b)
+    x = torch.randn(50, 6) * 5
+    torch.testing.assert_close(proj(x), x @ w + b, rtol=1e-5, atol=1e-5)
+    # and it still trains: every installed weight gets a gradient
+    proj(x).sum().backward()
+    assert proj[0].weight.grad[:12].abs().sum() > 0 and proj[2].weight.grad[:, :12].abs().sum() > 0
+
+
+def test_too_narrow_projector_is_refused():
+    proj = build_projector("mlp2x_gelu", 6, 10)  # needs 12 hidden units
+    with pytest.raises(BunnyError, match="cannot hold"):
+        install_linear(proj, torch.zeros(6, 10), torch.zeros(10))
+
+
+def test_patch_targets_sum_colour_and_shape_words():
+    from bunny.data.synthetic import Scene, SceneObject
+
+    embed = torch.arange(40, dtype=torch.float32).view(10, 4)
+    ids = {"red": 1, "circle": 2, "blue": 3, "square": 4}
+    scene = Scene((SceneObject("red", "circle", "left"), SceneObject("blue", "square", "right")))
+    out = patch_targets(embed, ids, scene, np.array([-1, 0, 1, 0]))
+    torch.testing.assert_close(out[0], torch.zeros(4))
+    torch.testing.assert_close(out[1], embed[1] + embed[2])
+    torch.testing.assert_close(out[2], embed[3] + embed[4])
+    torch.testing.assert_close(out[3], out[1])
+
+
+@pytest.mark.slow
+def test_fit_on_the_real_llm_and_shipped_tower():
+    """SmolLM2's embeddings and the shipped tower: the map explains most of the targets and
+    puts almost every object patch nearest its own colour and shape words (held-out scenes)."""
+    from bunny.model.loading import DEFAULT_TOWER, build_model
+    from bunny.train.demo_ground import fit_word_projector
+
+    model, proc = build_model("smollm2-135m", tower=DEFAULT_TOWER, projector_type="mlp2x_gelu", template="bunny")
+    fit = fit_word_projector(model, proc.tokenizer, n_images=128)
+    assert fit["r2"] > 0.85 and fit["object_patch_words_right"] > 0.9, fit
