@@ -37,7 +37,7 @@ class DemoSettings:
     fresh_seed: int = 12345  # seed of the freshly drawn image asked about at the end
     # Start the projector from a least-squares map of patch features to the LLM's embeddings
     # of the words naming each patch's object (bunny/train/demo_ground.py); replaces stage 1's
-    # projector_norm_init.
+    # projector_norm_init. On in configs/demo/demo.yaml.
     projector_word_init: bool = False
 
 
