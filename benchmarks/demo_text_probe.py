@@ -1,5 +1,5 @@
 """How fast does SmolLM2-135M-Instruct + LoRA learn the demo's yes/no task when the scene is
-given as *text* instead of an image? (docs/training.md, "Why the demo misses its targets")
+given as *text* instead of an image? (docs/training.md, "Session 3: what the image adds to the difficulty")
 
     python -m benchmarks.demo_text_probe [--steps 150] [--eval-every 25] [--train hard]
 
@@ -22,7 +22,8 @@ import time
 import torch
 
 
-def examples(split: str, n: int, hard_train: bool = False) -> list[tuple[str, str, str]]:
+def examples(split: str, n: int, hard_train: bool = False) -> list[tuple[str, str, str, str]]:
+    """(caption, question, answer, category) of the yes/no questions of n scenes."""
     from bunny.data.synthetic import caption, draw_example, easy_pairs, sample_scene, scene_rng, yes_no_qas
 
     out = []

@@ -199,6 +199,7 @@ def test_extra_yes_no_pairs_are_distinct_balanced_and_true(tmp_path):
 
 def _no_kinds(folder):
     """(hard, easy) counts of the training "no" questions, judged against each scene."""
+    captions = [r["conversations"][1]["value"] for r in json.loads((folder / "stage1.json").read_text())]
     hard = easy = 0
     for i, s in enumerate(json.loads((folder / "stage2.json").read_text())):
         turns = s["conversations"]
@@ -206,15 +207,14 @@ def _no_kinds(folder):
             q, a = turns[k]["value"].removeprefix("<image>\n"), turns[k + 1]["value"]
             if q.startswith("Is there") and a == "no":
                 colour, shape = q.split()[3:5]
-                is_hard = _is_hard(folder, i, colour, shape)
+                is_hard = _is_hard(captions[i], colour, shape)
                 hard, easy = hard + is_hard, easy + (not is_hard)
     return hard, easy
 
 
-def _is_hard(folder, i, colour, shape):
-    """Whether the asked colour and shape both appear in training image i's scene (from the
-    PNG-independent record: captions in stage1.json name every object)."""
-    caption = json.loads((folder / "stage1.json").read_text())[i]["conversations"][1]["value"]
+def _is_hard(caption, colour, shape):
+    """Whether the asked colour and shape both appear in the scene (its caption in
+    stage1.json names every object)."""
     return f" {colour} " in f" {caption} " and (shape in caption)
 
 

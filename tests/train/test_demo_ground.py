@@ -2,7 +2,6 @@
 targets name each patch's object."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -30,12 +29,12 @@ def test_too_narrow_projector_is_refused():
 
 
 def test_patch_targets_sum_colour_and_shape_words():
-    from bunny.data.synthetic import Scene, SceneObject
-
+    """Class ids as `scene_batch` gives them (0 background, k + 1 = k-th colour/shape):
+    background patches get zero, object patches their colour word + shape word."""
     embed = torch.arange(40, dtype=torch.float32).view(10, 4)
-    ids = {"red": 1, "circle": 2, "blue": 3, "square": 4}
-    scene = Scene((SceneObject("red", "circle", "left"), SceneObject("blue", "square", "right")))
-    out = patch_targets(embed, ids, scene, np.array([-1, 0, 1, 0]))
+    colour_table = torch.cat([torch.zeros(1, 4), embed[[1, 3]]])  # red, blue
+    shape_table = torch.cat([torch.zeros(1, 4), embed[[2, 4]]])  # circle, square
+    out = patch_targets(colour_table, shape_table, torch.tensor([0, 1, 2, 1]), torch.tensor([0, 1, 2, 1]))
     torch.testing.assert_close(out[0], torch.zeros(4))
     torch.testing.assert_close(out[1], embed[1] + embed[2])
     torch.testing.assert_close(out[2], embed[3] + embed[4])

@@ -18,21 +18,27 @@ synthetic generator's labels, so it exists only for the demo; the reference has 
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from bunny.errors import BunnyError
 
 
-def patch_targets(embed: torch.Tensor, word_ids: dict[str, int], scene, patch_objects: np.ndarray) -> torch.Tensor:
-    """(patches, H) targets: embedding(colour word) + embedding(shape word) of the object
-    under each patch, zero for background."""
-    out = torch.zeros(len(patch_objects), embed.shape[1])
-    for p, k in enumerate(patch_objects):
-        if k >= 0:
-            o = scene.objects[k]
-            out[p] = embed[word_ids[o.colour]] + embed[word_ids[o.shape]]
-    return out
+def word_tables(embed: torch.Tensor, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of the colour words and of the shape words, row 0 zero: indexed by the
+    per-patch class ids of `tower_pretrain.scene_batch` (0 = background, k + 1 = COLOURS[k]
+    or SHAPES[k])."""
+    from bunny.data.synthetic import COLOURS, SHAPES
+
+    ids = word_ids(tokenizer, COLOURS + SHAPES)
+    zero = torch.zeros(1, embed.shape[1])
+    return (torch.cat([zero, embed[[ids[c] for c in COLOURS]]]), torch.cat([zero, embed[[ids[x] for x in SHAPES]]]))
+
+
+def patch_targets(colour_table: torch.Tensor, shape_table: torch.Tensor, patch_colour: torch.Tensor,
+                  patch_shape: torch.Tensor) -> torch.Tensor:
+    """(..., H) targets: embedding(colour word) + embedding(shape word) of the object under
+    each patch, zero for background (class 0 in both)."""
+    return colour_table[patch_colour] + shape_table[patch_shape]
 
 
 def word_ids(tokenizer, words) -> dict[str, int]:
@@ -66,9 +72,7 @@ def install_linear(proj: torch.nn.Sequential, w: torch.Tensor, b: torch.Tensor) 
 def fit_word_projector(model, tokenizer, seed: int = 0, n_images: int = 384, ridge: float = 1e-3) -> dict:
     """Fit and install the map; returns fit figures (R^2, nearest-word accuracy on held-out
     scenes)."""
-    from bunny.data.synthetic import COLOURS, SHAPES, draw_example
-    from bunny.data.synthetic_render import render_with_patch_labels
-    from bunny.train.tower_pretrain import normalise
+    from bunny.train.tower_pretrain import scene_batch
 
     proj = model.mm_projector
     if not (isinstance(proj, torch.nn.Sequential) and len(proj) == 3):
@@ -77,21 +81,18 @@ def fit_word_projector(model, tokenizer, seed: int = 0, n_images: int = 384, rid
         raise BunnyError("projector_word_init needs one token per tower patch (image_token_pool 1, no S2)")
     first = proj[0]
     d_in = first.in_features
-    embed = model.get_input_embeddings().weight.detach().float().cpu()
-    ids = word_ids(tokenizer, COLOURS + SHAPES)
+    colour_table, shape_table = word_tables(model.get_input_embeddings().weight.detach().float().cpu(), tokenizer)
+    tower = model.vision_tower
 
-    def features_and_targets(split: str, n: int):
-        xs, ys, objs = [], [], []
-        for i in range(n):
-            scene, _ = draw_example(seed, split, i)
-            pixels, patch_objects = render_with_patch_labels(scene)
-            x = model._tower_features(normalise(pixels[None]).to(model.vision_tower.device, model.vision_tower.dtype))
-            xs.append(x[0].float().cpu())
-            ys.append(patch_targets(embed, ids, scene, patch_objects))
-            objs.append([(scene.objects[k].colour, scene.objects[k].shape) if k >= 0 else None for k in patch_objects])
-        return torch.cat(xs), torch.cat(ys), [o for per in objs for o in per]
+    def features_and_labels(split: str, n: int):
+        """Tower features (n * patches, d_in), per-patch colour and shape class ids."""
+        batch = scene_batch(seed, split, 0, n)  # the tower's own pre-training renderer and labels
+        x = torch.cat([model._tower_features(px.to(tower.device, tower.dtype)).float().cpu()
+                       for px in batch["pixel_values"].split(64)])
+        return x.flatten(0, 1), batch["patch_colour"].flatten(), batch["patch_shape"].flatten()
 
-    x, y, _ = features_and_targets("projector-init", n_images)
+    x, colour, shape = features_and_labels("projector-init", n_images)
+    y = patch_targets(colour_table, shape_table, colour, shape)
     if x.shape[1] != d_in:
         raise BunnyError(f"tower features are {x.shape[1]} wide, the projector expects {d_in}")
     mean = x.mean(0)
@@ -100,16 +101,13 @@ def fit_word_projector(model, tokenizer, seed: int = 0, n_images: int = 384, rid
     b = y.mean(0) - mean @ w
     install_linear(proj, w, b)
 
-    hx, hy, objs = features_and_targets("projector-init-check", 64)
+    hx, colour, shape = features_and_labels("projector-init-check", 64)
+    hy = patch_targets(colour_table, shape_table, colour, shape)
     pred = proj(hx.to(first.weight)).float().cpu()
     r2 = 1 - float(((pred - hy) ** 2).sum() / ((hy - hy.mean(0)) ** 2).sum())
-    # Which colour word and which shape word does each object patch's token sit closest to?
-    colour_e = torch.stack([embed[ids[c]] for c in COLOURS])
-    shape_e = torch.stack([embed[ids[s]] for s in SHAPES])
-    right = total = 0
-    for token, o in zip(pred, objs):
-        if o is None:
-            continue
-        total += 1
-        right += COLOURS[int((colour_e @ token).argmax())] == o[0] and SHAPES[int((shape_e @ token).argmax())] == o[1]
-    return {"r2": round(r2, 4), "object_patch_words_right": round(right / max(total, 1), 4), "images": n_images}
+    # Do object patches' tokens sit closest to their own colour word and their own shape word?
+    obj = colour > 0
+    nearest_colour = (pred[obj] @ colour_table[1:].T).argmax(-1) + 1
+    nearest_shape = (pred[obj] @ shape_table[1:].T).argmax(-1) + 1
+    right = ((nearest_colour == colour[obj]) & (nearest_shape == shape[obj])).float().mean().item()
+    return {"r2": round(r2, 4), "object_patch_words_right": round(right, 4), "images": n_images}
