@@ -51,3 +51,31 @@ def test_fit_on_the_real_llm_and_shipped_tower():
     model, proc = build_model("smollm2-135m", tower=DEFAULT_TOWER, projector_type="mlp2x_gelu", template="bunny")
     fit = fit_word_projector(model, proc.tokenizer, n_images=128)
     assert fit["r2"] > 0.85 and fit["object_patch_words_right"] > 0.9, fit
+
+
+def test_patch_targets_with_position_words_and_background_word():
+    embed = torch.arange(40, dtype=torch.float32).view(10, 4)
+    colour_table = torch.cat([torch.zeros(1, 4), embed[[1]]])
+    shape_table = torch.cat([torch.zeros(1, 4), embed[[2]]])
+    position_table = torch.cat([torch.zeros(1, 4), embed[[5]]])
+    out = patch_targets(colour_table, shape_table, torch.tensor([0, 1]), torch.tensor([0, 1]),
+                        position_table, torch.tensor([0, 1]), background=embed[9])
+    torch.testing.assert_close(out[0], embed[9])
+    torch.testing.assert_close(out[1], embed[1] + embed[2] + embed[5])
+
+
+def test_token_labels_of_pooled_blocks():
+    """A 4x4 patch grid pooled 2x2: a block of one object (with background) is pure and
+    keeps the object's classes; a block showing two different pairs is mixed."""
+    from bunny.train.demo_ground import token_labels
+
+    colour = torch.tensor([[1, 1, 0, 2,
+                            0, 1, 3, 0,
+                            0, 0, 0, 0,
+                            0, 0, 0, 4]])
+    shape = colour.clone()
+    c, s, pure = token_labels(colour, shape, 2)
+    assert c.tolist() == [1, 3, 0, 4] and s.tolist() == [1, 3, 0, 4]
+    assert pure.tolist() == [True, False, True, True]
+    c1, _, pure1 = token_labels(colour, shape, 1)
+    assert c1.tolist() == colour.flatten().tolist() and pure1.all()

@@ -39,6 +39,9 @@ class DemoSettings:
     # of the words naming each patch's object (bunny/train/demo_ground.py); replaces stage 1's
     # projector_norm_init. On in configs/demo/demo.yaml.
     projector_word_init: bool = False
+    word_init_position: bool = False  # also the object's cell word ("left", "top", ...) in its patches' targets
+    word_init_background: str = ""  # background patches -> this word's embedding ("" = zero vector)
+    word_init_scale: float = 1.0  # multiplies every word target
 
 
 def load_settings(configs: Path, overrides: dict) -> tuple[DemoSettings, dict, dict]:
@@ -57,8 +60,18 @@ def load_settings(configs: Path, overrides: dict) -> tuple[DemoSettings, dict, d
     if unknown:
         raise BunnyError(f"unknown demo setting(s) {unknown}; valid: {', '.join(valid)} "
                          "(stage recipe fields as pretrain.FIELD or finetune.FIELD)")
-    settings = DemoSettings(**{k: type(getattr(DemoSettings, k))(v) for k, v in values.items()})
+    settings = DemoSettings(**{k: _typed(k, v) for k, v in values.items()})
     return settings, stage_over["pretrain"], stage_over["finetune"]
+
+
+def _typed(name: str, value):
+    """The setting's value as its field's type; refuses what would convert silently wrong
+    (bool("false") is True, int(2.7) is 2)."""
+    kind = type(getattr(DemoSettings, name))
+    ok = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[kind]
+    if not isinstance(value, ok) or (kind is not bool and isinstance(value, bool)):
+        raise BunnyError(f"demo setting {name} must be {kind.__name__}, got {value!r}")
+    return kind(value)
 
 
 def run_demo(out: str | Path = "outputs/demo", configs: str | Path | None = None, tower: str | None = None,
@@ -109,7 +122,10 @@ def run_demo(out: str | Path = "outputs/demo", configs: str | Path | None = None
         from bunny.train.demo_ground import fit_word_projector
 
         _say("[1b/5] projector: least-squares map of patch features to the words naming their objects")
-        grounding = fit_word_projector(model, processor.tokenizer, seed=settings.seed)
+        grounding = fit_word_projector(model, processor.tokenizer, seed=settings.seed,
+                                       position_words=settings.word_init_position,
+                                       background_word=settings.word_init_background,
+                                       scale=settings.word_init_scale)
         r1.projector_norm_init = False  # the map already has the embeddings' scale
         _say(f"       fit R^2 {grounding['r2']}, object patches nearest their own words: "
              f"{grounding['object_patch_words_right']}")

@@ -18,27 +18,37 @@ synthetic generator's labels, so it exists only for the demo; the reference has 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from bunny.errors import BunnyError
+from bunny.model.modeling import pool_tokens
 
 
-def word_tables(embed: torch.Tensor, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings of the colour words and of the shape words, row 0 zero: indexed by the
-    per-patch class ids of `tower_pretrain.scene_batch` (0 = background, k + 1 = COLOURS[k]
-    or SHAPES[k])."""
-    from bunny.data.synthetic import COLOURS, SHAPES
+def word_tables(embed: torch.Tensor, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embeddings of the colour, shape and position words, row 0 zero: indexed by the
+    per-patch class ids of `tower_pretrain.scene_batch` (0 = background, k + 1 = COLOURS[k],
+    SHAPES[k] or POSITIONS[k])."""
+    from bunny.data.synthetic import COLOURS, POSITIONS, SHAPES
 
-    ids = word_ids(tokenizer, COLOURS + SHAPES)
+    ids = word_ids(tokenizer, COLOURS + SHAPES + POSITIONS)
     zero = torch.zeros(1, embed.shape[1])
-    return (torch.cat([zero, embed[[ids[c] for c in COLOURS]]]), torch.cat([zero, embed[[ids[x] for x in SHAPES]]]))
+    return tuple(torch.cat([zero, embed[[ids[w] for w in words]]]) for words in (COLOURS, SHAPES, POSITIONS))
 
 
 def patch_targets(colour_table: torch.Tensor, shape_table: torch.Tensor, patch_colour: torch.Tensor,
-                  patch_shape: torch.Tensor) -> torch.Tensor:
+                  patch_shape: torch.Tensor, position_table: torch.Tensor | None = None,
+                  patch_position: torch.Tensor | None = None, background: torch.Tensor | None = None) -> torch.Tensor:
     """(..., H) targets: embedding(colour word) + embedding(shape word) of the object under
-    each patch, zero for background (class 0 in both)."""
-    return colour_table[patch_colour] + shape_table[patch_shape]
+    each patch (+ embedding(position word) when `position_table` is given); background
+    patches (class 0) get `background`, or zero."""
+    out = colour_table[patch_colour] + shape_table[patch_shape]
+    if position_table is not None:
+        out = out + position_table[patch_position]
+    if background is not None:
+        out = torch.where((patch_colour == 0).unsqueeze(-1), background.to(out), out)
+    return out
 
 
 def word_ids(tokenizer, words) -> dict[str, int]:
@@ -69,30 +79,49 @@ def install_linear(proj: torch.nn.Sequential, w: torch.Tensor, b: torch.Tensor) 
 
 
 @torch.no_grad()
-def fit_word_projector(model, tokenizer, seed: int = 0, n_images: int = 384, ridge: float = 1e-3) -> dict:
+def fit_word_projector(model, tokenizer, seed: int = 0, n_images: int = 384, ridge: float = 1e-3,
+                       position_words: bool = False, background_word: str = "", scale: float = 1.0) -> dict:
     """Fit and install the map; returns fit figures (R^2, nearest-word accuracy on held-out
-    scenes)."""
+    scenes). `position_words` adds the object's cell word ("left", "top", ...) to its patches'
+    targets; `background_word` gives background patches that word's embedding instead of zero
+    (a zero token is all noise after the LLM's first RMSNorm); `scale` multiplies every target."""
     from bunny.train.tower_pretrain import scene_batch
 
     proj = model.mm_projector
     if not (isinstance(proj, torch.nn.Sequential) and len(proj) == 3):
         raise BunnyError(f"projector_word_init needs the mlp2x_gelu projector, got {type(proj).__name__}")
-    if model.config.image_token_pool > 1 or model.config.s2_scales:
-        raise BunnyError("projector_word_init needs one token per tower patch (image_token_pool 1, no S2)")
+    if model.config.s2_scales:
+        raise BunnyError("projector_word_init needs the tower's own patch grid (no S2)")
+    pool = model.config.image_token_pool
     first = proj[0]
     d_in = first.in_features
-    colour_table, shape_table = word_tables(model.get_input_embeddings().weight.detach().float().cpu(), tokenizer)
+    embed = model.get_input_embeddings().weight.detach().float().cpu()
+    colour_table, shape_table, position_table = word_tables(embed, tokenizer)
+    background = embed[word_ids(tokenizer, [background_word])[background_word]] if background_word else None
+    if scale <= 0:
+        raise BunnyError(f"word-init scale must be positive, got {scale}")
+
+    def targets(batch_labels):
+        colour, shape, position = batch_labels
+        return scale * patch_targets(colour_table, shape_table, colour, shape,
+                                     position_table if position_words else None, position, background)
+
     tower = model.vision_tower
 
     def features_and_labels(split: str, n: int):
-        """Tower features (n * patches, d_in), per-patch colour and shape class ids."""
+        """Tower features (n, patches, d_in) and per-patch colour, shape, cell class ids (n, patches)."""
         batch = scene_batch(seed, split, 0, n)  # the tower's own pre-training renderer and labels
         x = torch.cat([model._tower_features(px.to(tower.device, tower.dtype)).float().cpu()
                        for px in batch["pixel_values"].split(64)])
-        return x.flatten(0, 1), batch["patch_colour"].flatten(), batch["patch_shape"].flatten()
+        return x, (batch["patch_colour"], batch["patch_shape"], batch["patch_position"])
 
-    x, colour, shape = features_and_labels("projector-init", n_images)
-    y = patch_targets(colour_table, shape_table, colour, shape)
+    def pooled(t: torch.Tensor) -> torch.Tensor:
+        """As the model pools image tokens before the projector (image_token_pool); a linear
+        map commutes with the mean, so pooled features map to pooled targets."""
+        return (pool_tokens(t, pool) if pool > 1 else t).flatten(0, 1)
+
+    x, labels = features_and_labels("projector-init", n_images)
+    x, y = pooled(x), pooled(targets(labels))
     if x.shape[1] != d_in:
         raise BunnyError(f"tower features are {x.shape[1]} wide, the projector expects {d_in}")
     mean = x.mean(0)
@@ -101,13 +130,33 @@ def fit_word_projector(model, tokenizer, seed: int = 0, n_images: int = 384, rid
     b = y.mean(0) - mean @ w
     install_linear(proj, w, b)
 
-    hx, colour, shape = features_and_labels("projector-init-check", 64)
-    hy = patch_targets(colour_table, shape_table, colour, shape)
-    pred = proj(hx.to(first.weight)).float().cpu()
+    hx, labels = features_and_labels("projector-init-check", 64)
+    hy = pooled(targets(labels))
+    pred = proj(pooled(hx).to(first.weight)).float().cpu()
     r2 = 1 - float(((pred - hy) ** 2).sum() / ((hy - hy.mean(0)) ** 2).sum())
-    # Do object patches' tokens sit closest to their own colour word and their own shape word?
-    obj = colour > 0
+    # Do object tokens sit closest to their own colour word and their own shape word? (Pooled
+    # tokens count when their object patches all show one colour-shape pair.)
+    colour, shape, pure = token_labels(labels[0], labels[1], pool)
+    obj = (colour > 0) & pure
     nearest_colour = (pred[obj] @ colour_table[1:].T).argmax(-1) + 1
     nearest_shape = (pred[obj] @ shape_table[1:].T).argmax(-1) + 1
     right = ((nearest_colour == colour[obj]) & (nearest_shape == shape[obj])).float().mean().item()
-    return {"r2": round(r2, 4), "object_patch_words_right": round(right, 4), "images": n_images}
+    mixed = float(((colour > 0) & ~pure).sum() / (colour > 0).sum())
+    return {"r2": round(r2, 4), "object_patch_words_right": round(right, 4), "images": n_images,
+            "object_tokens_mixed": round(mixed, 4), "image_token_pool": pool,
+            "position_words": position_words, "background_word": background_word, "scale": scale}
+
+
+def token_labels(colour: torch.Tensor, shape: torch.Tensor, pool: int) -> tuple[torch.Tensor, ...]:
+    """Per image token (flattened over images): the colour and shape class of its object
+    patches and whether they all agree ("pure"); with pool 1 every token is pure. A block
+    with no object patch is background (0, 0, pure)."""
+    if pool == 1:
+        return colour.flatten(), shape.flatten(), torch.ones(colour.numel(), dtype=torch.bool)
+    n, length = colour.shape
+    g = math.isqrt(length)
+    pair = (colour * 100 + shape).view(n, g // pool, pool, g // pool, pool).permute(0, 1, 3, 2, 4)
+    pair = pair.reshape(-1, pool * pool)
+    top = pair.max(-1).values  # an object patch's pair if any (background is 0)
+    pure = ((pair == top[:, None]) | (pair == 0)).all(-1)
+    return top // 100, top % 100, pure
