@@ -21,6 +21,18 @@ def test_two_style_templates(name, sep2):
     )
 
 
+def test_bunny_template_without_system_prompt():
+    """Our short variant: the reference's rendering of an empty system prompt, same answers trained."""
+    _, processor = make_tiny_bunny()
+    assert processor.apply_chat_template(Q, template="bunny-nosystem") == " USER: <image>\nWhat is this? ASSISTANT:"
+    tpl = get_template("bunny-nosystem")
+    turns = [("user", "<image>\nQ1"), ("assistant", "A1"), ("user", "Q2"), ("assistant", "A2")]
+    text = tpl.render(turns)
+    assert text == " USER: <image>\nQ1 ASSISTANT: A1<|endoftext|>USER: Q2 ASSISTANT: A2<|endoftext|>"
+    assert [text[a:b] for a, b in tpl.answer_spans(turns)] == ["A1<|endoftext|>", "A2<|endoftext|>"]
+    assert text == get_template("bunny").render(turns, system="")
+
+
 def test_plain_template_inference_and_training():
     _, processor = make_tiny_bunny()
     assert processor.apply_chat_template(Q, template="plain") == "<image>\nWhat is this?\n"
@@ -104,7 +116,7 @@ def test_prompt_longer_than_limit():
 
 
 def test_unknown_names_list_valid_ones():
-    with pytest.raises(BunnyError, match="choose one of bunny, llama"):
+    with pytest.raises(BunnyError, match="choose one of bunny, bunny-nosystem, llama"):
         make_tiny_bunny(template="vicuna")
     with pytest.raises(BunnyError, match="unknown projector 'mlp_relu'.*mlpNx_gelu"):
         make_tiny_bunny(projector_type="mlp_relu")
