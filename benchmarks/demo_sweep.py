@@ -42,9 +42,10 @@ VARIANTS: dict[str, dict] = {
     "nodrop_r64": {"finetune.lora_dropout": 0.0, "finetune.lora_r": 64, "finetune.lora_alpha": 128},
 }
 
-CPU_TOK_S1 = 227.0  # stage-1 (projector only) tokens/s on the 2-core CPU, run C of docs/training.md
-CPU_TOK_S2 = 175.0  # stage-2 (LoRA) tokens/s, same run
-CPU_EVAL_S = 81.0  # evaluation of 60 held-out images, same run
+CPU_TOK_S1 = 224.0  # stage-1 (projector only) tokens/s on the 2-core CPU, run W3 of docs/training.md
+CPU_TOK_S2 = 137.0  # stage-2 (LoRA) tokens/s, run W3 (84,081 tokens in 612 s; the 175 used before was
+# optimistic by ~20%; on a slower day, session 4's runs X1-X3, the same code ran at ~118)
+CPU_EVAL_S = 81.0  # evaluation of 60 held-out images, run C (~70 s with the bunny-nosystem template)
 
 
 def substitute(overrides: dict, data: Path) -> dict:

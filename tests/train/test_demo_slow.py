@@ -23,5 +23,5 @@ def test_miniature_demo(tmp_path):
                 "yes_no_shape_only"):
         assert key in saved and saved[key] is not None
     assert (tmp_path / "loss_curve.png").is_file()
-    assert summary["stage1"]["steps"] == 2 and summary["stage2"]["steps"] == 4
+    assert summary["stage1"]["steps"] == 2 and summary["stage2"]["steps"] == 8  # 2 epochs of 16 / 4
     assert summary["fresh_image"]["question"]
