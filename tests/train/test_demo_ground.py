@@ -79,3 +79,14 @@ def test_token_labels_of_pooled_blocks():
     assert pure.tolist() == [True, False, True, True]
     c1, _, pure1 = token_labels(colour, shape, 1)
     assert c1.tolist() == colour.flatten().tolist() and pure1.all()
+
+
+def test_word_split_by_the_tokenizer_is_refused():
+    from bunny.train.demo_ground import word_ids
+
+    class Split:  # one token per character, as a tokenizer without the word would split it
+        def __call__(self, text, add_special_tokens=False):
+            return type("Enc", (), {"input_ids": [ord(c) for c in text]})()
+
+    with pytest.raises(BunnyError, match="word 'greenish' is 9 tokens"):
+        word_ids(Split(), ["greenish"])

@@ -52,8 +52,16 @@ def patch_targets(colour_table: torch.Tensor, shape_table: torch.Tensor, patch_c
 
 
 def word_ids(tokenizer, words) -> dict[str, int]:
-    """First token of " word" (as the word appears mid-sentence) for each word."""
-    return {w: tokenizer(" " + w, add_special_tokens=False).input_ids[0] for w in words}
+    """The token of " word" (as the word appears mid-sentence) for each word; a word the
+    tokenizer splits has no single embedding to aim at and is refused."""
+    out = {}
+    for w in words:
+        ids = tokenizer(" " + w, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise BunnyError(f"word {w!r} is {len(ids)} tokens for this tokenizer ({ids}); the word-grounded "
+                             "start needs words of one token")
+        out[w] = ids[0]
+    return out
 
 
 @torch.no_grad()
@@ -92,14 +100,14 @@ def fit_word_projector(model, tokenizer, seed: int = 0, n_images: int = 384, rid
         raise BunnyError(f"projector_word_init needs the mlp2x_gelu projector, got {type(proj).__name__}")
     if model.config.s2_scales:
         raise BunnyError("projector_word_init needs the tower's own patch grid (no S2)")
+    if scale <= 0:
+        raise BunnyError(f"word-init scale must be positive, got {scale}")
     pool = model.config.image_token_pool
     first = proj[0]
     d_in = first.in_features
     embed = model.get_input_embeddings().weight.detach().float().cpu()
     colour_table, shape_table, position_table = word_tables(embed, tokenizer)
     background = embed[word_ids(tokenizer, [background_word])[background_word]] if background_word else None
-    if scale <= 0:
-        raise BunnyError(f"word-init scale must be positive, got {scale}")
 
     def targets(batch_labels):
         colour, shape, position = batch_labels
@@ -151,8 +159,6 @@ def token_labels(colour: torch.Tensor, shape: torch.Tensor, pool: int) -> tuple[
     """Per image token (flattened over images): the colour and shape class of its object
     patches and whether they all agree ("pure"); with pool 1 every token is pure. A block
     with no object patch is background (0, 0, pure)."""
-    if pool == 1:
-        return colour.flatten(), shape.flatten(), torch.ones(colour.numel(), dtype=torch.bool)
     n, length = colour.shape
     g = math.isqrt(length)
     pair = (colour * 100 + shape).view(n, g // pool, pool, g // pool, pool).permute(0, 1, 3, 2, 4)
