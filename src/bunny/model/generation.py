@@ -15,6 +15,7 @@ from transformers import DynamicCache
 
 from bunny.errors import BunnyError
 from bunny.model.modeling import positions_from_mask
+from bunny.model.shared_prefix import prefill_shared
 
 
 @dataclass
@@ -46,20 +47,26 @@ def iter_tokens(
     pixel_values: torch.Tensor | None,
     settings: SamplingSettings,
     eos_token_ids: list[int],
+    share_prefix: bool = False,
 ) -> Iterator[torch.LongTensor]:
     """Yield the next token of every row, (B,), until all rows ended or the budget is spent.
-    Rows that ended keep yielding their last token; callers cut at the first stop token."""
+    Rows that ended keep yielding their last token; callers cut at the first stop token.
+
+    share_prefix: rows with the same images and a common start (several questions about one
+    image) run that start once; see `prefill_shared`."""
     if attention_mask.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
         raise BunnyError("batched generation needs left padding (processor(..., padding_side='left'))")
     generator = None
     if settings.seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(settings.seed)
     lm = model.language_model
-    mask = attention_mask.long()
-    cache = DynamicCache(config=lm.config)
-    embeds = model.embed_inputs(input_ids, pixel_values)
-    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask), cache=cache,
-             use_cache=True, logits_to_keep=1)
+    if share_prefix:
+        out, mask = prefill_shared(model, input_ids, attention_mask, pixel_values)
+    else:
+        mask = attention_mask.long()
+        embeds = model.embed_inputs(input_ids, pixel_values)
+        out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask),
+                 cache=DynamicCache(config=lm.config), use_cache=True, logits_to_keep=1)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     eos = torch.tensor(eos_token_ids or [-1], device=input_ids.device)
     for step in range(settings.max_new_tokens):
@@ -75,12 +82,12 @@ def iter_tokens(
 
 
 def generate_ids(model, inputs, settings: SamplingSettings, eos_token_ids: list[int],
-                 on_step: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
+                 on_step: Callable[[torch.Tensor], None] | None = None, share_prefix: bool = False) -> list[list[int]]:
     """New token ids per row, cut after the first end-of-sequence token (excluded)."""
     rows: list[list[int]] = [[] for _ in range(inputs["input_ids"].shape[0])]
     ended = [False] * len(rows)
     for token in iter_tokens(model, inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"),
-                             settings, eos_token_ids):
+                             settings, eos_token_ids, share_prefix):
         for i, t in enumerate(token.tolist()):
             if not ended[i]:
                 if t in eos_token_ids:
@@ -112,11 +119,13 @@ def cut_at_stop(text: str, stop_strings: list[str]) -> str:
 
 
 def generate(model, processor, prompts: list[str], images: list | None = None,
-             settings: SamplingSettings | None = None) -> list[str]:
-    """Answers for a batch of prompt texts (already templated, with `<image>` placeholders)."""
+             settings: SamplingSettings | None = None, share_prefix: bool = False) -> list[str]:
+    """Answers for a batch of prompt texts (already templated, with `<image>` placeholders).
+    share_prefix: run the start that prompts about the same images share once (evaluation
+    with several questions per image; the same answers up to float rounding)."""
     settings = settings or SamplingSettings()
     inputs = processor(text=prompts, images=images, padding_side="left").to(model.device)
-    rows = generate_ids(model, inputs, settings, processor.stop_token_ids())
+    rows = generate_ids(model, inputs, settings, processor.stop_token_ids(), share_prefix=share_prefix)
     stops = settings.stop_strings + processor.stop_strings
     return [cut_at_stop(processor.decode(r), stops).strip() for r in rows]
 

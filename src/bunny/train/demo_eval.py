@@ -37,18 +37,31 @@ def prompt_for(processor, question: str) -> str:
 @torch.inference_mode()
 def predict(model, processor, records: list[dict], image_root: Path, batch_size: int = 16,
             max_new_tokens: int = 4) -> list[dict]:
-    """Each record with `prediction` added (greedy, batched; short answers only)."""
+    """Each record with `prediction` added (greedy, batched; short answers only).
+
+    A batch holds whole images (all questions about an image together, about `batch_size`
+    prompts), so each image and the prompt start before its question run once
+    (`share_prefix`) rather than once per question."""
     model.eval()
     settings = SamplingSettings(max_new_tokens=max_new_tokens)
-    out = []
-    # Longest prompts first within similar lengths keeps padding small.
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        prompts = [prompt_for(processor, r["prompt"]) for r in chunk]
-        images = [str(image_root / r["image"]) for r in chunk]
-        answers = generate(model, processor, prompts, images, settings)
-        out += [{**r, "prediction": a} for r, a in zip(chunk, answers)]
-    return out
+    by_image: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        by_image[r["image"]].append(i)
+    batches, current = [], []
+    for members in by_image.values():
+        if current and len(current) + len(members) > batch_size:
+            batches.append(current)
+            current = []
+        current += members
+    if current:
+        batches.append(current)
+    predictions: dict[int, str] = {}
+    for chunk in batches:
+        prompts = [prompt_for(processor, records[i]["prompt"]) for i in chunk]
+        images = [str(image_root / records[i]["image"]) for i in chunk]
+        answers = generate(model, processor, prompts, images, settings, share_prefix=True)
+        predictions.update(zip(chunk, answers))
+    return [{**r, "prediction": predictions[i]} for i, r in enumerate(records)]
 
 
 def normalise(text: str) -> str:
