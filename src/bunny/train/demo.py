@@ -26,11 +26,11 @@ REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "demo"
 @dataclass
 class DemoSettings:
     seed: int = 0
-    train_images: int = 312
+    train_images: int = 360
     eval_images: int = 60  # even: hard and easy "no" questions balance
     max_turns: int = 6  # QA turns per stage-2 sample (yes/no pairs kept first)
     yes_no_per_image: int = 1  # yes/no pairs per training image (evaluation: always one)
-    train_hard_share: float = 0.5  # share of hard "no" among training yes/no (evaluation: always 0.5)
+    train_hard_share: float = 0.75  # share of hard "no" among training yes/no (evaluation: always 0.5)
     short_answer_suffix: bool = False  # append "Answer the question using a single word or phrase."
     eval_batch_size: int = 32
     num_threads: int = 0  # 0 = torch's default (all cores)
