@@ -93,6 +93,31 @@ def test_pope_batch_1_and_4_identical_and_scored(tmp_path, loaded):
     assert "| f1_mean |" in (tmp_path / "b4" / "pope.results.md").read_text()
 
 
+def test_share_prefix_gives_the_same_predictions(tmp_path, loaded):
+    """MME asks two questions per image; POPE here four per image: batched by image with the
+    image run once per batch, the predictions file is the plain run's, byte for byte."""
+    rows = [dict(question_id=str(i), image=_img(300 + i // 4), category=("random", "adversarial")[i % 2],
+                 question=f"Is there a {('cat', 'red square', 'dog', 'car')[i % 4]} in the image?",
+                 answer=("yes", "no")[i % 2]) for i in range(12)]
+    pope = _write(tmp_path / "pope" / "test-00000-of-00001.parquet", rows)
+    for bench, data in (("mme", _mme(tmp_path / "mme")), ("pope", pope)):
+        plain = run_benchmark(bench, "tiny", data=str(data), out=tmp_path / f"{bench}-plain", batch_size=3,
+                              max_new_tokens=NEW_TOKENS, progress=False, loaded=loaded)
+        shared = run_benchmark(bench, "tiny", data=str(data), out=tmp_path / f"{bench}-shared", batch_size=5,
+                               max_new_tokens=NEW_TOKENS, progress=False, loaded=loaded, share_prefix=True)
+        assert (tmp_path / f"{bench}-plain" / f"{bench}.predictions.jsonl").read_text() == \
+            (tmp_path / f"{bench}-shared" / f"{bench}.predictions.jsonl").read_text()
+        assert plain.metrics == shared.metrics
+
+
+def test_image_key_groups_equal_images():
+    a, b = _img(1), _img(2)
+    assert predict_module.image_key([a]) == predict_module.image_key([dict(a)])
+    assert predict_module.image_key([a]) != predict_module.image_key([b])
+    assert predict_module.image_key([a, b]) != predict_module.image_key([b, a])
+    assert predict_module.image_key([]) == ""
+
+
 def test_batch_equals_single_with_mixed_prompt_lengths(loaded):
     from bunny.model.generation import SamplingSettings, generate
 

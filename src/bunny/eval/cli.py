@@ -31,6 +31,9 @@ def add_parsers(sub, groups) -> None:
     r.add_argument("--limit", type=int, help="answer only the first N questions")
     r.add_argument("--batch-size", type=int, default=1,
                    help="questions per generation batch; answers do not depend on it")
+    r.add_argument("--share-prefix", action="store_true",
+                   help="batch questions about the same image together and run the image once per "
+                        "batch (POPE, MME: several questions per image); same answers up to float rounding")
     r.add_argument("--out", default="outputs/eval",
                    help="folder for predictions, results and submission files")
     r.add_argument("--max-new-tokens", type=int,
@@ -60,6 +63,6 @@ def _run(args) -> int:
                            limit=args.limit, batch_size=args.batch_size, out=args.out,
                            max_new_tokens=args.max_new_tokens,
                            reference_fallback=args.reference_fallback, seed=args.seed,
-                           device=args.device, progress=not args.no_progress)
+                           device=args.device, progress=not args.no_progress, share_prefix=args.share_prefix)
     print(open(result.files["results_md"], encoding="utf-8").read(), end="")
     return 0

@@ -40,6 +40,24 @@ def chat_prompt(processor, benchmark: str, sample: dict) -> tuple[str, list]:
     return prompt, images
 
 
+def image_key(refs: list) -> str:
+    """One string per distinct list of image references: their bytes' digest (or path)."""
+    import hashlib
+
+    from PIL import Image
+
+    parts = []
+    for ref in refs:
+        if isinstance(ref, Image.Image):
+            data = ref.tobytes()
+        elif isinstance(ref, dict):
+            data = ref.get("bytes") or str(ref.get("path")).encode()
+        else:
+            data = bytes(ref)
+        parts.append(hashlib.sha1(data).hexdigest())
+    return ",".join(parts)
+
+
 def eval_processor(processor, benchmark: str):
     """The processor with the image mode the reference uses for `benchmark`."""
     mode = IMAGE_MODE_OVERRIDE.get(benchmark)
@@ -105,9 +123,12 @@ def rewrite_in_order(path: Path, records: list[dict]) -> None:
 # -- generation -----------------------------------------------------------------------------
 def predict(benchmark: str, samples: list[dict], model, processor, predictions: str | Path,
             batch_size: int = 1, max_new_tokens: int | None = None, all_samples: list[dict] | None = None,
-            progress: bool = True) -> list[dict]:
+            progress: bool = True, share_prefix: bool = False) -> list[dict]:
     """Answer every sample not yet in the `predictions` file; return the records of
     `samples` in their order.
+
+    `share_prefix`: questions about the same images are batched together and the prompt
+    start they share (the images above all) runs once per batch (`generation.share_prefix`).
 
     `all_samples` (default: `samples`) is the whole dataset: the file may hold answers to
     any of them (an earlier run with another --limit), never to anything else.
@@ -133,13 +154,20 @@ def predict(benchmark: str, samples: list[dict], model, processor, predictions: 
     # Longest first: similar lengths share a batch, and memory errors show at once.
     lengths = [len(proc.tokenize(text)) for text, _ in prompts]
     order = sorted(range(len(todo)), key=lambda i: -lengths[i])
+    if share_prefix:  # the same images together (first seen first), longest first inside
+        keys = [image_key(refs) for _, refs in prompts]
+        first = {}
+        for i in order:
+            first.setdefault(keys[i], len(first))
+        order = sorted(order, key=lambda i: first[keys[i]])
     bar = _progress(len(samples), len(samples) - len(todo), benchmark, progress)
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             texts = [prompts[i][0] for i in chunk]
             images = [[decode_image(ref) for ref in prompts[i][1]] for i in chunk]
-            answers = generate(model, proc, texts, images if any(images) else None, settings)
+            answers = generate(model, proc, texts, images if any(images) else None, settings,
+                               share_prefix=share_prefix)
             records = [prediction_record(benchmark, todo[i], a) for i, a in zip(chunk, answers)]
             append_records(path, records)
             done.update((question_key(r["question_id"]), r) for r in records)

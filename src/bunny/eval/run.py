@@ -99,7 +99,7 @@ def load_samples(benchmark: str, path: Path, split: str | None) -> list[dict]:
 def run_benchmark(benchmark: str, model: str, data: str | None = None, split: str | None = None,
                   limit: int | None = None, batch_size: int = 1, out: str | Path = "outputs/eval",
                   max_new_tokens: int | None = None, reference_fallback: bool = False, seed: int = 0,
-                  device: str = "cpu", progress: bool = True, loaded=None) -> RunResult:
+                  device: str = "cpu", progress: bool = True, loaded=None, share_prefix: bool = False) -> RunResult:
     """Evaluate `model` (a checkpoint folder or embedded name) on `benchmark`.
 
     `loaded` = (model, processor) skips loading (Python callers, tests, benchmarks);
@@ -138,7 +138,8 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
     generated = count_pending(predictions, samples)
     started = time.perf_counter()
     records = predict(benchmark, samples, net, processor, predictions, batch_size=batch_size,
-                      max_new_tokens=new_tokens, all_samples=all_samples, progress=progress)
+                      max_new_tokens=new_tokens, all_samples=all_samples, progress=progress,
+                      share_prefix=share_prefix)
     seconds = time.perf_counter() - started
 
     result = RunResult(benchmark, split, str(model), settings["data"], len(samples), generated,
