@@ -3,6 +3,7 @@ losses; a NaN stops with the last good checkpoint intact; exports load back."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from bunny.train.parts import load_projector
 from bunny.train.trainer import train
 
 from trainhelp import tiny_recipe, write_dataset
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.fixture()
@@ -155,3 +158,15 @@ def test_unknown_compile_backend_is_an_error(tmp_path, data):
     model, proc = make_tiny_bunny()
     with pytest.raises(BunnyError, match="unknown compile_backend 'nope'"):
         train(tiny_recipe(tmp_path, data, max_steps=1, compile=True, compile_backend="nope"), model, proc)
+
+
+def test_deepspeed_without_a_gpu_is_an_error_not_a_silent_ddp_run(tmp_path, data):
+    """Accelerate drops the DeepSpeed plugin when told cpu=True (as a CPU run must be): the
+    recipe's `deepspeed` would be ignored without a word. It is an error instead."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: DeepSpeed is allowed")
+    model, proc = make_tiny_bunny()
+    with pytest.raises(BunnyError, match="no GPU is visible"):
+        train(tiny_recipe(tmp_path, data, max_steps=1, deepspeed=str(CONFIGS / "deepspeed" / "zero2.json")), model, proc)
+    with pytest.raises(BunnyError, match="DeepSpeed config not found"):
+        train(tiny_recipe(tmp_path, data, max_steps=1, deepspeed=str(CONFIGS / "deepspeed" / "nope.json")), model, proc)

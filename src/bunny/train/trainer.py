@@ -59,9 +59,20 @@ def make_accelerator(recipe: Recipe):
 
         if not Path(recipe.deepspeed).is_file():
             raise BunnyError(f"DeepSpeed config not found: {recipe.deepspeed}")
+        if not torch.cuda.is_available():
+            # Accelerate runs DeepSpeed only when told cpu=False, and without a GPU it then
+            # leaves each torchrun rank alone (world size 1); with cpu=True it drops the plugin
+            # without a word. Either way the run would not be what the recipe says.
+            raise BunnyError(f"the recipe asks for DeepSpeed ({recipe.deepspeed}) but no GPU is visible; "
+                             "Accelerate cannot run DeepSpeed on the CPU. Remove `deepspeed` to train with "
+                             "DDP (gloo) on the CPU, or run on GPUs")
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=recipe.deepspeed,
                                                      gradient_accumulation_steps=recipe.grad_accum)
-    return Accelerator(**kwargs)
+    acc = Accelerator(**kwargs)
+    if recipe.deepspeed and acc.distributed_type.name != "DEEPSPEED":
+        raise BunnyError(f"the recipe asks for DeepSpeed ({recipe.deepspeed}) but Accelerate set up "
+                         f"{acc.distributed_type.name}; launch with torchrun or `accelerate launch`")
+    return acc
 
 
 def build_dataset(recipe: Recipe, processor) -> tuple[ConversationDataset, int]:
