@@ -26,7 +26,7 @@ REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "demo"
 @dataclass
 class DemoSettings:
     seed: int = 0
-    train_images: int = 360
+    train_images: int = 400
     eval_images: int = 60  # even: hard and easy "no" questions balance
     max_turns: int = 6  # QA turns per stage-2 sample (yes/no pairs kept first)
     yes_no_per_image: int = 1  # yes/no pairs per training image (evaluation: always one)
