@@ -46,3 +46,12 @@ def test_shipped_recipes_load(path):
     stage = "pretrain" if "pretrain" in path.name else "finetune"
     recipe = load_recipe(path, stage=stage)
     assert recipe.stage == stage
+
+
+def test_image_cache_only_where_data_is_small():
+    # The paper's recipes read ~0.6M images once per epoch: a cache of every preprocessed image
+    # would hold ~1 TB. Only the demo (400 small images, two epochs) turns it on.
+    for path in sorted((CONFIGS / "bunny").glob("*.yaml")):
+        stage = "pretrain" if "pretrain" in path.name else "finetune"
+        assert load_recipe(path, stage=stage).cache_images is False, path.name
+    assert load_recipe(CONFIGS / "demo" / "finetune.yaml", stage="finetune").cache_images is True

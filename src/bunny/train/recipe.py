@@ -51,7 +51,10 @@ class Recipe:
     # about one image, e.g. VQA data; not for dialogues whose turns build on each other).
     independent_turns: bool = False
     model_max_length: int = 2048
-    cache_images: bool = True  # keep preprocessed images in memory across epochs
+    # Keep every preprocessed image in memory across epochs: for small data read many times
+    # (the demo); off by default because at the paper's scale (695k images at 384 px) it would
+    # hold ~1 TB and undo the shards' lazy loading.
+    cache_images: bool = False
     # -- optimisation ----------------------------------------------------------------------
     epochs: float = 1.0
     max_steps: int = 0  # > 0 overrides epochs
