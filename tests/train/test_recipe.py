@@ -40,18 +40,21 @@ def test_bad_values_and_stage_conflicts(tmp_path):
         load_recipe(path, stage="pretrain")
 
 
+def _stage_of(path: Path) -> str:
+    return "pretrain" if "pretrain" in path.name else "finetune"
+
+
 @pytest.mark.parametrize("path", sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("mix",)
                                         and p.name != "demo.yaml"), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_shipped_recipes_load(path):
-    stage = "pretrain" if "pretrain" in path.name else "finetune"
+    stage = _stage_of(path)
     recipe = load_recipe(path, stage=stage)
     assert recipe.stage == stage
 
 
 def test_image_cache_only_where_data_is_small():
-    # The paper's recipes read ~0.6M images once per epoch: a cache of every preprocessed image
-    # would hold ~1 TB. Only the demo (400 small images, two epochs) turns it on.
+    # The paper's recipes read 0.7M-2M images at 384 px once per epoch: a cache of every
+    # preprocessed image would hold terabytes. Only the demo (400 small images, two epochs) turns it on.
     for path in sorted((CONFIGS / "bunny").glob("*.yaml")):
-        stage = "pretrain" if "pretrain" in path.name else "finetune"
-        assert load_recipe(path, stage=stage).cache_images is False, path.name
+        assert load_recipe(path, stage=_stage_of(path)).cache_images is False, path.name
     assert load_recipe(CONFIGS / "demo" / "finetune.yaml", stage="finetune").cache_images is True
