@@ -28,7 +28,7 @@ class DemoSettings:
     seed: int = 0
     train_images: int = 400
     eval_images: int = 60  # even: hard and easy "no" questions balance
-    max_turns: int = 6  # QA turns per stage-2 sample (yes/no pairs kept first)
+    max_turns: int = 5  # QA turns per stage-2 sample (yes/no pairs kept first; 5 beat 6, session 8)
     yes_no_per_image: int = 1  # yes/no pairs per training image (evaluation: always one)
     train_hard_share: float = 0.75  # share of hard "no" among training yes/no (evaluation: always 0.5)
     short_answer_suffix: bool = False  # append "Answer the question using a single word or phrase."
