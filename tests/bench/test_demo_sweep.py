@@ -1,19 +1,11 @@
 """benchmarks/demo_sweep.py's seed crossing: every variant once per seed, seed-major, so a
 budget cut leaves the same seeds for every variant."""
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def sweep():
-    spec = importlib.util.spec_from_file_location("bench_demo_sweep", ROOT / "benchmarks" / "demo_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def sweep(load_benchmark):
+    return load_benchmark("demo_sweep")
 
 
 def test_parse_seeds_ranges_and_lists(sweep):

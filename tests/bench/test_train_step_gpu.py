@@ -1,6 +1,5 @@
 """benchmarks/train_step.py's GPU mode (`--gpu-shape`): the FLOP formulas, counted by hand and
 by torch's FLOP counter, and the whole code path on the tiny shape on the CPU."""
-import importlib.util
 import json
 import math
 import subprocess
@@ -14,11 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def ts():
-    spec = importlib.util.spec_from_file_location("bench_train_step", ROOT / "benchmarks" / "train_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def ts(load_benchmark):
+    return load_benchmark("train_step")
 
 
 def test_step_flops_counted_by_hand(ts):
