@@ -21,7 +21,8 @@ def add_parsers(sub, groups) -> None:
     p.add_argument("--mode", choices=["bunny", "semdedup"], default="bunny")
     p.add_argument("--eps", type=float, default=0.14, help="semdedup: drop at cosine > 1 - eps")
     p.add_argument("--engine", choices=["local", "ray"], default="local")
-    p.add_argument("--workers", type=int, default=1, help="shards/clusters processed at once (threads or Ray tasks)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="shards/clusters processed at once (threads or Ray tasks); default: one per core")
     p.add_argument("--device", default="cpu",
                    help="cpu (numpy + faiss, default), cuda or cuda:N (assignment and similarity with torch "
                         "on a GPU; same ids), torch-cpu (the torch code on the CPU)")

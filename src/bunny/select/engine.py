@@ -8,6 +8,7 @@ continues a killed run, skipping finished shards and clusters.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,7 @@ class SelectConfig:
     eps: float = 0.14  # semdedup only
     engine: str = "local"  # or "ray"
     device: str = "cpu"  # "cuda[:N]": assignment and similarity with torch on a GPU; "torch-cpu"
-    workers: int = 1
+    workers: int = 0  # tasks at once; 0: one per available core
     address: str | None = None  # ray: join this cluster instead of starting a local one
     renormalize: bool = False
     overwrite: bool = False
@@ -56,6 +57,26 @@ class SelectConfig:
     def result_params(self) -> dict:
         d = asdict(self)
         return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in _RESULT_PARAMS}
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def blas_threads(n: int):
+    """Context manager: BLAS (numpy's and faiss's OpenBLAS) uses at most n threads inside.
+    With W clusters in flight on C cores, C // W threads each: two clusters with one thread
+    each beat one cluster at a time with two (the thresholding and I/O between products
+    then overlap instead of leaving a core idle)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError as exc:  # pragma: no cover - threadpoolctl is in the select extra
+        raise BunnyError("bunny data select needs threadpoolctl: pip install 'bunny[select]'") from exc
+    return threadpool_limits(limits=max(1, n), user_api="blas")
 
 
 class LocalMap:
@@ -144,6 +165,8 @@ def _check_params(cfg: SelectConfig):
         lo, hi = getattr(cfg, name)
         if not 0.0 <= lo <= hi <= 1.0:
             raise BunnyError(f"--{name.replace('_', '-')} {lo} {hi}: need 0 <= lo <= hi <= 1")
+    if cfg.workers < 0:
+        raise BunnyError(f"--workers {cfg.workers}: must be >= 1 (or 0 for one per core)")
     if cfg.n is not None and cfg.n < 0:
         raise BunnyError(f"--n {cfg.n}: must be >= 0")
 
@@ -152,11 +175,12 @@ def select(cfg: SelectConfig) -> dict:
     """Run the coreset selection described by `cfg`; returns report.json's content."""
     _check_params(cfg)
     show = cfg.progress
+    workers = cfg.workers or available_cores()
     t0 = time.perf_counter()
     layout = open_layout(cfg.input, cfg.renormalize)
     clear = _check_out(cfg)
     bar = tqdm(total=2 * layout.rows, desc="check values", unit="row", disable=not show)
-    check_values(layout, progress=bar, workers=cfg.workers)  # bad values fail before the output folder is touched
+    check_values(layout, progress=bar, workers=workers)  # bad values fail before the output folder is touched
     bar.close()
     out = _prepare_out(cfg, clear)
     work = out / "_work"
@@ -167,9 +191,9 @@ def select(cfg: SelectConfig) -> dict:
     if cfg.engine == "ray":
         from bunny.select.ray_engine import RayMap
 
-        mapper = RayMap(cfg.workers, cfg.address)
+        mapper = RayMap(workers, cfg.address)
     else:
-        mapper = LocalMap(cfg.workers)
+        mapper = LocalMap(workers)
     try:
         block = 65536 if cfg.device == "cpu" else 262144
         mapper(assign_shard, [(layout, s.index, centroids, work, block, cfg.device) for s in layout.shards],
@@ -179,10 +203,13 @@ def select(cfg: SelectConfig) -> dict:
             sizes += np.diff(np.load(work / "assign" / f"bounds_{s.index:04d}.npy"))
         atomic_npy(out / "cluster_sizes.npy", sizes)
         t["assign"] = time.perf_counter() - t0 - sum(t.values())
-        batches = _batches(sizes, cfg)
-        params = KernelParams(cfg.mode, cfg.threshold, cfg.eps, device=cfg.device)
-        mapper(run_clusters, [(layout, work, b, centroids, params) for b in batches], "step 1 (dedup)", show,
-               weights=[int(sizes[b].sum()) for b in batches])
+        batches = _batches(sizes, cfg, workers)
+        # Ray tasks (one CPU each) limit BLAS in their own process; here, for the whole stage
+        ray = cfg.engine == "ray"
+        params = KernelParams(cfg.mode, cfg.threshold, cfg.eps, device=cfg.device, blas_threads=1 if ray else 0)
+        with blas_threads(1 if ray else available_cores() // workers):
+            mapper(run_clusters, [(layout, work, b, centroids, params) for b in batches], "step 1 (dedup)", show,
+                   weights=[int(sizes[b].sum()) for b in batches])
     finally:
         mapper.close()
     t["dedup"] = time.perf_counter() - t0 - sum(t.values())
@@ -194,7 +221,7 @@ def select(cfg: SelectConfig) -> dict:
     for c in range(k):
         cs = np.load(work / "clusters" / f"c_{c:07d}.npz")["comp_sizes"]
         comp = np.pad(comp, (0, max(0, len(cs) - len(comp)))) + np.pad(cs, (0, max(0, len(comp) - len(cs))))
-    report = {"params": cfg.result_params(), "engine": cfg.engine, "device": cfg.device, "workers": cfg.workers,
+    report = {"params": cfg.result_params(), "engine": cfg.engine, "device": cfg.device, "workers": workers,
               "input": {"rows": layout.rows, "shards": len(layout.shards), "dim": layout.dim},
               "k": k, "rows_after": {"input": layout.rows, "dedup": steps.n1, "clip": steps.w2.kept,
                                      "centroid": steps.w3.kept, "selected": steps.w4.kept},
@@ -206,9 +233,9 @@ def select(cfg: SelectConfig) -> dict:
     return report
 
 
-def _batches(sizes: np.ndarray, cfg: SelectConfig) -> list[np.ndarray]:
+def _batches(sizes: np.ndarray, cfg: SelectConfig, workers: int) -> list[np.ndarray]:
     """Cluster ids grouped into tasks, largest clusters first (load balance only: the
     result does not depend on the grouping)."""
     order = np.argsort(-sizes, kind="stable")
-    per = cfg.cluster_batch or max(1, len(order) // (4 * max(1, cfg.workers)))
+    per = cfg.cluster_batch or max(1, len(order) // (4 * max(1, workers)))
     return [order[i:i + per] for i in range(0, len(order), per)]

@@ -25,6 +25,7 @@ class KernelParams:
     eps: float = 0.14  # semdedup: drop when cosine > 1 - eps with an earlier-ranked row
     block: int = 65536  # rows per read block during assignment
     device: str = "cpu"  # "cpu": numpy + faiss; "cuda[:N]" / "torch-cpu": torch (gpu.py)
+    blas_threads: int = 0  # > 0: limit BLAS to this many threads in the task's process (Ray)
 
 
 def atomic_save(path: Path, **arrays) -> None:
@@ -147,4 +148,8 @@ def run_cluster(layout: Layout, work: Path, c: int, centroid: np.ndarray, p: Ker
 
 def run_clusters(layout: Layout, work: Path, ids, centroids: np.ndarray, p: KernelParams) -> list[int]:
     """A batch of clusters (the unit of work of one task)."""
+    if p.blas_threads:  # a Ray worker process: it runs one task at a time on one CPU
+        from bunny.select.engine import blas_threads
+
+        blas_threads(p.blas_threads)  # not restored: the limit is for this worker process
     return [run_cluster(layout, work, int(c), centroids[int(c)], p) for c in ids]
