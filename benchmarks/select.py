@@ -188,11 +188,11 @@ def child(spec: dict) -> dict:
         from bunny.select.engine import SelectConfig, select
 
         cfg = SelectConfig(input=spec["root"], out=spec["out"], centroids=str(Path(spec["root"]) / "centroids.npy"),
-                           n=spec.get("n"), engine=spec.get("engine", "local"), workers=spec.get("workers", 1),
+                           n=spec.get("n"), engine=spec.get("engine", "local"), workers=spec.get("workers", 0),
                            overwrite=True, progress=False)
         rep = select(cfg)
         ids = pq.read_table(Path(spec["out"]) / "selected.parquet", columns=["gid"]).column("gid").to_numpy()
-        extra = {"rows_after": rep["rows_after"], "stages": cfg.timings}
+        extra = {"rows_after": rep["rows_after"], "stages": cfg.timings, "workers": rep["workers"]}
     else:
         ids = naive_select(Path(spec["root"]), spec["what"], spec.get("n"))
         extra = {}
