@@ -109,11 +109,8 @@ def run_cluster(layout: Layout, work: Path, c: int, centroid: np.ndarray, p: Ker
     if path.exists():
         return -1
     parts = list(cluster_rows(layout, work, c))
-    if parts:
-        img = np.concatenate([layout.rows_f32(layout.img(s.index), r) for s, r in parts])
-        gid = np.concatenate([s.offset + r for s, r in parts]).astype(np.int64)
-    else:
-        img, gid = np.zeros((0, layout.dim), np.float32), np.zeros(0, np.int64)
+    img = layout.gather_f32(layout.img, parts)
+    gid = np.concatenate([s.offset + r for s, r in parts]).astype(np.int64) if parts else np.zeros(0, np.int64)
     edges = None
     if p.device != "cpu":
         from bunny.select.gpu import torch_edges
@@ -133,12 +130,8 @@ def run_cluster(layout: Layout, work: Path, c: int, centroid: np.ndarray, p: Ker
         keep = rules.keep_semdedup(img, dist, gid, p.eps, edges=edges)
         comp_sizes = np.zeros(1, np.int64)
     # text rows only for survivors: the text matrix is never needed whole
-    txt_parts, at = [], 0
-    for s, r in parts:
-        k = keep[at:at + len(r)]
-        txt_parts.append(layout.rows_f32(layout.txt(s.index), r[k]))
-        at += len(r)
-    txt = np.concatenate(txt_parts) if txt_parts else np.zeros((0, layout.dim), np.float32)
+    ends = np.cumsum([len(r) for _, r in parts], dtype=np.int64)
+    txt = layout.gather_f32(layout.txt, [(s, r[keep[e - len(r):e]]) for (s, r), e in zip(parts, ends)])
     kept = img[keep]
     atomic_save(path, gid=gid[keep], clip=rules.row_dots(kept, txt),
                 cos=rules.centroid_cosine(kept, centroid), size=np.int64(len(gid)),

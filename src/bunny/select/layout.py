@@ -67,6 +67,20 @@ class Layout:
             x = (x / np.where(n > 0, n, 1.0)[:, None]).astype(np.float32)
         return x
 
+    def gather_f32(self, which, parts) -> np.ndarray:
+        """Rows of several shards as one float32 array: `parts` is [(shard, rows)], `which`
+        is `self.img` or `self.txt`. Each part is converted straight into its place in the
+        result (no per-part float32 copies to concatenate)."""
+        out = np.empty((sum(len(r) for _, r in parts), self.dim), np.float32)
+        at = 0
+        for s, r in parts:
+            if self.renormalize:
+                out[at:at + len(r)] = self.rows_f32(which(s.index), r)
+            else:
+                np.copyto(out[at:at + len(r)], which(s.index)[r])
+            at += len(r)
+        return out
+
     def keys(self, shard: int, rows: np.ndarray | None = None) -> np.ndarray:
         keys = np.asarray(self.key_column(shard).to_pylist(), dtype=object)
         return keys if rows is None else keys[rows]

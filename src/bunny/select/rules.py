@@ -16,7 +16,7 @@ REFINE = 2e-4
 # Rows per chunk of the float64 per-row computations: the float64 copies of a chunk stay in
 # cache (whole-cluster copies cost ~4x more in memory traffic). Each row's value is the
 # same whatever the chunking: it is computed from that row alone.
-_ROWS = 1024
+_ROWS = 128
 
 
 def row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -188,7 +188,7 @@ def dense_edges(x: np.ndarray, threshold: float, block: int = 0):
 BOUND_MIN_ROWS = 6000  # below this the full product is about as cheap as building the basis
 _PAIR_COST = 40000.0  # one candidate pair (gather two rows, a dot: ~1 us) in multiply-adds
 _SAMPLE = 768  # rows used to estimate how many pairs each r leaves
-_MOMENT_ROWS = 8192  # rows used for the second-moment matrix
+_MOMENT_ROWS = 4096  # rows used for the second-moment matrix
 
 
 def _bound_slack(r: int, d: int) -> tuple[float, float]:
