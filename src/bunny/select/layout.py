@@ -203,7 +203,12 @@ def _check_part(layout: Layout, s: Shard, kind: str, block: int):
     return None, bad, first
 
 
-def check_values(layout: Layout, block: int = 16384, progress=None, workers: int = 1) -> int:
+# Rows per block of the value check: a 1024-row float32 block (3 MB at d 768) stays in
+# cache between its conversion and its norms, ~1.8x faster than 16k-row blocks.
+CHECK_ROWS = 1024
+
+
+def check_values(layout: Layout, block: int = CHECK_ROWS, progress=None, workers: int = 1) -> int:
     """Stream every row once: NaN/inf are errors naming shard and row; rows that are not
     unit-norm give one warning (with a count) unless the layout renormalises.
     Zero rows cannot be renormalised and are errors when renormalising. Returns the
