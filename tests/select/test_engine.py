@@ -68,6 +68,21 @@ def test_workers_and_batching_do_not_change_output(make_input, tmp_path):
         assert ta[f].equals(tb[f]), f
 
 
+def test_default_workers_one_per_core_and_blas_threads_restored(make_input, tmp_path):
+    """workers=0 (the default) runs one cluster per available core, each with C // W BLAS
+    threads; the caller's BLAS thread count is back afterwards."""
+    from threadpoolctl import threadpool_info
+
+    from bunny.select.engine import available_cores
+
+    before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    rep = run(make_input(seed=6), tmp_path / "o", k=4, seed=1)
+    assert rep["workers"] == available_cores()
+    assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == before
+    with pytest.raises(Exception, match=r"--workers -1: must be >= 1 \(or 0 for one per core\)"):
+        run(make_input(seed=6), tmp_path / "bad", k=4, workers=-1)
+
+
 def test_resume_after_kill(make_input, tmp_path, monkeypatch):
     inp = make_input(seed=5)
     run(inp, tmp_path / "ref", k=5, seed=3, n=30)

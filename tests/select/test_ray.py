@@ -15,3 +15,24 @@ def test_ray_equals_embedded(make_input, tmp_path):
     assert ray["rows_after"] == local["rows_after"]
     for f in FILES:
         assert pq.read_table(tmp_path / "l" / f).equals(pq.read_table(tmp_path / "r" / f)), f
+
+
+def test_ray_bad_input_fails_before_any_output_and_stops_ray(tmp_path):
+    """Ray starts while the value check runs (engine._ray_during_check): a bad row still
+    fails with the shard and row named, nothing is written, and the local Ray is shut down."""
+    import numpy as np
+    import pytest
+    import ray as ray_mod
+
+    from bunny.errors import BunnyError
+    from selhelp import unit, write_layout
+
+    rng = np.random.default_rng(0)
+    img = unit(rng.normal(size=(12, 8)))
+    img[5, 2] = np.nan
+    inp = write_layout(tmp_path / "in", [unit(rng.normal(size=(6, 8))), img],
+                       [unit(rng.normal(size=(6, 8))), unit(rng.normal(size=(12, 8)))], dtype=np.float32)
+    with pytest.raises(BunnyError, match=r"shard 1 img_emb row 5 \(gid 11\): NaN or infinite"):
+        select(SelectConfig(input=str(inp), out=str(tmp_path / "o"), k=2, engine="ray", workers=2, progress=False))
+    assert not (tmp_path / "o").exists()
+    assert not ray_mod.is_initialized()

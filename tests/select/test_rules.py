@@ -140,3 +140,46 @@ def test_select_hot_path_imports_no_torch():
     code = ("import sys, bunny.select.engine, bunny.select.cli, bunny.select.report; "
             "print('torch' in sys.modules or 'bunny.model' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("block", [0, 7, 64])
+def test_tiles_cover_the_upper_triangle_exactly_once(block, monkeypatch):
+    """Tiles of `block` rows x 4*block columns: every pair i < j is looked at once, so the
+    edges (with and without the pruning bound) are those of the float64 matrix."""
+    rng = np.random.default_rng(11)
+    x = unit(rng.normal(size=(4, 12))[rng.integers(4, size=301)] + 0.5 * rng.normal(size=(301, 12))).astype(np.float32)
+    sim = x.astype(np.float64) @ x.astype(np.float64).T
+    iu = np.triu_indices(len(x), 1)
+    want = sorted(zip(*(a[sim[iu] > 0.86] for a in iu)))
+    assert 100 < len(want) < len(iu[0]) // 2
+    for edges in (rules.dense_edges(x, 0.86, block=block),
+                  rules.bounded_edges(x, 0.86, rules.bound_plan(x, 0.86, rank=5), block=block)):
+        got = [(int(i), int(j)) for a, b in edges for i, j in zip(a, b)]
+        assert sorted(got) == want and len(set(got)) == len(got)
+
+
+def test_collapse_identical_survives_hash_collisions(monkeypatch):
+    """Rows are grouped by a 64-bit hash and then compared bytewise: when every row hashes
+    alike, the bytewise fallback still gives the exact groups."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(50, 6)).astype(np.float32)[rng.integers(50, size=200)]
+    want = rules.collapse_identical(x)
+    monkeypatch.setattr(rules, "_HASH_MULT", np.zeros(4, np.uint64))
+    got = rules.collapse_identical(x)
+    assert all(np.array_equal(a, b) for a, b in zip(want, got))
+    first, inv = got
+    assert np.array_equal(x[first][inv], x) and len(first) == len(np.unique(x, axis=0))
+
+
+def test_per_row_values_do_not_depend_on_chunking():
+    """row_dots / centroid_distance / centroid_cosine work in chunks of _ROWS rows; each
+    row's value is the unchunked formula's, bit for bit."""
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(2, 3 * rules._ROWS + 5, 40)).astype(np.float32)
+    c = rng.normal(size=40).astype(np.float32)
+    a64, b64, c64 = a.astype(np.float64), b.astype(np.float64), c.astype(np.float64)
+    assert np.array_equal(rules.row_dots(a, b), (a64 * b64).sum(axis=1).astype(np.float32))
+    assert np.array_equal(rules.centroid_distance(a, c), np.sqrt(((a64 - c64) ** 2).sum(axis=1)))
+    chat = c64 / np.linalg.norm(c64)
+    assert np.array_equal(rules.centroid_cosine(a, c), (a64 * chat).sum(axis=1).astype(np.float32))
+    assert np.array_equal(rules.row_dots(a[7:8], b[7:8]), rules.row_dots(a, b)[7:8])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -179,22 +180,19 @@ def select(cfg: SelectConfig) -> dict:
     t0 = time.perf_counter()
     layout = open_layout(cfg.input, cfg.renormalize)
     clear = _check_out(cfg)
-    bar = tqdm(total=2 * layout.rows, desc="check values", unit="row", disable=not show)
-    check_values(layout, progress=bar, workers=workers)  # bad values fail before the output folder is touched
-    bar.close()
-    out = _prepare_out(cfg, clear)
-    work = out / "_work"
-    t = {"check": time.perf_counter() - t0}
-    centroids = _centroids(cfg, layout, out, show)
-    k = len(centroids)
-    t["centroids"] = time.perf_counter() - t0 - sum(t.values())
+    # bad values fail before the output folder is touched
     if cfg.engine == "ray":
-        from bunny.select.ray_engine import RayMap
-
-        mapper = RayMap(workers, cfg.address)
+        mapper = _ray_during_check(layout, workers, cfg.address, show)
     else:
+        _check(layout, workers, show)
         mapper = LocalMap(workers)
+    t = {"check": time.perf_counter() - t0}
     try:
+        out = _prepare_out(cfg, clear)
+        work = out / "_work"
+        centroids = _centroids(cfg, layout, out, show)
+        k = len(centroids)
+        t["centroids"] = time.perf_counter() - t0 - sum(t.values())
         block = 65536 if cfg.device == "cpu" else 262144
         mapper(assign_shard, [(layout, s.index, centroids, work, block, cfg.device) for s in layout.shards],
                "assign", show, weights=[s.rows for s in layout.shards])
@@ -210,8 +208,21 @@ def select(cfg: SelectConfig) -> dict:
         with blas_threads(1 if ray else available_cores() // workers):
             mapper(run_clusters, [(layout, work, b, centroids, params) for b in batches], "step 1 (dedup)", show,
                    weights=[int(sizes[b].sum()) for b in batches])
-    finally:
+    except BaseException:
         mapper.close()
+        raise
+    # steps 2-4 need no engine: Ray shuts down (~1.3 s) in the background meanwhile
+    closing = threading.Thread(target=mapper.close, name="select-engine-close")
+    closing.start()
+    try:
+        return _finish(cfg, layout, out, work, k, workers, t, t0, show)
+    finally:
+        closing.join()
+
+
+def _finish(cfg: SelectConfig, layout, out: Path, work: Path, k: int, workers: int, t: dict, t0: float,
+            show: bool) -> dict:
+    """Steps 2-4, the output files and report.json."""
     t["dedup"] = time.perf_counter() - t0 - sum(t.values())
     steps = Steps(work, k, cfg.clip_window, cfg.centroid_window, cfg.n, cfg.seed, show)
     t["windows"] = time.perf_counter() - t0 - sum(t.values())
@@ -231,6 +242,35 @@ def select(cfg: SelectConfig) -> dict:
     write_json(out / "report.json", report)
     cfg.timings.update(t)
     return report
+
+
+def _check(layout, workers: int, show: bool) -> None:
+    bar = tqdm(total=2 * layout.rows, desc="check values", unit="row", disable=not show)
+    try:
+        check_values(layout, progress=bar, workers=workers)
+    finally:
+        bar.close()
+
+
+def _ray_during_check(layout, workers: int, address: str | None, show: bool):
+    """RayMap, started while the value check runs in a thread: Ray's start-up (~3 s on a
+    2-core machine) is mostly waiting for its processes, so the two overlap. A failed
+    check shuts Ray down again and raises the check's error."""
+    from bunny.select.ray_engine import RayMap
+
+    with ThreadPoolExecutor(1) as pool:
+        check = pool.submit(_check, layout, workers, show)
+        try:
+            mapper = RayMap(workers, address)
+        except BaseException:
+            check.result()  # a bad input is the error to report first
+            raise
+        try:
+            check.result()
+        except BaseException:
+            mapper.close()
+            raise
+    return mapper
 
 
 def _batches(sizes: np.ndarray, cfg: SelectConfig, workers: int) -> list[np.ndarray]:
