@@ -122,7 +122,7 @@ def run_cluster(layout: Layout, work: Path, c: int, centroid: np.ndarray, p: Ker
         # the distance only orders members of a component: singletons need none
         dist = np.zeros(len(labels))
         multi = np.flatnonzero(size[labels] > 1)
-        dist[multi] = rules.centroid_distance(img[multi], centroid)
+        dist[multi] = rules.centroid_distance(img, centroid, multi)
         keep = rules.keep_upper_median(labels, dist, gid)
         comp_sizes = np.bincount(size[size > 0]) if len(labels) else np.zeros(1, np.int64)
     else:
@@ -132,9 +132,9 @@ def run_cluster(layout: Layout, work: Path, c: int, centroid: np.ndarray, p: Ker
     # text rows only for survivors: the text matrix is never needed whole
     ends = np.cumsum([len(r) for _, r in parts], dtype=np.int64)
     txt = layout.gather_f32(layout.txt, [(s, r[keep[e - len(r):e]]) for (s, r), e in zip(parts, ends)])
-    kept = img[keep]
-    atomic_save(path, gid=gid[keep], clip=rules.row_dots(kept, txt),
-                cos=rules.centroid_cosine(kept, centroid), size=np.int64(len(gid)),
+    kept = np.flatnonzero(keep)
+    atomic_save(path, gid=gid[kept], clip=rules.row_dots(img, txt, kept),
+                cos=rules.centroid_cosine(img, centroid, kept), size=np.int64(len(gid)),
                 comp_sizes=comp_sizes.astype(np.int64))
     return len(gid)
 

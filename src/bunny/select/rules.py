@@ -19,16 +19,25 @@ REFINE = 2e-4
 _ROWS = 128
 
 
-def row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(n,) dot of matching rows of two (n, d) arrays: exact float64 products, float64 sum,
-    rounded to float32. Used for image-text scores and centroid cosines. `b` may be one
-    (d,) row, shared by every row of `a`."""
-    out = np.empty(len(a), np.float32)
+def _chunks(n: int, rows: np.ndarray | None):
+    """(out slice, row selector) pairs over n rows (or over `rows` of the array) in
+    chunks of _ROWS: the per-row functions gather a chunk at a time instead of copying
+    every selected row first."""
+    for s in range(0, n, _ROWS):
+        yield slice(s, s + _ROWS), (slice(s, s + _ROWS) if rows is None else rows[s:s + _ROWS])
+
+
+def row_dots(a: np.ndarray, b: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """(n,) dot of matching rows of a[rows] (all of `a` when rows is None) and b: exact
+    float64 products, float64 sum, rounded to float32. Used for image-text scores and
+    centroid cosines. `b` may be one (d,) row, shared by every row."""
+    n = len(a) if rows is None else len(rows)
+    out = np.empty(n, np.float32)
     shared = b.ndim == 1
     b64 = b.astype(np.float64) if shared else None
-    for s in range(0, len(a), _ROWS):
-        bb = b64 if shared else b[s:s + _ROWS].astype(np.float64)
-        out[s:s + _ROWS] = (a[s:s + _ROWS].astype(np.float64) * bb).sum(axis=1)
+    for o, r in _chunks(n, rows):
+        bb = b64 if shared else b[o].astype(np.float64)
+        out[o] = (a[r].astype(np.float64) * bb).sum(axis=1)
     return out
 
 
@@ -37,22 +46,24 @@ def pair_dots(x: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     return (x[i].astype(np.float64) * x[j].astype(np.float64)).sum(axis=1)
 
 
-def centroid_distance(x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """(n,) Euclidean distance of each row to centroid c, from that row alone (no
-    |x|^2 - 2x.c + |c|^2 expansion), so bit-identical rows tie exactly."""
+def centroid_distance(x: np.ndarray, c: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """(n,) Euclidean distance of each row of x[rows] (all of x when rows is None) to
+    centroid c, from that row alone (no |x|^2 - 2x.c + |c|^2 expansion), so bit-identical
+    rows tie exactly."""
     c64 = c.astype(np.float64)
-    out = np.empty(len(x))
-    for s in range(0, len(x), _ROWS):
-        diff = x[s:s + _ROWS].astype(np.float64) - c64
-        out[s:s + _ROWS] = np.sqrt((diff * diff).sum(axis=1))
+    n = len(x) if rows is None else len(rows)
+    out = np.empty(n)
+    for o, r in _chunks(n, rows):
+        diff = x[r].astype(np.float64) - c64
+        out[o] = np.sqrt((diff * diff).sum(axis=1))
     return out
 
 
-def centroid_cosine(x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """(n,) float32 cosine between each row and the L2-normalised centroid."""
+def centroid_cosine(x: np.ndarray, c: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """(n,) float32 cosine between each row of x[rows] and the L2-normalised centroid."""
     c64 = c.astype(np.float64)
     chat = c64 / np.linalg.norm(c64)
-    return row_dots(x, chat)
+    return row_dots(x, chat, rows)
 
 
 _HASH_MULT = (np.random.default_rng(0x5EED).integers(0, 2**63, size=4096, dtype=np.uint64) * 2 + 1)
@@ -227,15 +238,20 @@ def bound_plan(x: np.ndarray, threshold: float, rank: int | None = None):
     z = s @ vec[:, : d // 2].astype(np.float32)
     nn = np.einsum("ij,ij->i", s, s).astype(np.float64)
     cum = np.cumsum(z.astype(np.float64) ** 2, axis=1)
-    upper = np.flatnonzero(np.triu(np.ones((len(s), len(s)), bool), 1))
-    dots = np.zeros((len(s), len(s)), np.float32)
+    m = len(s)
+    pairs = m * (m - 1) // 2
+    dots = np.zeros((m, m), np.float32)
     best, best_cost, r0 = None, 0.7 * d, 0  # dense: d multiply-adds per pair
     for r in range(32, d // 2 + 1, 16):
+        if r + 1 >= best_cost:  # products alone already cost more than the best plan
+            break
         dots += z[:, r0:r] @ z[:, r0:r].T
         r0 = r
         b = np.sqrt(np.maximum(nn - cum[:, r - 1], 0.0)).astype(np.float32)
-        ub = (dots + b[:, None] * b[None, :]).ravel()[upper]
-        frac = float(np.count_nonzero(ub > threshold - _bound_slack(r, d)[0] * nn.max())) / len(upper)
+        # the whole symmetric matrix: each pair twice, plus the m diagonal entries
+        # (|x|^2 >= any cut below 1, so always above)
+        above = np.count_nonzero(dots + b[:, None] * b[None, :] > threshold - _bound_slack(r, d)[0] * nn.max())
+        frac = max(0, above - m) / 2 / pairs
         cost = r + 1 + frac * _PAIR_COST
         if cost < best_cost:
             best, best_cost = r, cost
