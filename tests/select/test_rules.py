@@ -143,7 +143,7 @@ def test_select_hot_path_imports_no_torch():
 
 
 @pytest.mark.parametrize("block", [0, 7, 64])
-def test_tiles_cover_the_upper_triangle_exactly_once(block, monkeypatch):
+def test_tiles_cover_the_upper_triangle_exactly_once(block):
     """Tiles of `block` rows x 4*block columns: every pair i < j is looked at once, so the
     edges (with and without the pruning bound) are those of the float64 matrix."""
     rng = np.random.default_rng(11)

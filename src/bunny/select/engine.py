@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from bunny.errors import BunnyError
 from bunny.select import assign as assign_mod
-from bunny.select.kernel import KernelParams, assign_shard, atomic_npy, run_clusters
+from bunny.select.kernel import KernelParams, assign_shard, atomic_npy, blas_threads, run_clusters
 from bunny.select.layout import check_values, open_layout
 from bunny.select.output import Steps, window_scores, write_json, write_outputs
 
@@ -66,18 +66,6 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
-
-
-def blas_threads(n: int):
-    """Context manager: BLAS (numpy's and faiss's OpenBLAS) uses at most n threads inside.
-    With W clusters in flight on C cores, C // W threads each: two clusters with one thread
-    each beat one cluster at a time with two (the thresholding and I/O between products
-    then overlap instead of leaving a core idle)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError as exc:  # pragma: no cover - threadpoolctl is in the select extra
-        raise BunnyError("bunny data select needs threadpoolctl: pip install 'bunny[select]'") from exc
-    return threadpool_limits(limits=max(1, n), user_api="blas")
 
 
 class LocalMap:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bunny.errors import BunnyError
 from bunny.select import rules
 from bunny.select.assign import Assigner
 from bunny.select.layout import Layout, open_npy
@@ -139,10 +140,20 @@ def run_cluster(layout: Layout, work: Path, c: int, centroid: np.ndarray, p: Ker
     return len(gid)
 
 
+def blas_threads(n: int):
+    """Context manager: BLAS (numpy's and faiss's OpenBLAS) uses at most n threads inside.
+    With W clusters in flight on C cores, C // W threads each: two clusters with one thread
+    each beat one cluster at a time with two (the thresholding and I/O between products
+    then overlap instead of leaving a core idle)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError as exc:  # pragma: no cover - threadpoolctl is in the select extra
+        raise BunnyError("bunny data select needs threadpoolctl: pip install 'bunny[select]'") from exc
+    return threadpool_limits(limits=max(1, n), user_api="blas")
+
+
 def run_clusters(layout: Layout, work: Path, ids, centroids: np.ndarray, p: KernelParams) -> list[int]:
     """A batch of clusters (the unit of work of one task)."""
     if p.blas_threads:  # a Ray worker process: it runs one task at a time on one CPU
-        from bunny.select.engine import blas_threads
-
         blas_threads(p.blas_threads)  # not restored: the limit is for this worker process
     return [run_cluster(layout, work, int(c), centroids[int(c)], p) for c in ids]

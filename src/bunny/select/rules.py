@@ -229,8 +229,8 @@ def bound_plan(x: np.ndarray, threshold: float, rank: int | None = None):
         return None
     # second moments (BLAS syrk) of at most _MOMENT_ROWS evenly spaced rows: the basis only
     # steers the pruning, so a sample that finds the same leading directions is enough
-    m = x[:: max(1, n // _MOMENT_ROWS)]
-    _, vec = np.linalg.eigh((m.T @ m).astype(np.float64))
+    sub = x[:: max(1, n // _MOMENT_ROWS)]
+    _, vec = np.linalg.eigh((sub.T @ sub).astype(np.float64))
     vec = vec[:, ::-1]  # largest eigenvalue first; orthonormal to ~1e-15
     if rank is not None:
         return np.ascontiguousarray(vec[:, :rank], dtype=np.float32), rank
@@ -281,8 +281,8 @@ def bounded_edges(x: np.ndarray, threshold: float, plan, block: int = 0):
         ii, jj = _above(s, cut)
         ii, jj = ii + a, jj + c
         v = np.empty(len(ii), np.float32)
-        for c in range(0, len(ii), 1024):  # float32 dots, error < REFINE for unit rows
-            v[c:c + 1024] = np.einsum("ij,ij->i", x[ii[c:c + 1024]], x[jj[c:c + 1024]])
+        for q in range(0, len(ii), 1024):  # float32 dots, error < REFINE for unit rows
+            v[q:q + 1024] = np.einsum("ij,ij->i", x[ii[q:q + 1024]], x[jj[q:q + 1024]])
         yield _decide(x, ii, jj, v, threshold)
 
 
