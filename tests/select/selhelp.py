@@ -30,6 +30,23 @@ def unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+def edge_set(gen):
+    """{(i, j)} of an edge generator's (i, j) arrays."""
+    return {(int(i), int(j)) for a, b in gen for i, j in zip(a, b)}
+
+
+def cluster_like(rng, n, d, spread=0.6):
+    """A cluster: mean direction plus noise with a decaying spectrum, 30% near-duplicates
+    (some bit-identical), float16 as stored."""
+    scale = 1.0 / np.sqrt(np.arange(1, d + 1))
+    base = np.eye(d)[0] * 1.0 + spread * rng.normal(size=(n, d)) * scale / np.linalg.norm(scale)
+    src, dst = rng.integers(n, size=n // 3), rng.choice(n, n // 3, replace=False)
+    base[dst] = base[src] + 0.1 * rng.normal(size=(n // 3, d)) / np.sqrt(d)
+    x = unit(base).astype(np.float16).astype(np.float32)
+    x[dst[:20]] = x[src[:20]]
+    return x
+
+
 def synthetic(rng, n, d, groups=4, dup_frac=0.3):
     """Rows around `groups` directions, with near-duplicates and exact duplicates."""
     centers = unit(rng.normal(size=(groups, d)))

@@ -7,15 +7,11 @@ import pytest
 from bunny.select import rules
 from bunny.select.assign import Assigner
 from bunny.select.engine import SelectConfig, select
-from selhelp import unit
+from selhelp import cluster_like, edge_set, unit
 
 torch = pytest.importorskip("torch")
 DEVICES = ["torch-cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FILES = ["selected.parquet", "stages/dedup.parquet", "stages/clip.parquet", "stages/centroid.parquet"]
-
-
-def edge_set(gen):
-    return {(int(i), int(j)) for a, b in gen for i, j in zip(a, b)}
 
 
 def chain():
@@ -73,18 +69,6 @@ def test_torch_assignment_equals_faiss(device):
     x = unit(c[rng.integers(40, size=3000)] + 0.8 * rng.normal(size=(3000, 32))).astype(np.float32)
     x[:20] = (c[3] + c[7]) / np.linalg.norm(c[3] + c[7])  # equidistant rows
     assert np.array_equal(TorchAssigner(c, device)(x), Assigner(c)(x))
-
-
-def cluster_like(rng, n, d, spread=0.6):
-    """A cluster: mean direction plus noise with a decaying spectrum, 30% near-duplicates
-    (some bit-identical), float16 as stored."""
-    scale = 1.0 / np.sqrt(np.arange(1, d + 1))
-    base = np.eye(d)[0] * 1.0 + spread * rng.normal(size=(n, d)) * scale / np.linalg.norm(scale)
-    src, dst = rng.integers(n, size=n // 3), rng.choice(n, n // 3, replace=False)
-    base[dst] = base[src] + 0.1 * rng.normal(size=(n // 3, d)) / np.sqrt(d)
-    x = unit(base).astype(np.float16).astype(np.float32)
-    x[dst[:20]] = x[src[:20]]
-    return x
 
 
 def test_pruned_kernel_equals_full_product(monkeypatch):

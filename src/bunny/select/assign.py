@@ -95,21 +95,28 @@ class _NumpyIndex:
 
 class Assigner:
     """Nearest centroid of each row; holds a faiss flat index over the centroids (or its
-    numpy equivalent when faiss is not installed: same labels)."""
+    numpy equivalent when faiss is not installed: same labels). `threads` > 0 sets the
+    OpenMP threads of faiss's search for the calling thread only (OpenMP's thread count is
+    per thread: a process-wide limit set elsewhere does not reach worker threads)."""
 
-    def __init__(self, centroids: np.ndarray):
+    def __init__(self, centroids: np.ndarray, threads: int = 0):
         self.c = centroids
+        self.threads = threads
+        self.faiss = None
         try:
             import faiss
         except ImportError:
             self.index = _NumpyIndex(centroids)
         else:
+            self.faiss = faiss
             self.index = faiss.IndexFlatL2(centroids.shape[1])
             self.index.add(centroids)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """(n,) int32 cluster of each float32 row."""
         kk = min(2, len(self.c))
+        if self.faiss is not None and self.threads > 0:
+            self.faiss.omp_set_num_threads(self.threads)
         dist, idx = self.index.search(np.ascontiguousarray(x, dtype=np.float32), kk)
         best = idx[:, 0].astype(np.int32)
         if kk > 1:

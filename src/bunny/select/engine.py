@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from bunny.errors import BunnyError
 from bunny.select import assign as assign_mod
+from bunny.select import rules
 from bunny.select.kernel import KernelParams, assign_shard, atomic_npy, blas_threads, run_clusters
 from bunny.select.layout import check_values, open_layout
 from bunny.select.output import Steps, window_scores, write_json, write_outputs
@@ -45,6 +46,7 @@ class SelectConfig:
     eps: float = 0.14  # semdedup only
     engine: str = "local"  # or "ray"
     device: str = "cpu"  # "cuda[:N]": assignment and similarity with torch on a GPU; "torch-cpu"
+    products: str = "int8"  # device cpu: products of step 1's pruning bound, "int8" or "float32" (same ids)
     workers: int = 0  # tasks at once; 0: one per available core
     address: str | None = None  # ray: join this cluster instead of starting a local one
     renormalize: bool = False
@@ -142,6 +144,8 @@ def _centroids(cfg: SelectConfig, layout, out: Path, show: bool) -> np.ndarray:
 def _check_params(cfg: SelectConfig):
     if cfg.mode not in ("bunny", "semdedup"):
         raise BunnyError(f"--mode {cfg.mode!r}: choose one of bunny, semdedup")
+    if cfg.products not in rules.PRODUCTS:
+        raise BunnyError(f"--products {cfg.products!r}: choose one of {', '.join(rules.PRODUCTS)}")
     if cfg.engine not in ("local", "ray"):
         raise BunnyError(f"--engine {cfg.engine!r}: choose one of local, ray")
     if cfg.device != "cpu":
@@ -182,8 +186,10 @@ def select(cfg: SelectConfig) -> dict:
         k = len(centroids)
         t["centroids"] = time.perf_counter() - t0 - sum(t.values())
         block = 65536 if cfg.device == "cpu" else 262144
-        mapper(assign_shard, [(layout, s.index, centroids, work, block, cfg.device) for s in layout.shards],
-               "assign", show, weights=[s.rows for s in layout.shards])
+        threads = 1 if cfg.engine == "ray" else max(1, available_cores() // workers)
+        with blas_threads(threads):  # Ray tasks limit their own process (KernelParams.blas_threads)
+            mapper(assign_shard, [(layout, s.index, centroids, work, block, cfg.device, threads) for s in layout.shards],
+                   "assign", show, weights=[s.rows for s in layout.shards])
         sizes = np.zeros(k, np.int64)
         for s in layout.shards:
             sizes += np.diff(np.load(work / "assign" / f"bounds_{s.index:04d}.npy"))
@@ -192,8 +198,9 @@ def select(cfg: SelectConfig) -> dict:
         batches = _batches(sizes, cfg, workers)
         # Ray tasks (one CPU each) limit BLAS in their own process; here, for the whole stage
         ray = cfg.engine == "ray"
-        params = KernelParams(cfg.mode, cfg.threshold, cfg.eps, device=cfg.device, blas_threads=1 if ray else 0)
-        with blas_threads(1 if ray else available_cores() // workers):
+        params = KernelParams(cfg.mode, cfg.threshold, cfg.eps, device=cfg.device, products=cfg.products,
+                              threads=threads, blas_threads=1 if ray else 0)
+        with blas_threads(threads):
             mapper(run_clusters, [(layout, work, b, centroids, params) for b in batches], "step 1 (dedup)", show,
                    weights=[int(sizes[b].sum()) for b in batches])
     except BaseException:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,8 @@ class KernelParams:
     eps: float = 0.14  # semdedup: drop when cosine > 1 - eps with an earlier-ranked row
     block: int = 65536  # rows per read block during assignment
     device: str = "cpu"  # "cpu": numpy + faiss; "cuda[:N]" / "torch-cpu": torch (gpu.py)
+    products: str = "int8"  # device "cpu": products of the pruning bound (rules.similarity_edges)
+    threads: int = 1  # threads of each int8 product (cores per cluster in flight)
     blas_threads: int = 0  # > 0: limit BLAS to this many threads in the task's process (Ray)
 
 
@@ -44,21 +47,22 @@ def atomic_npy(path: Path, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def make_assigner(centroids: np.ndarray, device: str = "cpu"):
+def make_assigner(centroids: np.ndarray, device: str = "cpu", threads: int = 0):
     if device == "cpu":
-        return Assigner(centroids)
+        return Assigner(centroids, threads)
     from bunny.select.gpu import TorchAssigner
 
     return TorchAssigner(centroids, device)
 
 
 def assign_shard(layout: Layout, shard: int, centroids: np.ndarray, work: Path, block: int = 65536,
-                 device: str = "cpu") -> int:
-    """Assign every row of one shard; write its order/bounds files. Skips finished shards."""
+                 device: str = "cpu", threads: int = 0) -> int:
+    """Assign every row of one shard; write its order/bounds files. Skips finished shards.
+    `threads` > 0: OpenMP threads of the faiss search in this thread (`Assigner`)."""
     bounds_path = work / "assign" / f"bounds_{shard:04d}.npy"
     if bounds_path.exists():
         return 0
-    assigner = make_assigner(centroids, device)
+    assigner = make_assigner(centroids, device, threads)
     s = layout.shards[shard]
     img = layout.img(shard)
     labels = np.empty(s.rows, dtype=np.int32)
@@ -112,11 +116,12 @@ def run_cluster(layout: Layout, work: Path, c: int, centroid: np.ndarray, p: Ker
     parts = list(cluster_rows(layout, work, c))
     img = layout.gather_f32(layout.img, parts)
     gid = np.concatenate([s.offset + r for s, r in parts]).astype(np.int64) if parts else np.zeros(0, np.int64)
-    edges = None
     if p.device != "cpu":
         from bunny.select.gpu import torch_edges
 
         edges = torch_edges(p.device)
+    else:
+        edges = partial(rules.similarity_edges, products=p.products, threads=p.threads)
     if p.mode == "bunny":
         labels = rules.components(img, p.threshold, edges=edges)
         size = np.bincount(labels, minlength=len(labels))
@@ -141,15 +146,16 @@ def run_cluster(layout: Layout, work: Path, c: int, centroid: np.ndarray, p: Ker
 
 
 def blas_threads(n: int):
-    """Context manager: BLAS (numpy's and faiss's OpenBLAS) uses at most n threads inside.
-    With W clusters in flight on C cores, C // W threads each: two clusters with one thread
-    each beat one cluster at a time with two (the thresholding and I/O between products
-    then overlap instead of leaving a core idle)."""
+    """Context manager: BLAS (numpy's and faiss's OpenBLAS) and OpenMP (faiss's searches)
+    use at most n threads inside. With W shards or clusters in flight on C cores, C // W
+    threads each: two clusters with one thread each beat one cluster at a time with two (the
+    thresholding and I/O between products then overlap instead of leaving a core idle), and
+    two shards' faiss searches with two OpenMP threads each spin-wait on each other."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError as exc:  # pragma: no cover - threadpoolctl is in the select extra
         raise BunnyError("bunny data select needs threadpoolctl: pip install 'bunny[select]'") from exc
-    return threadpool_limits(limits=max(1, n), user_api="blas")
+    return threadpool_limits(limits=max(1, n))
 
 
 def run_clusters(layout: Layout, work: Path, ids, centroids: np.ndarray, p: KernelParams) -> list[int]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bunny.errors import BunnyError
+from bunny.select.ort_ops import to_float32
 
 _KINDS = {"img": ("img_emb", "img_emb_", ".npy"),
           "txt": ("text_emb", "text_emb_", ".npy"),
@@ -61,7 +62,7 @@ class Layout:
 
         Renormalisation is per row (float64 norm), so it gives the same bits whatever block
         the row is read in."""
-        x = np.asarray(arr[rows], dtype=np.float32)
+        x = to_float32(np.asarray(arr[rows]))
         if self.renormalize:
             n = np.sqrt(np.einsum("ij,ij->i", x.astype(np.float64), x.astype(np.float64)))
             x = (x / np.where(n > 0, n, 1.0)[:, None]).astype(np.float32)
@@ -77,7 +78,7 @@ class Layout:
             if self.renormalize:
                 out[at:at + len(r)] = self.rows_f32(which(s.index), r)
             else:
-                np.copyto(out[at:at + len(r)], which(s.index)[r])
+                to_float32(which(s.index)[r], out[at:at + len(r)])
             at += len(r)
         return out
 
@@ -181,7 +182,7 @@ def _check_part(layout: Layout, s: Shard, kind: str, block: int):
     arr = layout.img(s.index) if kind == "img_emb" else layout.txt(s.index)
     bad, first = 0, None
     for a in range(0, s.rows, block):
-        x = np.asarray(arr[a:a + block], dtype=np.float32)
+        x = to_float32(np.asarray(arr[a:a + block]))
         n2 = np.einsum("ij,ij->i", x, x)  # NaN/inf in a row make its n2 non-finite
         finite = np.isfinite(n2)
         if not finite.all():

@@ -198,7 +198,7 @@ def dense_edges(x: np.ndarray, threshold: float, block: int = 0):
 # pairs that provably have none. Floating point: see `_bound_slack`.
 BOUND_MIN_ROWS = 6000  # below this the full product is about as cheap as building the basis
 _PAIR_COST = 40000.0  # one candidate pair (gather two rows, a dot: ~1 us) in multiply-adds
-_SAMPLE = 768  # rows used to estimate how many pairs each r leaves
+_SAMPLE = 512  # rows used to estimate how many pairs each r leaves (131k pairs)
 _MOMENT_ROWS = 4096  # rows used for the second-moment matrix
 
 
@@ -220,44 +220,80 @@ def _bound_slack(r: int, d: int) -> tuple[float, float]:
     return pair, 2.0 * (2 * c + c * c + gamma(d) + gamma(r) * (1 + c) ** 2)
 
 
-def bound_plan(x: np.ndarray, threshold: float, rank: int | None = None):
-    """(basis (d, r) float32, r) for `bounded_edges`, or None when the full product is
-    expected to be cheaper. Only the speed depends on this choice, never the result
+def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost: float = 1.0,
+              r_max: int | None = None, r_step: int = 16, quantised: bool = False, rank: int | None = None):
+    """(centre or None, basis (d, r) float32, r) for a pruning bound, or None when the full
+    float32 product is expected to be cheaper. The basis: eigenvectors of the second
+    moments of the rows (minus `centre`, the float32 mean, when `centre`). r: the rank
+    whose estimated cost per pair, (r + 1) * col_cost products plus the candidates left on
+    a sample of rows, is least. Only the speed depends on this choice, never the result
     (`rank` forces r, for tests)."""
     n, d = x.shape
     if rank is None and (n < BOUND_MIN_ROWS or d < 64):
         return None
+    mu = x.mean(axis=0, dtype=np.float64).astype(np.float32) if centre else None
     # second moments (BLAS syrk) of at most _MOMENT_ROWS evenly spaced rows: the basis only
     # steers the pruning, so a sample that finds the same leading directions is enough
     sub = x[:: max(1, n // _MOMENT_ROWS)]
+    if centre:
+        sub = sub - mu
     _, vec = np.linalg.eigh((sub.T @ sub).astype(np.float64))
     vec = vec[:, ::-1]  # largest eigenvalue first; orthonormal to ~1e-15
     if rank is not None:
-        return np.ascontiguousarray(vec[:, :rank], dtype=np.float32), rank
+        return mu, np.ascontiguousarray(vec[:, :rank], dtype=np.float32), rank
+    r_max = r_max or d // 2
     s = x[np.linspace(0, n - 1, min(n, _SAMPLE)).astype(np.int64)]
-    z = s @ vec[:, : d // 2].astype(np.float32)
+    m = len(s)
+    dots = np.zeros((m, m), np.float32)  # the bound's exact part, r columns at a time
+    if centre:  # x.y = mu.x + mu.y - |mu|^2 + (x - mu).(y - mu)
+        a = s @ mu - np.float32(mu @ mu)
+        dots += a[:, None]
+        dots += a[None, :]
+        dots += np.float32(mu @ mu)
+        s = s - mu
+    z = s @ vec[:, :r_max].astype(np.float32)
     nn = np.einsum("ij,ij->i", s, s).astype(np.float64)
     cum = np.cumsum(z.astype(np.float64) ** 2, axis=1)
-    m = len(s)
     pairs = m * (m - 1) // 2
-    dots = np.zeros((m, m), np.float32)
+    tot = np.empty((m, m), np.float32)
     best, best_cost, r0 = None, 0.7 * d, 0  # dense: d multiply-adds per pair
-    for r in range(32, d // 2 + 1, 16):
-        if r + 1 >= best_cost:  # products alone already cost more than the best plan
+    for r in range(r_step, r_max + 1, r_step):
+        if (r + 1) * col_cost >= best_cost:  # products alone already cost more than the best plan
             break
         dots += z[:, r0:r] @ z[:, r0:r].T
         r0 = r
         b = np.sqrt(np.maximum(nn - cum[:, r - 1], 0.0)).astype(np.float32)
+        slack = _bound_slack(r, d)[0] * nn.max()
+        if quantised:  # int8: ~2 |x| |e|, |e| ~ sqrt(r / 12) * max|z| / 127 (`int8.quantise`)
+            slack += 2.5 * np.sqrt(nn.max() * (r + 1) / 12) * np.abs(z[:, :r]).max() / 127
+        np.multiply.outer(b, b, out=tot)
+        tot += dots
         # the whole symmetric matrix: each pair twice, plus the m diagonal entries
         # (|x|^2 >= any cut below 1, so always above)
-        above = np.count_nonzero(dots + b[:, None] * b[None, :] > threshold - _bound_slack(r, d)[0] * nn.max())
+        above = np.count_nonzero(tot > threshold - slack)
         frac = max(0, above - m) / 2 / pairs
-        cost = r + 1 + frac * _PAIR_COST
+        cost = (r + 1) * col_cost + frac * _PAIR_COST
         if cost < best_cost:
             best, best_cost = r, cost
         if frac < 1e-4:  # a larger r only adds products
             break
-    return None if best is None else (np.ascontiguousarray(vec[:, :best], dtype=np.float32), best)
+    return None if best is None else (mu, np.ascontiguousarray(vec[:, :best], dtype=np.float32), best)
+
+
+def bound_plan(x: np.ndarray, threshold: float, rank: int | None = None):
+    """(basis (d, r) float32, r) for `bounded_edges` (uncentred, float32 products), or None
+    when the full product is expected to be cheaper (see `plan_rank`)."""
+    got = plan_rank(x, threshold, rank=rank)
+    return None if got is None else got[1:]
+
+
+def decide_candidates(x: np.ndarray, ii: np.ndarray, jj: np.ndarray, threshold: float):
+    """The candidate pairs (ii, jj) that are edges: float32 dots (error < REFINE for unit
+    rows), then `_decide`."""
+    v = np.empty(len(ii), np.float32)
+    for q in range(0, len(ii), 1024):
+        v[q:q + 1024] = np.einsum("ij,ij->i", x[ii[q:q + 1024]], x[jj[q:q + 1024]])
+    return _decide(x, ii, jj, v, threshold)
 
 
 def bounded_edges(x: np.ndarray, threshold: float, plan, block: int = 0):
@@ -279,17 +315,27 @@ def bounded_edges(x: np.ndarray, threshold: float, plan, block: int = 0):
         if c == a:
             _upper(s, a, bb)
         ii, jj = _above(s, cut)
-        ii, jj = ii + a, jj + c
-        v = np.empty(len(ii), np.float32)
-        for q in range(0, len(ii), 1024):  # float32 dots, error < REFINE for unit rows
-            v[q:q + 1024] = np.einsum("ij,ij->i", x[ii[q:q + 1024]], x[jj[q:q + 1024]])
-        yield _decide(x, ii, jj, v, threshold)
+        yield decide_candidates(x, ii + a, jj + c, threshold)
 
 
-def similarity_edges(x: np.ndarray, threshold: float, block: int = 0):
+PRODUCTS = ("int8", "float32")
+
+
+def similarity_edges(x: np.ndarray, threshold: float, block: int = 0, products: str = "int8", threads: int = 1):
     """Yield (i, j) arrays, i < j, of the pairs of rows of x (float32, (n, d)) whose dot
     is strictly greater than `threshold`; exact (see `_decide`). Large clusters use the
-    pruning bound when it pays off, small ones the full upper triangle."""
+    pruning bound when it pays off (with int8 products, `int8.py`, unless `products` is
+    "float32"; `threads` per int8 product), small ones the full upper triangle. The edges
+    never depend on these choices."""
+    if products == "int8":
+        from bunny.select import int8
+
+        plan = int8.plan(x, threshold)
+        if plan is not None:
+            yield from int8.edges(x, threshold, plan, block, threads)
+            return
+    elif products != "float32":
+        raise ValueError(f"products={products!r}: choose one of {', '.join(PRODUCTS)}")
     plan = bound_plan(x, threshold)
     if plan is None:
         yield from dense_edges(x, threshold, block)

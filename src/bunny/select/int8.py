@@ -1,0 +1,190 @@
+"""Exact candidate pairs from int8 products: the Cauchy-Schwarz bound of `rules`, centred
+and quantised, so that each pair costs int8 multiply-adds (`ort_ops`, VNNI: ~3.5x
+float32's rate on one core, docs/benchmarks.md) instead of float32 ones.
+
+For rows x, y of a cluster with float32 mean mu, x~ = x - mu, and an orthonormal basis whose
+first r columns give coordinates z and residual norms b (b >= |x~_B|, as in `rules`):
+
+    x.y = mu.x + mu.y - |mu|^2 + x~.y~,      x~.y~ <= z_x.z_y + b_x b_y + F
+
+(F: float32 rounding, `_float_slack`). Centring turns the large coordinate every row
+shares (the cluster's direction) into per-row terms, so the int8 scale fits the small
+ones. With beta the median of b and d = b - beta, w = (z, d) has
+z_x.z_y + b_x b_y = beta^2 + beta d_x + beta d_y + w_x.w_y. Quantised, w = s q + e with
+q int8 and |q| <= qmax (127, or 63 on CPUs whose kernel saturates: `ort_ops.qmax`):
+
+    w_x.w_y <= s^2 q_x.q_y + M (|e_x| + |e_y|),    M = max over rows of max(|w|, s |q|)
+
+so x.y <= s^2 q_x.q_y + R_x + R_y + C0 with per-row R and a constant C0. A pair can have an
+edge (x.y > t) only if q_x.q_y + P_y >= T_x, with P_y = ceil(R_y / s^2) (+1) and
+T_x = floor((t - C0 - R_x) / s^2) (one unit lower than needed): integers, which enter the
+int8 product itself as extra columns of digits (`_digits`), so each tile is one int8
+product and one comparison with 0. Candidates are then decided exactly like every other
+candidate (`rules._decide`): the quantisation only skips pairs that provably have no edge.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bunny.select import rules
+
+# int8 multiply-adds per float32 one at equal time: onnxruntime's MatMulInteger (VNNI)
+# against numpy's float32 GEMM, one thread: ~237 vs 62-73 GMAC/s measured. Only steers the plan.
+INT8_GAIN = 3.5
+_INT32_SAFE = 2 ** 30  # |q.q| + |P| + |T| stays below this: no int32 overflow in the tile
+
+
+@dataclass(frozen=True)
+class Int8Plan:
+    mu: np.ndarray  # (d,) float32: the centre
+    vec: np.ndarray  # (d, r) float32: the basis's first r columns
+    r: int
+
+
+def plan(x: np.ndarray, threshold: float, rank: int | None = None) -> Int8Plan | None:
+    """The centred basis and rank for `edges`, or None when the full float32 product is
+    expected to be cheaper (only the speed depends on this choice; `rank` forces r)."""
+    got = rules.plan_rank(x, threshold, centre=True, col_cost=1.0 / INT8_GAIN, r_max=3 * x.shape[1] // 4,
+                          r_step=32, quantised=True, rank=rank)
+    if got is None:
+        return None
+    mu, vec, r = got
+    return Int8Plan(mu, vec, r)
+
+
+def _float_slack(r: int, d: int, xt_sq_max: float, mu_norm: float, x_norm_max: float) -> float:
+    """Upper bound of every float32 rounding in x.y's bound, for any pair: the
+    Cauchy-Schwarz part (`rules._bound_slack`, on the rounded centred rows x~' = fl(x - mu)),
+    the centring (|x~' - x~| <= u |x~| per row: 3u |x~|^2 per pair) and the float32 mu.x
+    (gamma_d |mu| |x| per row, two rows), with a factor 2 of headroom on the last two."""
+    u = 2.0 ** -24
+    gamma_d = d * u / (1 - d * u)
+    pair, _ = rules._bound_slack(r, d)
+    return pair * xt_sq_max + 2.0 * (3 * u * xt_sq_max + 2 * gamma_d * mu_norm * x_norm_max)
+
+
+def _digits(v: np.ndarray, base: int) -> np.ndarray:
+    """(n, m+1) int8 digits of int64 v with v = D[:, 0] + base * sum(D[:, 1:], axis=1), each
+    within [-base, base]: the other side of the product holds 1 and m times base (`_weights`)."""
+    hi = np.rint(v / base).astype(np.int64)
+    low = v - base * hi  # within [-base/2, base/2]
+    m = max(1, int(-(-np.abs(hi).max() // base)) if len(hi) else 1)
+    out = np.empty((len(v), m + 1), np.int8)
+    out[:, 0] = low
+    for k in range(m):  # floor((hi + k) / m) over k sums to hi; each within ceil(|hi| / m) <= base
+        out[:, k + 1] = np.floor_divide(hi + k, m)
+    return out
+
+
+def _weights(m1: int, base: int) -> np.ndarray:
+    w = np.full(m1, base, np.int8)
+    w[0] = 1
+    return w
+
+
+def _rows(x: np.ndarray, p: Int8Plan, chunk: int = 1024):
+    """Per row: z (n, r) float32, b (n,) float64 (an upper bound of the residual norm),
+    a = mu.x - |mu|^2 (float64 of a float32 dot), |x~'|^2; in row chunks."""
+    n, d = x.shape
+    r = p.r
+    _, b_raise = rules._bound_slack(r, d)
+    mu2 = float(np.dot(p.mu.astype(np.float64), p.mu.astype(np.float64)))
+    z = np.empty((n, r), np.float32)
+    b, a, nt = np.empty(n), np.empty(n), np.empty(n)
+    for s in range(0, n, chunk):
+        xs = x[s:s + chunk]
+        xt = xs - p.mu
+        zs = xt @ p.vec
+        z[s:s + chunk] = zs
+        nn = np.einsum("ij,ij->i", xt, xt).astype(np.float64)
+        b2 = nn - np.einsum("ij,ij->i", zs, zs).astype(np.float64) + b_raise * nn
+        b[s:s + chunk] = np.sqrt(np.maximum(b2, 0.0)) * (1 + 2.0 ** -20)  # rounded up through float32
+        a[s:s + chunk] = (xs @ p.mu).astype(np.float64) - mu2
+        nt[s:s + chunk] = nn
+    return z, b, a, nt, mu2
+
+
+def quantise(x: np.ndarray, threshold: float, p: Int8Plan, qmax: int = 127, chunk: int = 1024):
+    """(L, R) int8 (n, k), every entry within [-qmax, qmax], with L[i].R[j] >= 0 whenever
+    rows i, j may have an edge; None when the integers would not fit int32 (then the
+    float32 bound is used)."""
+    n, d = x.shape
+    r = p.r
+    z, b, a, nt, mu2 = _rows(x, p, chunk)
+    beta = float(np.median(b)) if n else 0.0
+    delta = b - beta
+    s = max(float(np.abs(z).max(initial=0.0)), float(np.abs(delta).max(initial=0.0))) / qmax
+    if s == 0.0 or not np.isfinite(s):
+        return None
+    q = np.empty((n, r + 1), np.int8)
+    err, big = np.empty(n), np.empty(n)
+    for c in range(0, n, chunk):
+        w = np.empty((len(z[c:c + chunk]), r + 1))
+        w[:, :r] = z[c:c + chunk]
+        w[:, r] = delta[c:c + chunk]
+        qi = np.rint(w / s)  # |w / s| <= qmax (+ rounding): |qi| <= qmax
+        q[c:c + chunk] = qi
+        e = w - s * qi
+        err[c:c + chunk] = np.sqrt(np.einsum("ij,ij->i", e, e))
+        big[c:c + chunk] = np.maximum(np.sqrt(np.einsum("ij,ij->i", w, w)), s * np.sqrt(np.einsum("ij,ij->i", qi, qi)))
+    mx = float(big.max())
+    x_norm_max = float(np.sqrt(np.einsum("ij,ij->i", x, x).max()))
+    c0 = mu2 + beta * beta + _float_slack(r, d, float(nt.max()), np.sqrt(mu2), x_norm_max)
+    row = (a + beta * delta + mx * err) / (s * s)  # R / s^2
+    shift = float(np.rint(np.median(row)))
+    # float64 rounding of these (< 2^31 in size) is far below 1: one unit each way covers it
+    pcol = np.ceil(row).astype(np.int64) + 1 - int(shift)
+    trow = np.floor((threshold - c0) / (s * s) - row).astype(np.int64) - int(shift)
+    g = (r + 1) * qmax * qmax  # |q_x.q_y| <= g
+    lo, hi = int(pcol.min()), int(pcol.max())
+    if max(abs(lo), abs(hi)) > _INT32_SAFE // 4:
+        return None
+    # beyond these T never (resp. always) holds whatever q.q: clipping changes no decision
+    trow = np.clip(trow, -g + lo, g + hi + 1)
+    dp, dt = _digits(pcol, qmax), _digits(-trow, qmax)
+    if dp.shape[1] + dt.shape[1] > (r + 1) // 2:  # the offsets would cost more than they save
+        return None
+    k = r + 1 + dp.shape[1] + dt.shape[1]
+    k8 = -(-k // 8) * 8
+    left = np.zeros((n, k8), np.int8)
+    right = np.zeros((n, k8), np.int8)
+    left[:, :r + 1] = q
+    right[:, :r + 1] = q
+    at = r + 1
+    left[:, at:at + dp.shape[1]] = _weights(dp.shape[1], qmax)
+    right[:, at:at + dp.shape[1]] = dp
+    at += dp.shape[1]
+    left[:, at:at + dt.shape[1]] = dt
+    right[:, at:at + dt.shape[1]] = _weights(dt.shape[1], qmax)
+    return left, right
+
+
+def edges(x: np.ndarray, threshold: float, p: Int8Plan, block: int = 0, threads: int = 1):
+    """`rules.dense_edges`' pairs, found with the quantised bound (with the float32 bound
+    when it cannot be used: see `quantise`). `threads`: of each int8 product."""
+    from bunny.select import ort_ops
+
+    lr = quantise(x, threshold, p, ort_ops.qmax())
+    if lr is None:
+        yield from rules.bounded_edges(x, threshold, rules.bound_plan(x, threshold, rank=p.r), block)
+        return
+    left, right = lr
+    # the product takes (uint8 - 128) on its left: an int8's bits xor 0x80 are that uint8
+    ucols = right.view(np.uint8) ^ np.uint8(0x80)
+    rows = block or rules.TILE_ROWS
+    low = np.int32(np.iinfo(np.int32).min)
+    band, upper = None, None
+    for a, bb, c, e in rules._tiles(len(x), rows):
+        if c == a:  # a new row band: its int8 rows, transposed, for every tile of the band
+            band = np.ascontiguousarray(left[a:bb].T)
+        st = ort_ops.product(ucols[c:e], band, threads)  # st[j, i]: row a + i against column c + j
+        if c == a:  # the band's diagonal square: keep j > i only
+            if upper is None or upper.shape[0] != bb - a:
+                upper = np.triu(np.ones((bb - a, bb - a), dtype=bool))
+            st[: bb - a][upper] = low
+        hit = np.flatnonzero(st.max(axis=1) >= 0)  # columns holding a candidate: a few per tile
+        if len(hit):
+            jj, ii = rules._above(st[hit], -1)  # candidates: >= 0
+            yield rules.decide_candidates(x, ii + a, hit[jj] + c, threshold)

@@ -1,0 +1,110 @@
+"""int8 products for step 1 (int8.py, ort_ops.py): the kernels are exact, and the edges
+found through the quantised bound are exactly the full float product's edges."""
+import numpy as np
+import pytest
+
+from bunny.select import int8, ort_ops, rules
+from bunny.select.engine import SelectConfig, select
+from selhelp import cluster_like, edge_set, unit
+
+
+def test_int8_product_is_exact_on_extreme_values():
+    rng = np.random.default_rng(0)
+    q = ort_ops.qmax()
+    assert q in (127, 63)
+    a = rng.integers(-q, q + 1, size=(37, 200)).astype(np.int8)
+    b = rng.integers(-q, q + 1, size=(200, 23)).astype(np.int8)
+    a[0], b[:, 0] = q, q  # the largest sums, where a saturating kernel would go wrong
+    a[1], b[:, 1] = -q, -q
+    u = a.view(np.uint8) ^ np.uint8(0x80)  # int8 + 128, as the kernel takes it
+    got = ort_ops.product(np.ascontiguousarray(u), b)
+    assert got.dtype == np.int32
+    assert np.array_equal(got, a.astype(np.int64) @ b.astype(np.int64))
+
+
+def test_float16_cast_is_bit_exact_for_every_value():
+    h = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).reshape(32, 2048)
+    got, want = ort_ops.to_float32(h), h.astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    x = np.ones((3, 5), np.float32)  # float32 input is copied as it is
+    assert np.array_equal(ort_ops.to_float32(x), x)
+
+
+def test_digits_represent_every_value():
+    rng = np.random.default_rng(1)
+    v = np.r_[rng.integers(-10**7, 10**7, size=500), 0, 1, -1, 63, -64, 127, 128, -16129, 16129, 10**7]
+    for base in (127, 63):
+        d = int8._digits(v, base)
+        assert np.abs(d.astype(np.int64)).max() <= base
+        assert np.array_equal(d.astype(np.int64) @ int8._weights(d.shape[1], base).astype(np.int64), v)
+
+
+@pytest.mark.parametrize("qmax", [127, 63])
+def test_int8_edges_equal_the_full_product(monkeypatch, qmax):
+    """Any rank gives a valid bound; thresholds on actual pair values check the decision at
+    the boundary; both int8 ranges (63: CPUs whose kernel saturates) are exact."""
+    monkeypatch.setattr(ort_ops, "qmax", lambda: qmax)
+    x = cluster_like(np.random.default_rng(7), 1000, 96)
+    n = len(x)
+    sim = x.astype(np.float64) @ x.astype(np.float64).T
+    near = float(np.sort(sim[np.triu_indices(n, 1)])[-2000])
+    for thr in (0.86, near, float(np.nextafter(near, 2))):
+        want = edge_set(rules.dense_edges(x, thr, block=128))
+        for rank in (4, 24, 72):
+            got = edge_set(int8.edges(x, thr, int8.plan(x, thr, rank=rank), block=128))
+            assert got == want, (thr, rank)
+
+
+def test_int8_plan_on_the_benchmark_kind_of_cluster(monkeypatch):
+    """Isotropic noise around a centre with near-duplicates: the plan picks a rank below d
+    and the edges and components are the full product's."""
+    rng = np.random.default_rng(8)
+    d = 128
+    y = np.eye(d)[0] + rng.normal(size=(2500, d)) / np.sqrt(d)
+    src, dst = rng.integers(2500, size=600), rng.choice(2500, 600, replace=False)
+    y[dst] = y[src] + 0.25 * rng.normal(size=(600, d)) / np.sqrt(d)
+    x = unit(y).astype(np.float16).astype(np.float32)
+    monkeypatch.setattr(rules, "BOUND_MIN_ROWS", 100)
+    plan = int8.plan(x, 0.86)
+    assert plan is not None and plan.r < d
+    u = x[rules.collapse_identical(x)[0]]
+    assert edge_set(rules.similarity_edges(u, 0.86)) == edge_set(rules.dense_edges(u, 0.86))
+    assert edge_set(rules.similarity_edges(u, 0.86, products="float32")) == edge_set(rules.dense_edges(u, 0.86))
+    assert np.array_equal(rules.components(x, 0.86), rules.components(x, 0.86, edges=rules.dense_edges))
+
+
+def test_int8_falls_back_to_the_float_bound_when_integers_would_overflow(monkeypatch):
+    x = cluster_like(np.random.default_rng(9), 600, 64)
+    p = int8.plan(x, 0.86, rank=16)
+    assert int8.quantise(x, 0.86, p) is not None
+    monkeypatch.setattr(int8, "_INT32_SAFE", 4)
+    assert int8.quantise(x, 0.86, p) is None
+    assert edge_set(int8.edges(x, 0.86, p, block=64)) == edge_set(rules.dense_edges(x, 0.86, block=64))
+
+
+def test_unknown_products_are_refused(make_input, tmp_path):
+    from bunny.errors import BunnyError
+
+    with pytest.raises(ValueError, match="products"):
+        list(rules.similarity_edges(np.eye(3, dtype=np.float32), 0.5, products="int4"))
+    with pytest.raises(BunnyError, match="--products"):
+        select(SelectConfig(input=str(make_input()), out=str(tmp_path / "o"), k=3, products="int4", progress=False))
+
+
+def test_select_with_float32_products_is_identical(make_input, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(rules, "BOUND_MIN_ROWS", 50)  # the pruned paths on this small input
+    runs = []
+    edges = int8.edges
+    monkeypatch.setattr(int8, "edges", lambda *a, **k: runs.append(1) or edges(*a, **k))
+    inp = make_input(shard_sizes=(330, 290, 310), d=64, seed=12)
+    a = select(SelectConfig(input=str(inp), out=str(tmp_path / "a"), k=3, seed=1, n=40, progress=False))
+    assert runs  # a cluster went through the int8 bound (the plan takes the full product for others)
+    b = select(SelectConfig(input=str(inp), out=str(tmp_path / "b"), k=3, seed=1, n=40, products="float32",
+                            progress=False))
+    assert a["rows_after"] == b["rows_after"] and a["rows_after"]["dedup"] < a["rows_after"]["input"]
+    for f in ("selected.parquet", "stages/dedup.parquet"):
+        assert pq.read_table(tmp_path / "a" / f).equals(pq.read_table(tmp_path / "b" / f)), f
