@@ -32,6 +32,19 @@ def test_float16_cast_is_bit_exact_for_every_value():
     assert np.array_equal(ort_ops.to_float32(x), x)
 
 
+def test_without_onnxruntime_casts_use_numpy_and_int8_products_say_what_is_missing(monkeypatch):
+    import sys
+
+    from bunny.errors import BunnyError
+
+    monkeypatch.setattr(ort_ops, "_SESSIONS", {})
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails
+    h = np.random.default_rng(2).normal(size=(7, 9)).astype(np.float16)
+    assert np.array_equal(ort_ops.to_float32(h), h.astype(np.float32))
+    with pytest.raises(BunnyError, match="onnxruntime.*--products float32"):
+        ort_ops.product(np.zeros((2, 8), np.uint8), np.zeros((8, 2), np.int8))
+
+
 def test_digits_represent_every_value():
     rng = np.random.default_rng(1)
     v = np.r_[rng.integers(-10**7, 10**7, size=500), 0, 1, -1, 63, -64, 127, 128, -16129, 16129, 10**7]

@@ -68,16 +68,20 @@ def model_bytes(kind: str) -> bytes:
     raise ValueError(kind)
 
 
-def _session(kind: str, threads: int = 1):
+def _session(kind: str, threads: int = 1, required: bool = True):
     """One inference session per kind and thread count, shared by all threads
-    (onnxruntime allows concurrent runs of a session)."""
+    (onnxruntime allows concurrent runs of a session). Without onnxruntime: an error, or
+    None when not `required`."""
     with _LOCK:
         sess = _SESSIONS.get((kind, threads))
         if sess is None:
             try:
                 import onnxruntime as ort
-            except ImportError as exc:  # pragma: no cover - onnxruntime is in the select extra
-                raise BunnyError("bunny data select needs onnxruntime: pip install 'bunny[select]'") from exc
+            except ImportError as exc:
+                if not required:
+                    return None
+                raise BunnyError("step 1's int8 products need onnxruntime: pip install 'bunny[select]' "
+                                 "(or pass --products float32)") from exc
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = max(1, threads)
             opts.inter_op_num_threads = 1
@@ -91,13 +95,15 @@ CAST_ROWS = 1024  # rows per conversion call: source and result stay in cache
 
 
 def to_float32(src: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """(n, d) float16 or float32 rows -> float32 (into `out` when given, C-contiguous)."""
+    """(n, d) float16 or float32 rows -> float32 (into `out` when given, C-contiguous).
+    Without onnxruntime (e.g. a GPU machine running `--device cuda` only), numpy's cast:
+    slower, the same bits."""
     if out is None:
         out = np.empty(src.shape, np.float32)
-    if src.dtype != np.float16 or not src.size:
+    sess = _session("cast", required=False) if src.dtype == np.float16 and src.size else None
+    if sess is None:
         np.copyto(out, src)
         return out
-    sess = _session("cast")
     for a in range(0, len(src), CAST_ROWS):
         io = sess.io_binding()
         io.bind_cpu_input("X", np.ascontiguousarray(src[a:a + CAST_ROWS]))
