@@ -176,10 +176,12 @@ def edges(x: np.ndarray, threshold: float, p: Int8Plan, block: int = 0, threads:
     rows = block or rules.TILE_ROWS
     low = np.int32(np.iinfo(np.int32).min)
     band, upper = None, None
+    buf = np.empty(rows * rows * rules.TILE_COLS_PER_ROW, np.int32)  # every tile's result, in turn
     for a, bb, c, e in rules._tiles(len(x), rows):
         if c == a:  # a new row band: its int8 rows, transposed, for every tile of the band
             band = np.ascontiguousarray(left[a:bb].T)
-        st = ort_ops.product(ucols[c:e], band, threads)  # st[j, i]: row a + i against column c + j
+        st = buf[: (e - c) * (bb - a)].reshape(e - c, bb - a)
+        ort_ops.product(ucols[c:e], band, threads, out=st)  # st[j, i]: row a + i against column c + j
         if c == a:  # the band's diagonal square: keep j > i only
             if upper is None or upper.shape[0] != bb - a:
                 upper = np.triu(np.ones((bb - a, bb - a), dtype=bool))

@@ -113,9 +113,20 @@ def to_float32(src: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def product(u: np.ndarray, b: np.ndarray, threads: int = 1) -> np.ndarray:
-    """(u - 128) @ b as int32, for u uint8 (m, k), b int8 (k, n), both C-contiguous."""
-    return _session("product", threads).run(None, {"A": u, "B": b})[0]
+def product(u: np.ndarray, b: np.ndarray, threads: int = 1, out: np.ndarray | None = None) -> np.ndarray:
+    """(u - 128) @ b as int32, for u uint8 (m, k), b int8 (k, n), both C-contiguous; into
+    `out` (m, n) int32 C-contiguous when given. With `out` onnxruntime writes straight into
+    it: without, it returns a copy made while holding the GIL, which made two worker
+    threads ~1.4x as fast as one instead of ~1.75x."""
+    sess = _session("product", threads)
+    if out is None:
+        return sess.run(None, {"A": u, "B": b})[0]
+    io = sess.io_binding()
+    io.bind_cpu_input("A", u)
+    io.bind_cpu_input("B", b)
+    io.bind_output("Y", "cpu", 0, np.int32, out.shape, out.ctypes.data)
+    sess.run_with_iobinding(io)
+    return out
 
 
 def qmax() -> int:
