@@ -121,3 +121,19 @@ def test_select_with_float32_products_is_identical(make_input, tmp_path, monkeyp
     assert a["rows_after"] == b["rows_after"] and a["rows_after"]["dedup"] < a["rows_after"]["input"]
     for f in ("selected.parquet", "stages/dedup.parquet"):
         assert pq.read_table(tmp_path / "a" / f).equals(pq.read_table(tmp_path / "b" / f)), f
+
+
+def test_a_misjudged_rank_grows_mid_cluster_and_stays_exact(monkeypatch):
+    """When the tiles done so far leave too many candidates, the rest of the cluster uses
+    more basis columns: tiles before and after the switch together give exactly the edges."""
+    x = cluster_like(np.random.default_rng(10), 1200, 96)
+    monkeypatch.setattr(int8, "_GROW_MIN_PAIRS", 1000)
+    monkeypatch.setattr(int8, "GROW_FRAC", 1e-9)  # any candidate: grow while columns are left
+    ranks = []
+    quantise = int8.quantise
+    monkeypatch.setattr(int8, "quantise", lambda x_, t, p, *a: ranks.append(p.r) or quantise(x_, t, p, *a))
+    p = int8.plan(x, 0.86, rank=4)
+    assert p.basis.shape[1] >= 72  # room to grow (3d/4 columns kept)
+    got = edge_set(int8.edges(x, 0.86, p, block=64))
+    assert got == edge_set(rules.dense_edges(x, 0.86, block=64))
+    assert ranks == [4, 4 + int8.GROW_COLS, 72]

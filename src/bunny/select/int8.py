@@ -39,19 +39,37 @@ _INT32_SAFE = 2 ** 30  # |q.q| + |P| + |T| stays below this: no int32 overflow i
 @dataclass(frozen=True)
 class Int8Plan:
     mu: np.ndarray  # (d,) float32: the centre
-    vec: np.ndarray  # (d, r) float32: the basis's first r columns
+    basis: np.ndarray  # (d, m) float32: the leading basis columns, m >= r (room for `grown`)
     r: int
+
+    @property
+    def vec(self) -> np.ndarray:
+        return self.basis[:, : self.r]
+
+    def grown(self) -> Int8Plan | None:
+        """The same basis with GROW_COLS more columns, or None when there are none left."""
+        r = min(self.r + GROW_COLS, self.basis.shape[1])
+        return Int8Plan(self.mu, self.basis, r) if r > self.r else None
+
+
+# A plan's r comes from a sample; when the candidates of the tiles done so far exceed this
+# fraction of their pairs (each costs ~_PAIR_COST, 64 more columns ~18 multiply-adds per
+# pair), the rest of the cluster is done with GROW_COLS more columns (`edges`).
+GROW_FRAC = 2e-3
+GROW_COLS = 64
+_GROW_MIN_PAIRS = 1 << 20
 
 
 def plan(x: np.ndarray, threshold: float, rank: int | None = None) -> Int8Plan | None:
     """The centred basis and rank for `edges`, or None when the full float32 product is
     expected to be cheaper (only the speed depends on this choice; `rank` forces r)."""
-    got = rules.plan_rank(x, threshold, centre=True, col_cost=1.0 / INT8_GAIN, r_max=3 * x.shape[1] // 4,
-                          r_step=32, quantised=True, rank=rank)
+    d = x.shape[1]
+    got = rules.plan_rank(x, threshold, centre=True, col_cost=1.0 / INT8_GAIN, r_max=3 * d // 4,
+                          r_step=32, quantised=True, rank=rank, keep=3 * d // 4)
     if got is None:
         return None
-    mu, vec, r = got
-    return Int8Plan(mu, vec, r)
+    mu, basis, r = got
+    return Int8Plan(mu, basis, r)
 
 
 def _float_slack(r: int, d: int, xt_sq_max: float, mu_norm: float, x_norm_max: float) -> float:
@@ -166,17 +184,17 @@ def edges(x: np.ndarray, threshold: float, p: Int8Plan, block: int = 0, threads:
     when it cannot be used: see `quantise`). `threads`: of each int8 product."""
     from bunny.select import ort_ops
 
-    lr = quantise(x, threshold, p, ort_ops.qmax())
+    qmax = ort_ops.qmax()
+    lr = quantise(x, threshold, p, qmax)
     if lr is None:
         yield from rules.bounded_edges(x, threshold, rules.bound_plan(x, threshold, rank=p.r), block)
         return
-    left, right = lr
-    # the product takes (uint8 - 128) on its left: an int8's bits xor 0x80 are that uint8
-    ucols = right.view(np.uint8) ^ np.uint8(0x80)
+    left, ucols = lr[0], _as_uint8(lr[1])
     rows = block or rules.TILE_ROWS
     low = np.int32(np.iinfo(np.int32).min)
     band, upper = None, None
     buf = np.empty(rows * rows * rules.TILE_COLS_PER_ROW, np.int32)  # every tile's result, in turn
+    pairs = cands = 0
     for a, bb, c, e in rules._tiles(len(x), rows):
         if c == a:  # a new row band: its int8 rows, transposed, for every tile of the band
             band = np.ascontiguousarray(left[a:bb].T)
@@ -189,4 +207,20 @@ def edges(x: np.ndarray, threshold: float, p: Int8Plan, block: int = 0, threads:
         hit = np.flatnonzero(st.max(axis=1) >= 0)  # columns holding a candidate: a few per tile
         if len(hit):
             jj, ii = rules._above(st[hit], -1)  # candidates: >= 0
+            cands += len(ii)
             yield rules.decide_candidates(x, ii + a, hit[jj] + c, threshold)
+        pairs += st.size
+        if pairs >= _GROW_MIN_PAIRS and cands > GROW_FRAC * pairs:
+            # the sample misjudged r (e.g. a few rows far out set a coarse int8 scale): the tiles
+            # done are complete; the others use more columns
+            bigger = p.grown()
+            lr = quantise(x, threshold, bigger, qmax) if bigger is not None else None
+            if lr is not None:
+                p, left, ucols = bigger, lr[0], _as_uint8(lr[1])
+                band = np.ascontiguousarray(left[a:bb].T)
+            pairs = cands = 0
+
+
+def _as_uint8(right: np.ndarray) -> np.ndarray:
+    """The product takes (uint8 - 128) on its left: an int8's bits xor 0x80 are that uint8."""
+    return right.view(np.uint8) ^ np.uint8(0x80)

@@ -221,13 +221,14 @@ def _bound_slack(r: int, d: int) -> tuple[float, float]:
 
 
 def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost: float = 1.0,
-              r_max: int | None = None, r_step: int = 16, quantised: bool = False, rank: int | None = None):
+              r_max: int | None = None, r_step: int = 16, quantised: bool = False, rank: int | None = None,
+              keep: int = 0):
     """(centre or None, basis (d, r) float32, r) for a pruning bound, or None when the full
     float32 product is expected to be cheaper. The basis: eigenvectors of the second
     moments of the rows (minus `centre`, the float32 mean, when `centre`). r: the rank
     whose estimated cost per pair, (r + 1) * col_cost products plus the candidates left on
     a sample of rows, is least. Only the speed depends on this choice, never the result
-    (`rank` forces r, for tests)."""
+    (`rank` forces r, for tests). The basis returned has max(r, keep) columns."""
     n, d = x.shape
     if rank is None and (n < BOUND_MIN_ROWS or d < 64):
         return None
@@ -240,7 +241,7 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
     _, vec = np.linalg.eigh((sub.T @ sub).astype(np.float64))
     vec = vec[:, ::-1]  # largest eigenvalue first; orthonormal to ~1e-15
     if rank is not None:
-        return mu, np.ascontiguousarray(vec[:, :rank], dtype=np.float32), rank
+        return mu, np.ascontiguousarray(vec[:, :max(rank, keep)], dtype=np.float32), rank
     r_max = r_max or d // 2
     s = x[np.linspace(0, n - 1, min(n, _SAMPLE)).astype(np.int64)]
     m = len(s)
@@ -264,8 +265,9 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
         r0 = r
         b = np.sqrt(np.maximum(nn - cum[:, r - 1], 0.0)).astype(np.float32)
         slack = _bound_slack(r, d)[0] * nn.max()
-        if quantised:  # int8: ~2 |x| |e|, |e| ~ sqrt(r / 12) * max|z| / 127 (`int8.quantise`)
-            slack += 2.5 * np.sqrt(nn.max() * (r + 1) / 12) * np.abs(z[:, :r]).max() / 127
+        if quantised:  # int8 (`int8.quantise`): 2 M |e|, |e| ~ sqrt((r + 1) / 12) s, s = max|(z, b - median)| / 127
+            big = max(float(np.abs(z[:, :r]).max()), float(np.abs(b - np.median(b)).max()))
+            slack += 2.5 * np.sqrt(nn.max() * (r + 1) / 12) * big / 127
         np.multiply.outer(b, b, out=tot)
         tot += dots
         # the whole symmetric matrix: each pair twice, plus the m diagonal entries
@@ -277,7 +279,7 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
             best, best_cost = r, cost
         if frac < 1e-4:  # a larger r only adds products
             break
-    return None if best is None else (mu, np.ascontiguousarray(vec[:, :best], dtype=np.float32), best)
+    return None if best is None else (mu, np.ascontiguousarray(vec[:, :max(best, keep)], dtype=np.float32), best)
 
 
 def bound_plan(x: np.ndarray, threshold: float, rank: int | None = None):
