@@ -162,7 +162,7 @@ def quantise(x: np.ndarray, threshold: float, p: Int8Plan, qmax: int = 127, chun
     # beyond these T never (resp. always) holds whatever q.q: clipping changes no decision
     trow = np.clip(trow, -g + lo, g + hi + 1)
     dp, dt = _digits(pcol, qmax), _digits(-trow, qmax)
-    if dp.shape[1] + dt.shape[1] > (r + 1) // 2:  # the offsets would cost more than they save
+    if dp.shape[1] + dt.shape[1] > max(8, (r + 1) // 2):  # the offsets would cost more than they save
         return None
     k = r + 1 + dp.shape[1] + dt.shape[1]
     k8 = -(-k // 8) * 8
