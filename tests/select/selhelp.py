@@ -47,6 +47,31 @@ def cluster_like(rng, n, d, spread=0.6):
     return x
 
 
+def isotropic_cluster(seed=8, n=2500, d=128):
+    """The benchmark's kind of cluster: isotropic noise around a centre, near-duplicates."""
+    rng = np.random.default_rng(seed)
+    y = np.eye(d)[0] + rng.normal(size=(n, d)) / np.sqrt(d)
+    src, dst = rng.integers(n, size=n * 6 // 25), rng.choice(n, n * 6 // 25, replace=False)
+    y[dst] = y[src] + 0.25 * rng.normal(size=(len(dst), d)) / np.sqrt(d)
+    return unit(y).astype(np.float16).astype(np.float32)
+
+
+def assert_exact_at_every_rank(edges_at_rank, ranks=(4, 24, 96)):
+    """`edges_at_rank(x, threshold, r)` (a pruned kernel with its plan forced to rank r) gives
+    the full product's edges: any rank gives a valid bound (a small one prunes little), and
+    thresholds placed on actual pair values check the decision at the boundary."""
+    from bunny.select import rules
+
+    x = cluster_like(np.random.default_rng(7), 1000, 96)
+    n = len(x)
+    sim = x.astype(np.float64) @ x.astype(np.float64).T
+    near = float(np.sort(sim[np.triu_indices(n, 1)])[-2000])
+    for thr in (0.86, near, float(np.nextafter(near, 2))):
+        want = edge_set(rules.dense_edges(x, thr, block=128))
+        for rank in ranks:
+            assert edge_set(edges_at_rank(x, thr, rank)) == want, (thr, rank)
+
+
 def synthetic(rng, n, d, groups=4, dup_frac=0.3):
     """Rows around `groups` directions, with near-duplicates and exact duplicates."""
     centers = unit(rng.normal(size=(groups, d)))

@@ -7,7 +7,7 @@ import pytest
 from bunny.select import rules
 from bunny.select.assign import Assigner
 from bunny.select.engine import SelectConfig, select
-from selhelp import cluster_like, edge_set, unit
+from selhelp import assert_exact_at_every_rank, edge_set, unit
 
 torch = pytest.importorskip("torch")
 DEVICES = ["torch-cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -71,32 +71,8 @@ def test_torch_assignment_equals_faiss(device):
     assert np.array_equal(TorchAssigner(c, device)(x), Assigner(c)(x))
 
 
-def test_pruned_kernel_equals_full_product(monkeypatch):
-    # any rank gives a valid bound (a small one prunes little); thresholds on actual pair
-    # values check the decision at the boundary
-    x = cluster_like(np.random.default_rng(7), 1000, 96)
-    n = len(x)
-    sim = x.astype(np.float64) @ x.astype(np.float64).T
-    near = float(np.sort(sim[np.triu_indices(n, 1)])[-2000])
-    for thr in (0.86, near, float(np.nextafter(near, 2))):
-        want = edge_set(rules.dense_edges(x, thr, block=128))
-        for rank in (4, 24, 96):
-            got = edge_set(rules.bounded_edges(x, thr, rules.bound_plan(x, thr, rank=rank), block=128))
-            assert got == want, (thr, rank)
-    # the benchmark's kind of cluster (isotropic noise around a centre, near-duplicates):
-    # the plan picks a rank well below d, and the edges are the full product's
-    rng = np.random.default_rng(8)
-    d = 128
-    y = np.eye(d)[0] + rng.normal(size=(2500, d)) / np.sqrt(d)
-    src, dst = rng.integers(2500, size=600), rng.choice(2500, 600, replace=False)
-    y[dst] = y[src] + 0.25 * rng.normal(size=(600, d)) / np.sqrt(d)
-    x = unit(y).astype(np.float16).astype(np.float32)
-    monkeypatch.setattr(rules, "BOUND_MIN_ROWS", 100)
-    plan = rules.bound_plan(x, 0.86)
-    assert plan is not None and plan[1] <= d // 2
-    u = x[rules.collapse_identical(x)[0]]
-    assert edge_set(rules.similarity_edges(u, 0.86)) == edge_set(rules.dense_edges(u, 0.86))
-    assert np.array_equal(rules.components(x, 0.86), rules.components(x, 0.86, edges=rules.dense_edges))
+def test_pruned_kernel_equals_full_product():
+    assert_exact_at_every_rank(lambda x, t, r: rules.bounded_edges(x, t, rules.bound_plan(x, t, rank=r), block=128))
 
 
 def test_bound_slack_covers_float32_rounding():

@@ -5,7 +5,7 @@ import pytest
 
 from bunny.select import int8, ort_ops, rules
 from bunny.select.engine import SelectConfig, select
-from selhelp import cluster_like, edge_set, unit
+from selhelp import assert_exact_at_every_rank, cluster_like, edge_set, isotropic_cluster
 
 
 def test_int8_product_is_exact_on_extreme_values():
@@ -56,35 +56,25 @@ def test_digits_represent_every_value():
 
 @pytest.mark.parametrize("qmax", [127, 63])
 def test_int8_edges_equal_the_full_product(monkeypatch, qmax):
-    """Any rank gives a valid bound; thresholds on actual pair values check the decision at
-    the boundary; both int8 ranges (63: CPUs whose kernel saturates) are exact."""
+    """Both int8 ranges (63: CPUs whose kernel saturates) are exact at every rank."""
     monkeypatch.setattr(ort_ops, "qmax", lambda: qmax)
-    x = cluster_like(np.random.default_rng(7), 1000, 96)
-    n = len(x)
-    sim = x.astype(np.float64) @ x.astype(np.float64).T
-    near = float(np.sort(sim[np.triu_indices(n, 1)])[-2000])
-    for thr in (0.86, near, float(np.nextafter(near, 2))):
-        want = edge_set(rules.dense_edges(x, thr, block=128))
-        for rank in (4, 24, 72):
-            got = edge_set(int8.edges(x, thr, int8.plan(x, thr, rank=rank), block=128))
-            assert got == want, (thr, rank)
+    assert_exact_at_every_rank(lambda x, t, r: int8.edges(x, t, int8.plan(x, t, rank=r), block=128))
 
 
-def test_int8_plan_on_the_benchmark_kind_of_cluster(monkeypatch):
-    """Isotropic noise around a centre with near-duplicates: the plan picks a rank below d
+def test_plans_on_the_benchmark_kind_of_cluster(monkeypatch):
+    """Isotropic noise around a centre with near-duplicates: both plans pick a rank below d
     and the edges and components are the full product's."""
-    rng = np.random.default_rng(8)
-    d = 128
-    y = np.eye(d)[0] + rng.normal(size=(2500, d)) / np.sqrt(d)
-    src, dst = rng.integers(2500, size=600), rng.choice(2500, 600, replace=False)
-    y[dst] = y[src] + 0.25 * rng.normal(size=(600, d)) / np.sqrt(d)
-    x = unit(y).astype(np.float16).astype(np.float32)
+    x = isotropic_cluster()
+    d = x.shape[1]
     monkeypatch.setattr(rules, "BOUND_MIN_ROWS", 100)
     plan = int8.plan(x, 0.86)
     assert plan is not None and plan.r < d
+    float_plan = rules.bound_plan(x, 0.86)
+    assert float_plan is not None and float_plan[1] <= d // 2
     u = x[rules.collapse_identical(x)[0]]
-    assert edge_set(rules.similarity_edges(u, 0.86)) == edge_set(rules.dense_edges(u, 0.86))
-    assert edge_set(rules.similarity_edges(u, 0.86, products="float32")) == edge_set(rules.dense_edges(u, 0.86))
+    want = edge_set(rules.dense_edges(u, 0.86))
+    assert edge_set(rules.similarity_edges(u, 0.86)) == want
+    assert edge_set(rules.similarity_edges(u, 0.86, products="float32")) == want
     assert np.array_equal(rules.components(x, 0.86), rules.components(x, 0.86, edges=rules.dense_edges))
 
 
