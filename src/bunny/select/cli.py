@@ -59,7 +59,8 @@ def _select(args) -> int:
     rep = select(SelectConfig(
         input=args.input, out=args.out, centroids=args.centroids, k=args.k, seed=args.seed,
         threshold=args.threshold, clip_window=tuple(args.clip_window), centroid_window=tuple(args.centroid_window),
-        n=args.n, mode=args.mode, eps=args.eps, engine=args.engine, device=args.device, products=args.products, workers=args.workers, address=args.address,
+        n=args.n, mode=args.mode, eps=args.eps, engine=args.engine, device=args.device, products=args.products,
+        workers=args.workers, address=args.address,
         renormalize=args.renormalize, overwrite=args.overwrite, resume=args.resume,
         kmeans_sample=args.kmeans_sample, progress=not args.no_progress))
     print(" -> ".join(f"{k} {v}" for k, v in rep["rows_after"].items()))

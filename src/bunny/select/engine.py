@@ -186,18 +186,19 @@ def select(cfg: SelectConfig) -> dict:
         k = len(centroids)
         t["centroids"] = time.perf_counter() - t0 - sum(t.values())
         block = 65536 if cfg.device == "cpu" else 262144
-        threads = 1 if cfg.engine == "ray" else max(1, available_cores() // workers)
-        with blas_threads(threads):  # Ray tasks limit their own process (KernelParams.blas_threads)
-            mapper(assign_shard, [(layout, s.index, centroids, work, block, cfg.device, threads) for s in layout.shards],
-                   "assign", show, weights=[s.rows for s in layout.shards])
+        # Ray tasks (one CPU each) limit BLAS in their own process (KernelParams.blas_threads);
+        # here the limit is for the whole stage
+        ray = cfg.engine == "ray"
+        threads = 1 if ray else max(1, available_cores() // workers)
+        with blas_threads(threads):
+            mapper(assign_shard, [(layout, s.index, centroids, work, block, cfg.device, threads)
+                                  for s in layout.shards], "assign", show, weights=[s.rows for s in layout.shards])
         sizes = np.zeros(k, np.int64)
         for s in layout.shards:
             sizes += np.diff(np.load(work / "assign" / f"bounds_{s.index:04d}.npy"))
         atomic_npy(out / "cluster_sizes.npy", sizes)
         t["assign"] = time.perf_counter() - t0 - sum(t.values())
         batches = _batches(sizes, cfg, workers)
-        # Ray tasks (one CPU each) limit BLAS in their own process; here, for the whole stage
-        ray = cfg.engine == "ray"
         params = KernelParams(cfg.mode, cfg.threshold, cfg.eps, device=cfg.device, products=cfg.products,
                               threads=threads, blas_threads=1 if ray else 0)
         with blas_threads(threads):

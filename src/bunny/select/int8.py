@@ -186,8 +186,8 @@ def edges(x: np.ndarray, threshold: float, p: Int8Plan, block: int = 0, threads:
 
     qmax = ort_ops.qmax()
     lr = quantise(x, threshold, p, qmax)
-    if lr is None:
-        yield from rules.bounded_edges(x, threshold, rules.bound_plan(x, threshold, rank=p.r), block)
+    if lr is None:  # the float32 bound on the same basis (any orthonormal basis gives a valid bound)
+        yield from rules.bounded_edges(x, threshold, (np.ascontiguousarray(p.vec), p.r), block)
         return
     left, ucols = lr[0], _as_uint8(lr[1])
     rows = block or rules.TILE_ROWS
@@ -195,6 +195,7 @@ def edges(x: np.ndarray, threshold: float, p: Int8Plan, block: int = 0, threads:
     band, upper = None, None
     buf = np.empty(rows * rows * rules.TILE_COLS_PER_ROW, np.int32)  # every tile's result, in turn
     pairs = cands = 0
+    grow = True
     for a, bb, c, e in rules._tiles(len(x), rows):
         if c == a:  # a new row band: its int8 rows, transposed, for every tile of the band
             band = np.ascontiguousarray(left[a:bb].T)
@@ -210,12 +211,14 @@ def edges(x: np.ndarray, threshold: float, p: Int8Plan, block: int = 0, threads:
             cands += len(ii)
             yield rules.decide_candidates(x, ii + a, hit[jj] + c, threshold)
         pairs += st.size
-        if pairs >= _GROW_MIN_PAIRS and cands > GROW_FRAC * pairs:
+        if grow and pairs >= _GROW_MIN_PAIRS and cands > GROW_FRAC * pairs:
             # the sample misjudged r (e.g. a few rows far out set a coarse int8 scale): the tiles
-            # done are complete; the others use more columns
+            # done are complete; the others use more columns, if any are left
             bigger = p.grown()
             lr = quantise(x, threshold, bigger, qmax) if bigger is not None else None
-            if lr is not None:
+            if lr is None:
+                grow = False
+            else:
                 p, left, ucols = bigger, lr[0], _as_uint8(lr[1])
                 band = np.ascontiguousarray(left[a:bb].T)
             pairs = cands = 0

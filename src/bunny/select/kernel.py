@@ -146,16 +146,17 @@ def run_cluster(layout: Layout, work: Path, c: int, centroid: np.ndarray, p: Ker
 
 
 def blas_threads(n: int):
-    """Context manager: BLAS (numpy's and faiss's OpenBLAS) and OpenMP (faiss's searches)
-    use at most n threads inside. With W shards or clusters in flight on C cores, C // W
-    threads each: two clusters with one thread each beat one cluster at a time with two (the
-    thresholding and I/O between products then overlap instead of leaving a core idle), and
-    two shards' faiss searches with two OpenMP threads each spin-wait on each other."""
+    """Context manager: BLAS (numpy's and faiss's OpenBLAS) uses at most n threads inside.
+    With W shards or clusters in flight on C cores, C // W threads each: two clusters with
+    one thread each beat one cluster at a time with two (the thresholding and I/O between
+    products then overlap instead of leaving a core idle). OpenMP's count (faiss's searches)
+    is per thread, so a limit here would not reach the worker threads: `Assigner` sets it in
+    each."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError as exc:  # pragma: no cover - threadpoolctl is in the select extra
         raise BunnyError("bunny data select needs threadpoolctl: pip install 'bunny[select]'") from exc
-    return threadpool_limits(limits=max(1, n))
+    return threadpool_limits(limits=max(1, n), user_api="blas")
 
 
 def run_clusters(layout: Layout, work: Path, ids, centroids: np.ndarray, p: KernelParams) -> list[int]:

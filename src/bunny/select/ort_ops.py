@@ -105,12 +105,18 @@ def to_float32(src: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         np.copyto(out, src)
         return out
     for a in range(0, len(src), CAST_ROWS):
-        io = sess.io_binding()
-        io.bind_cpu_input("X", np.ascontiguousarray(src[a:a + CAST_ROWS]))
-        dst = out[a:a + CAST_ROWS]
-        io.bind_output("Y", "cpu", 0, np.float32, dst.shape, dst.ctypes.data)
-        sess.run_with_iobinding(io)
+        _run_into(sess, {"X": np.ascontiguousarray(src[a:a + CAST_ROWS])}, out[a:a + CAST_ROWS])
     return out
+
+
+def _run_into(sess, inputs: dict, out: np.ndarray) -> None:
+    """Run `sess` with its output "Y" written straight into `out` (C-contiguous): no copy
+    of the result, and none made while holding the GIL."""
+    io = sess.io_binding()
+    for name, arr in inputs.items():
+        io.bind_cpu_input(name, arr)
+    io.bind_output("Y", "cpu", 0, out.dtype, out.shape, out.ctypes.data)
+    sess.run_with_iobinding(io)
 
 
 def product(u: np.ndarray, b: np.ndarray, threads: int = 1, out: np.ndarray | None = None) -> np.ndarray:
@@ -121,11 +127,7 @@ def product(u: np.ndarray, b: np.ndarray, threads: int = 1, out: np.ndarray | No
     sess = _session("product", threads)
     if out is None:
         return sess.run(None, {"A": u, "B": b})[0]
-    io = sess.io_binding()
-    io.bind_cpu_input("A", u)
-    io.bind_cpu_input("B", b)
-    io.bind_output("Y", "cpu", 0, np.int32, out.shape, out.ctypes.data)
-    sess.run_with_iobinding(io)
+    _run_into(sess, {"A": u, "B": b}, out)
     return out
 
 

@@ -209,8 +209,9 @@ def _bound_slack(r: int, d: int) -> tuple[float, float]:
     |z' - z| <= sqrt(r) (gamma_d + 2^-24) |x| =: c |x| (Higham's bound for each of the r
     dots, plus the rounding of V). Then |z'_x.z'_y - z_x.z_y| <= (2c + c^2)|x||y|, and
     |x_B|^2 computed as |x|^2 - |z'|^2 is raised by (2c + c^2)|x|^2, plus the float32
-    rounding of both squared norms, so it is never below the true one. The final (r+1)-term float32 product adds gamma_(r+1) (1 + c)^2 |x||y| (both
-    bound terms are <= (1 + c)|x||y| in absolute sum). Returns (per-pair slack, b^2 raise),
+    rounding of both squared norms, so it is never below the true one. The final (r+1)-term
+    float32 product adds gamma_(r+1) (1 + c)^2 |x||y| (both bound terms are <= (1 + c)|x||y|
+    in absolute sum). Returns (per-pair slack, b^2 raise),
     each to be multiplied by the norms; the factor 2 is headroom."""
     u = 2.0 ** -24
     gamma = lambda m: m * u / (1 - m * u)  # noqa: E731
@@ -265,7 +266,8 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
         r0 = r
         b = np.sqrt(np.maximum(nn - cum[:, r - 1], 0.0)).astype(np.float32)
         slack = _bound_slack(r, d)[0] * nn.max()
-        if quantised:  # int8 (`int8.quantise`): 2 M |e|, |e| ~ sqrt((r + 1) / 12) s, s = max|(z, b - median)| / 127
+        if quantised:  # int8 (`int8.quantise`): 2 M |e|, |e| ~ sqrt((r + 1) / 12) s,
+            # s = max|(z, b - median b)| / 127
             big = max(float(np.abs(z[:, :r]).max()), float(np.abs(b - np.median(b)).max()))
             slack += 2.5 * np.sqrt(nn.max() * (r + 1) / 12) * big / 127
         np.multiply.outer(b, b, out=tot)
@@ -336,9 +338,10 @@ def similarity_edges(x: np.ndarray, threshold: float, block: int = 0, products: 
         if plan is not None:
             yield from int8.edges(x, threshold, plan, block, threads)
             return
-    elif products != "float32":
+    elif products == "float32":
+        plan = bound_plan(x, threshold)
+    else:
         raise ValueError(f"products={products!r}: choose one of {', '.join(PRODUCTS)}")
-    plan = bound_plan(x, threshold)
     if plan is None:
         yield from dense_edges(x, threshold, block)
     else:
