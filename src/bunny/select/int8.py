@@ -41,6 +41,7 @@ class Int8Plan:
     mu: np.ndarray  # (d,) float32: the centre
     basis: np.ndarray  # (d, m) float32: the leading basis columns, m >= r (room for `grown`)
     r: int
+    phi: float  # >= ||basis^T basis - I||_2: the float32 basis is orthonormal only up to it (`rules._bound_slack`)
 
     @property
     def vec(self) -> np.ndarray:
@@ -49,7 +50,7 @@ class Int8Plan:
     def grown(self) -> Int8Plan | None:
         """The same basis with GROW_COLS more columns, or None when there are none left."""
         r = min(self.r + GROW_COLS, self.basis.shape[1])
-        return Int8Plan(self.mu, self.basis, r) if r > self.r else None
+        return Int8Plan(self.mu, self.basis, r, self.phi) if r > self.r else None
 
 
 # A plan's r comes from a sample; when the candidates of the tiles done so far exceed this
@@ -68,18 +69,18 @@ def plan(x: np.ndarray, threshold: float, rank: int | None = None) -> Int8Plan |
                           r_step=32, quantised=True, rank=rank, keep=3 * d // 4)
     if got is None:
         return None
-    mu, basis, r = got
-    return Int8Plan(mu, basis, r)
+    mu, basis, r, phi = got
+    return Int8Plan(mu, basis, r, phi)
 
 
-def _float_slack(r: int, d: int, xt_sq_max: float, mu_norm: float, x_norm_max: float) -> float:
+def _float_slack(r: int, d: int, xt_sq_max: float, mu_norm: float, x_norm_max: float, phi: float = 0.0) -> float:
     """Upper bound of every float32 rounding in x.y's bound, for any pair: the
     Cauchy-Schwarz part (`rules._bound_slack`, on the rounded centred rows x~' = fl(x - mu)),
     the centring (|x~' - x~| <= u |x~| per row: 3u |x~|^2 per pair) and the float32 mu.x
     (gamma_d |mu| |x| per row, two rows), with a factor 2 of headroom on the last two."""
     u = 2.0 ** -24
     gamma_d = d * u / (1 - d * u)
-    pair, _ = rules._bound_slack(r, d)
+    pair, _ = rules._bound_slack(r, d, phi)
     return pair * xt_sq_max + 2.0 * (3 * u * xt_sq_max + 2 * gamma_d * mu_norm * x_norm_max)
 
 
@@ -107,7 +108,7 @@ def _rows(x: np.ndarray, p: Int8Plan, chunk: int = 1024):
     a = mu.x - |mu|^2 (float64 of a float32 dot), |x~'|^2; in row chunks."""
     n, d = x.shape
     r = p.r
-    _, b_raise = rules._bound_slack(r, d)
+    _, b_raise = rules._bound_slack(r, d, p.phi)
     mu2 = float(np.dot(p.mu.astype(np.float64), p.mu.astype(np.float64)))
     z = np.empty((n, r), np.float32)
     b, a, nt = np.empty(n), np.empty(n), np.empty(n)
@@ -149,7 +150,7 @@ def quantise(x: np.ndarray, threshold: float, p: Int8Plan, qmax: int = 127, chun
         big[c:c + chunk] = np.maximum(np.sqrt(np.einsum("ij,ij->i", w, w)), s * np.sqrt(np.einsum("ij,ij->i", qi, qi)))
     mx = float(big.max())
     x_norm_max = float(np.sqrt(np.einsum("ij,ij->i", x, x).max()))
-    c0 = mu2 + beta * beta + _float_slack(r, d, float(nt.max()), np.sqrt(mu2), x_norm_max)
+    c0 = mu2 + beta * beta + _float_slack(r, d, float(nt.max()), np.sqrt(mu2), x_norm_max, p.phi)
     row = (a + beta * delta + mx * err) / (s * s)  # R / s^2
     shift = float(np.rint(np.median(row)))
     # float64 rounding of these (< 2^31 in size) is far below 1: one unit each way covers it
@@ -187,7 +188,7 @@ def edges(x: np.ndarray, threshold: float, p: Int8Plan, block: int = 0, threads:
     qmax = ort_ops.qmax()
     lr = quantise(x, threshold, p, qmax)
     if lr is None:  # the float32 bound on the same basis (any orthonormal basis gives a valid bound)
-        yield from rules.bounded_edges(x, threshold, (np.ascontiguousarray(p.vec), p.r), block)
+        yield from rules.bounded_edges(x, threshold, (np.ascontiguousarray(p.vec), p.r, p.phi), block)
         return
     left, ucols = lr[0], _as_uint8(lr[1])
     rows = block or rules.TILE_ROWS

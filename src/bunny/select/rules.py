@@ -202,34 +202,59 @@ _SAMPLE = 512  # rows used to estimate how many pairs each r leaves (131k pairs)
 _MOMENT_ROWS = 4096  # rows used for the second-moment matrix
 
 
-def _bound_slack(r: int, d: int) -> tuple[float, float]:
+def _bound_slack(r: int, d: int, phi: float = 0.0) -> tuple[float, float]:
     """Worst-case float32 rounding of the bound, as multiples of |x| |y| (rows) and |x|^2.
 
-    z is computed in float32 from the float32 basis V32 = fl(V) (V orthonormal to ~1e-15):
-    |z' - z| <= sqrt(r) (gamma_d + 2^-24) |x| =: c |x| (Higham's bound for each of the r
-    dots, plus the rounding of V). Then |z'_x.z'_y - z_x.z_y| <= (2c + c^2)|x||y|, and
-    |x_B|^2 computed as |x|^2 - |z'|^2 is raised by (2c + c^2)|x|^2, plus the float32
-    rounding of both squared norms, so it is never below the true one. The final (r+1)-term
-    float32 product adds gamma_(r+1) (1 + c)^2 |x||y| (both bound terms are <= (1 + c)|x||y|
-    in absolute sum). Returns (per-pair slack, b^2 raise),
-    each to be multiplied by the norms; the factor 2 is headroom."""
+    The basis V (d, r) is a float32 matrix whose columns are orthonormal up to
+    phi >= ||V^T V - I||_2 (measured: `lapack.orthonormality_defect`). With P the projector
+    onto its span, x.y <= (Px).(Py) + |P'x||P'y| (P' = I - P), and for the exact z = V^T x:
+    (Px).(Py) = z_x (V^T V)^-1 z_y <= z_x.z_y + phi (1 + phi) / (1 - phi) |x||y| and
+    |P'x|^2 <= |x|^2 - |z|^2 / (1 + phi) <= |x|^2 - |z|^2 + phi |x|^2 (|z|^2 <= (1 + phi)|x|^2).
+
+    z' is computed in float32: |z' - z| <= sqrt(r) (gamma_d (1 + phi) + 2^-24) |x| =: c |x|
+    (Higham's bound for each of the r dots, columns of norm <= 1 + phi; 2^-24 more as
+    headroom). Then |z'_x.z'_y - z_x.z_y| <= (2c + c^2)|x||y| (phi <= 1e-2: the factor 2
+    below covers sqrt(1 + phi)), and |x_B|^2 computed as |x|^2 - |z'|^2 is raised by
+    (2c + c^2 + phi)|x|^2, plus the float32 rounding of both squared norms, so it is never
+    below the true |P'x|^2. The final (r+1)-term float32 product adds gamma_(r+1) (1 + c)^2 |x||y|
+    (both bound terms are <= (1 + c)|x||y| in absolute sum). Returns (per-pair slack, b^2
+    raise), each to be multiplied by the norms; the factor 2 is headroom."""
+    if not 0.0 <= phi <= 1e-2:
+        raise ValueError(f"basis orthonormality defect {phi} outside [0, 1e-2]")
     u = 2.0 ** -24
     gamma = lambda m: m * u / (1 - m * u)  # noqa: E731
-    c = np.sqrt(r) * (gamma(d) + u)
-    pair = 2.0 * ((2 * c + c * c) + gamma(r + 1) * (1 + c) ** 2 + 2 * u)
+    c = np.sqrt(r) * (gamma(d) * (1 + phi) + u)
+    skew = phi * (1 + phi) / (1 - phi)
+    pair = 2.0 * ((2 * c + c * c) + gamma(r + 1) * (1 + c) ** 2 + 2 * u + skew)
     # |x|^2 and |z'|^2 are float32 sums too: gamma_d |x|^2 and gamma_r (1 + c)^2 |x|^2
-    return pair, 2.0 * (2 * c + c * c + gamma(d) + gamma(r) * (1 + c) ** 2)
+    return pair, 2.0 * (2 * c + c * c + gamma(d) + gamma(r) * (1 + c) ** 2 + phi)
+
+
+def eigenbasis(m: np.ndarray, cols: int) -> tuple[np.ndarray, float]:
+    """(basis (d, cols) float32, phi): the leading eigenvectors of the symmetric second-moment
+    matrix m, and their orthonormality defect (`_bound_slack`). float32 LAPACK where numpy's
+    OpenBLAS has it (`lapack`), numpy's float64 eigh otherwise or when the defect is large."""
+    from bunny.select import lapack
+
+    vec = np.ascontiguousarray(lapack.eigh_desc(m)[:, :cols])
+    phi = lapack.orthonormality_defect(vec)
+    if phi > 1e-4:  # never seen (float32 eigenvectors are orthonormal to ~1e-6 per entry)
+        _, v64 = np.linalg.eigh(np.asarray(m, np.float64))
+        vec = np.ascontiguousarray(v64[:, ::-1][:, :cols], dtype=np.float32)
+        phi = lapack.orthonormality_defect(vec)
+    return vec, phi
 
 
 def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost: float = 1.0,
               r_max: int | None = None, r_step: int = 16, quantised: bool = False, rank: int | None = None,
               keep: int = 0):
-    """(centre or None, basis (d, r) float32, r) for a pruning bound, or None when the full
-    float32 product is expected to be cheaper. The basis: eigenvectors of the second
-    moments of the rows (minus `centre`, the float32 mean, when `centre`). r: the rank
+    """(centre or None, basis (d, m) float32, r, phi) for a pruning bound, or None when the
+    full float32 product is expected to be cheaper. The basis: eigenvectors of the second
+    moments of the rows (minus `centre`, the float32 mean, when `centre`), orthonormal up to
+    phi (`eigenbasis`), m = max(r, keep) columns. r: the rank
     whose estimated cost per pair, (r + 1) * col_cost products plus the candidates left on
     a sample of rows, is least. Only the speed depends on this choice, never the result
-    (`rank` forces r, for tests). The basis returned has max(r, keep) columns."""
+    (`rank` forces r, for tests)."""
     n, d = x.shape
     if rank is None and (n < BOUND_MIN_ROWS or d < 64):
         return None
@@ -239,11 +264,10 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
     sub = x[:: max(1, n // _MOMENT_ROWS)]
     if centre:
         sub = sub - mu
-    _, vec = np.linalg.eigh((sub.T @ sub).astype(np.float64))
-    vec = vec[:, ::-1]  # largest eigenvalue first; orthonormal to ~1e-15
-    if rank is not None:
-        return mu, np.ascontiguousarray(vec[:, :max(rank, keep)], dtype=np.float32), rank
     r_max = r_max or d // 2
+    vec, phi = eigenbasis(sub.T @ sub, min(d, max(r_max, keep, rank or 0)))
+    if rank is not None:
+        return mu, vec[:, :max(rank, keep)], rank, phi
     s = x[np.linspace(0, n - 1, min(n, _SAMPLE)).astype(np.int64)]
     m = len(s)
     dots = np.zeros((m, m), np.float32)  # the bound's exact part, r columns at a time
@@ -253,7 +277,7 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
         dots += a[None, :]
         dots += np.float32(mu @ mu)
         s = s - mu
-    z = s @ vec[:, :r_max].astype(np.float32)
+    z = s @ vec[:, :r_max]
     nn = np.einsum("ij,ij->i", s, s).astype(np.float64)
     cum = np.cumsum(z.astype(np.float64) ** 2, axis=1)
     pairs = m * (m - 1) // 2
@@ -265,7 +289,7 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
         dots += z[:, r0:r] @ z[:, r0:r].T
         r0 = r
         b = np.sqrt(np.maximum(nn - cum[:, r - 1], 0.0)).astype(np.float32)
-        slack = _bound_slack(r, d)[0] * nn.max()
+        slack = _bound_slack(r, d, phi)[0] * nn.max()
         if quantised:  # int8 (`int8.quantise`): 2 M |e|, |e| ~ sqrt((r + 1) / 12) s,
             # s = max|(z, b - median b)| / 127
             big = max(float(np.abs(z[:, :r]).max()), float(np.abs(b - np.median(b)).max()))
@@ -281,12 +305,12 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
             best, best_cost = r, cost
         if frac < 1e-4:  # a larger r only adds products
             break
-    return None if best is None else (mu, np.ascontiguousarray(vec[:, :max(best, keep)], dtype=np.float32), best)
+    return None if best is None else (mu, np.ascontiguousarray(vec[:, :max(best, keep)]), best, phi)
 
 
 def bound_plan(x: np.ndarray, threshold: float, rank: int | None = None):
-    """(basis (d, r) float32, r) for `bounded_edges` (uncentred, float32 products), or None
-    when the full product is expected to be cheaper (see `plan_rank`)."""
+    """(basis (d, r) float32, r, phi) for `bounded_edges` (uncentred, float32 products), or
+    None when the full product is expected to be cheaper (see `plan_rank`)."""
     got = plan_rank(x, threshold, rank=rank)
     return None if got is None else got[1:]
 
@@ -302,9 +326,9 @@ def decide_candidates(x: np.ndarray, ii: np.ndarray, jj: np.ndarray, threshold: 
 
 def bounded_edges(x: np.ndarray, threshold: float, plan, block: int = 0):
     """`dense_edges`' pairs, found with the Cauchy-Schwarz bound of `bound_plan`."""
-    vec, r = plan
+    vec, r, phi = plan
     n, d = x.shape
-    pair_slack, b_raise = _bound_slack(r, d)
+    pair_slack, b_raise = _bound_slack(r, d, phi)
     z = x @ vec  # (n, r) float32
     nn = np.einsum("ij,ij->i", x, x).astype(np.float64)
     b2 = nn - np.einsum("ij,ij->i", z, z).astype(np.float64) + b_raise * nn
