@@ -2,8 +2,9 @@
 and quantised, so that each pair costs int8 multiply-adds (`ort_ops`, VNNI: ~3.5x
 float32's rate on one core, docs/benchmarks.md) instead of float32 ones.
 
-For rows x, y of a cluster with float32 mean mu, x~ = x - mu, and an orthonormal basis whose
-first r columns give coordinates z and residual norms b (b >= |x~_B|, as in `rules`):
+For rows x, y of a cluster with a float32 centre mu (the mean of sampled rows), x~ = x - mu,
+and a basis (orthonormal up to a measured defect, `rules._bound_slack`) whose first r
+columns give coordinates z and residual norms b (b >= |x~_B|, as in `rules`):
 
     x.y = mu.x + mu.y - |mu|^2 + x~.y~,      x~.y~ <= z_x.z_y + b_x b_y + F
 
@@ -137,17 +138,9 @@ def quantise(x: np.ndarray, threshold: float, p: Int8Plan, qmax: int = 127, chun
     s = max(float(np.abs(z).max(initial=0.0)), float(np.abs(delta).max(initial=0.0))) / qmax
     if s == 0.0 or not np.isfinite(s):
         return None
+    s = float(np.nextafter(np.float32(s), np.float32(np.inf)))  # a float32 scale, >= the float64 one
     q = np.empty((n, r + 1), np.int8)
-    err, big = np.empty(n), np.empty(n)
-    for c in range(0, n, chunk):
-        w = np.empty((len(z[c:c + chunk]), r + 1))
-        w[:, :r] = z[c:c + chunk]
-        w[:, r] = delta[c:c + chunk]
-        qi = np.rint(w / s)  # |w / s| <= qmax (+ rounding): |qi| <= qmax
-        q[c:c + chunk] = qi
-        e = w - s * qi
-        err[c:c + chunk] = np.sqrt(np.einsum("ij,ij->i", e, e))
-        big[c:c + chunk] = np.maximum(np.sqrt(np.einsum("ij,ij->i", w, w)), s * np.sqrt(np.einsum("ij,ij->i", qi, qi)))
+    err, big = _quantise_rows(z, delta, s, qmax, q, chunk)
     mx = float(big.max())
     x_norm_max = float(np.sqrt(np.einsum("ij,ij->i", x, x).max()))
     c0 = mu2 + beta * beta + _float_slack(r, d, float(nt.max()), np.sqrt(mu2), x_norm_max, p.phi)
@@ -178,6 +171,39 @@ def quantise(x: np.ndarray, threshold: float, p: Int8Plan, qmax: int = 127, chun
     left[:, at:at + dt.shape[1]] = dt
     right[:, at:at + dt.shape[1]] = _weights(dt.shape[1], qmax)
     return left, right
+
+
+def _quantise_rows(z: np.ndarray, delta: np.ndarray, s: float, qmax: int, q: np.ndarray, chunk: int):
+    """q[:, :r] = rint(z / s), q[:, r] = rint(delta / s) (int8, |q| <= qmax) and per row
+    err >= |w - s q| and big >= max(|w|, s |q|), w = (z, delta), as float64 upper bounds.
+
+    The r z-columns are done in float32 (s is a float32 value): with u = 2^-24 and
+    e' = fl(z - fl(s q)), |e - e'| <= u |s q| + u |e'| per entry (two roundings), so
+    |e| <= |e'| (1 + 2u) + u s qmax sqrt(r); the float32 sums of squares of e' and z are
+    within gamma_(r+1) of the true ones (so is q.q, exact while below 2^24). Every float32
+    result is raised by the factor `grow` (> (1 + gamma_(r+2))^2), which covers these.
+    The residual column stays float64 (delta is a float64 value)."""
+    n, r = z.shape
+    u = 2.0 ** -24
+    grow = 1.0 + 4.0 * (r + 2) * u / (1 - (r + 2) * u)
+    s32 = np.float32(s)
+    inv = np.float32(1.0) / s32
+    err, big = np.empty(n), np.empty(n)
+    for c in range(0, n, chunk):
+        zc = z[c:c + chunk]
+        qz = np.rint(zc * inv)  # |z / s| <= qmax, up to rounding: the clip is for that rounding
+        np.clip(qz, -qmax, qmax, out=qz)
+        q[c:c + chunk, :r] = qz
+        e = zc - qz * s32
+        qd = np.clip(np.rint(delta[c:c + chunk] / s), -qmax, qmax)
+        q[c:c + chunk, r] = qd
+        ed = delta[c:c + chunk] - s * qd
+        ez = np.sqrt(np.einsum("ij,ij->i", e, e).astype(np.float64) * grow) * grow + u * s * qmax * np.sqrt(r)
+        err[c:c + chunk] = np.sqrt(ez * ez + ed * ed) * (1 + 1e-12)
+        wz = np.einsum("ij,ij->i", zc, zc).astype(np.float64) * grow
+        qq = np.einsum("ij,ij->i", qz, qz).astype(np.float64) * grow + qd * qd
+        big[c:c + chunk] = np.maximum(np.sqrt(wz + delta[c:c + chunk] ** 2), s * np.sqrt(qq)) * (1 + 1e-12)
+    return err, big
 
 
 def edges(x: np.ndarray, threshold: float, p: Int8Plan, block: int = 0, threads: int = 1):

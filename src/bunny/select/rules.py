@@ -250,7 +250,7 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
               keep: int = 0):
     """(centre or None, basis (d, m) float32, r, phi) for a pruning bound, or None when the
     full float32 product is expected to be cheaper. The basis: eigenvectors of the second
-    moments of the rows (minus `centre`, the float32 mean, when `centre`), orthonormal up to
+    moments of the rows (minus the float32 mean of the sampled rows, when `centre`), orthonormal up to
     phi (`eigenbasis`), m = max(r, keep) columns. r: the rank
     whose estimated cost per pair, (r + 1) * col_cost products plus the candidates left on
     a sample of rows, is least. Only the speed depends on this choice, never the result
@@ -258,10 +258,11 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
     n, d = x.shape
     if rank is None and (n < BOUND_MIN_ROWS or d < 64):
         return None
-    mu = x.mean(axis=0, dtype=np.float64).astype(np.float32) if centre else None
-    # second moments (BLAS syrk) of at most _MOMENT_ROWS evenly spaced rows: the basis only
-    # steers the pruning, so a sample that finds the same leading directions is enough
+    # second moments (BLAS syrk) of at most _MOMENT_ROWS evenly spaced rows: the basis and
+    # the centre only steer the pruning (the bound is exact for any float32 centre and any
+    # basis), so a sample that finds the same leading directions and mean is enough
     sub = x[:: max(1, n // _MOMENT_ROWS)]
+    mu = sub.mean(axis=0, dtype=np.float64).astype(np.float32) if centre else None
     if centre:
         sub = sub - mu
     r_max = r_max or d // 2
