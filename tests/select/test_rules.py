@@ -183,3 +183,7 @@ def test_per_row_values_do_not_depend_on_chunking():
     chat = c64 / np.linalg.norm(c64)
     assert np.array_equal(rules.centroid_cosine(a, c), (a64 * chat).sum(axis=1).astype(np.float32))
     assert np.array_equal(rules.row_dots(a[7:8], b[7:8]), rules.row_dots(a, b)[7:8])
+    rows = np.arange(1, len(a), 3)
+    clip, cos = rules.clip_and_cosine(a, b[rows], c, rows)
+    assert np.array_equal(clip, rules.row_dots(a, b[rows], rows))
+    assert np.array_equal(cos, rules.centroid_cosine(a, c, rows))

@@ -139,8 +139,8 @@ def run_cluster(layout: Layout, work: Path, c: int, centroid: np.ndarray, p: Ker
     ends = np.cumsum([len(r) for _, r in parts], dtype=np.int64)
     txt = layout.gather_f32(layout.txt, [(s, r[keep[e - len(r):e]]) for (s, r), e in zip(parts, ends)])
     kept = np.flatnonzero(keep)
-    atomic_save(path, gid=gid[kept], clip=rules.row_dots(img, txt, kept),
-                cos=rules.centroid_cosine(img, centroid, kept), size=np.int64(len(gid)),
+    clip, cos = rules.clip_and_cosine(img, txt, centroid, kept)
+    atomic_save(path, gid=gid[kept], clip=clip, cos=cos, size=np.int64(len(gid)),
                 comp_sizes=comp_sizes.astype(np.int64))
     return len(gid)
 
