@@ -185,7 +185,7 @@ def select(cfg: SelectConfig) -> dict:
         centroids = _centroids(cfg, layout, out, show)
         k = len(centroids)
         t["centroids"] = time.perf_counter() - t0 - sum(t.values())
-        block = 65536 if cfg.device == "cpu" else 262144
+        block = 16384 if cfg.device == "cpu" else 262144
         # Ray tasks (one CPU each) limit BLAS in their own process (KernelParams.blas_threads);
         # here the limit is for the whole stage
         ray = cfg.engine == "ray"

@@ -112,6 +112,15 @@ STAGE_FILES = {"dedup": "stages/dedup.parquet", "clip": "stages/clip.parquet",
                "centroid": "stages/centroid.parquet", "selected": "selected.parquet"}
 
 
+def _arrow(a: np.ndarray):
+    """A pyarrow array over a 1-d numeric numpy array's buffer. `pa.array` would import
+    pandas on first use (0.13 s, to check for pandas types)."""
+    import pyarrow as pa
+
+    a = np.ascontiguousarray(a)
+    return pa.Array.from_buffers(pa.from_numpy_dtype(a.dtype), len(a), [None, pa.py_buffer(a)])
+
+
 def write_outputs(layout: Layout, out: Path, work: Path, k: int, steps: Steps, show: bool) -> dict:
     """Write the four gid-sorted parquet files (bucket by bucket of gids) and return the
     row counts and score histograms for report.json."""
@@ -120,6 +129,7 @@ def write_outputs(layout: Layout, out: Path, work: Path, k: int, steps: Steps, s
 
     schema = pa.schema([("gid", pa.int64()), ("key", pa.string()), ("shard", pa.int32()), ("row", pa.int64()),
                         ("cluster", pa.int32()), ("clip_score", pa.float32()), ("centroid_cos", pa.float32())])
+    schema_nokey = pa.schema([f for f in schema if f.name != "key"])
     (out / "stages").mkdir(parents=True, exist_ok=True)
     tmp = {name: out / (rel + f".{os.getpid()}.tmp") for name, rel in STAGE_FILES.items()}
     # dictionary encoding only where values repeat: on the unique gids, keys and scores it
@@ -149,15 +159,17 @@ def write_outputs(layout: Layout, out: Path, work: Path, k: int, steps: Steps, s
             if s not in key_cache:
                 key_cache.clear()  # buckets go in gid order: one shard's keys at a time
                 key_cache[s] = layout.key_column(s)
-            key_parts.append(key_cache[s].take(pa.array(row[a:b])))
+            key_parts.append(key_cache[s].take(_arrow(row[a:b])))
         keys = pa.concat_arrays(key_parts)
         masks = dict(zip(("clip", "centroid", "selected"), steps.masks(ch)))
         masks["dedup"] = np.ones(len(row), dtype=bool)
         hist_clip += np.histogram(ch["clip"], HIST_BINS)[0]
         hist_cos += np.histogram(ch["cos"][masks["clip"]], HIST_BINS)[0]
         for name, m in masks.items():
-            table = pa.table([ch["gid"][m], keys.filter(pa.array(m)), shard[m], row[m],
-                              ch["cluster"][m], ch["clip"][m], ch["cos"][m]], schema=schema)
+            take = np.flatnonzero(m)
+            table = pa.Table.from_arrays([_arrow(a[take]) for a in (ch["gid"], shard, row, ch["cluster"], ch["clip"],
+                                                                    ch["cos"])], schema=schema_nokey)
+            table = table.add_column(1, schema.field("key"), keys.take(_arrow(take)))
             writers[name].write_table(table)
             counts[name] += int(m.sum())
     for name, w in writers.items():
