@@ -55,6 +55,28 @@ def test_digits_represent_every_value():
 
 
 @pytest.mark.parametrize("qmax", [127, 63])
+def test_quantisation_errors_are_upper_bounds(qmax):
+    """The float32 quantisation's per-row error and magnitude bound the exact ones (computed
+    in float64 from the same float32 z, the float32 scale and the integers: all exact)."""
+    rng = np.random.default_rng(5)
+    n, r = 3000, 300
+    z = (rng.normal(size=(n, r)) * rng.uniform(0.01, 0.2, size=r)).astype(np.float32)
+    z[0] = 0.2  # a row at the largest magnitude: its q sits at +-qmax
+    delta = rng.normal(scale=0.05, size=n)
+    s = max(float(np.abs(z).max()), float(np.abs(delta).max())) / qmax
+    s = float(np.nextafter(np.float32(s), np.float32(np.inf)))
+    q = np.empty((n, r + 1), np.int8)
+    err, big = int8._quantise_rows(z, delta, s, qmax, q, chunk=256)
+    assert np.abs(q).max() == qmax
+    w = np.concatenate([z.astype(np.float64), delta[:, None]], axis=1)
+    e = w - s * q.astype(np.float64)
+    exact_err = np.sqrt((e * e).sum(axis=1))
+    exact_big = np.maximum(np.sqrt((w * w).sum(axis=1)), s * np.sqrt((q.astype(np.float64) ** 2).sum(axis=1)))
+    assert (err >= exact_err).all() and (big >= exact_big).all()
+    assert (err <= exact_err * (1 + 1e-3) + 1e-9).all() and (big <= exact_big * (1 + 1e-3)).all()  # and tight
+
+
+@pytest.mark.parametrize("qmax", [127, 63])
 def test_int8_edges_equal_the_full_product(monkeypatch, qmax):
     """Both int8 ranges (63: CPUs whose kernel saturates) are exact at every rank."""
     monkeypatch.setattr(ort_ops, "qmax", lambda: qmax)
