@@ -119,8 +119,7 @@ def _rows(x: np.ndarray, p: Int8Plan, chunk: int = 1024):
         zs = xt @ p.vec
         z[s:s + chunk] = zs
         nn = np.einsum("ij,ij->i", xt, xt).astype(np.float64)
-        b2 = nn - np.einsum("ij,ij->i", zs, zs).astype(np.float64) + b_raise * nn
-        b[s:s + chunk] = np.sqrt(np.maximum(b2, 0.0)) * (1 + 2.0 ** -20)  # rounded up through float32
+        b[s:s + chunk] = rules.residual_norms(nn, zs, b_raise)
         a[s:s + chunk] = (xs @ p.mu).astype(np.float64) - mu2
         nt[s:s + chunk] = nn
     return z, b, a, nt, mu2

@@ -53,15 +53,20 @@ def eigh_desc(g: np.ndarray) -> np.ndarray:
     fn = _load()
     d = g.shape[0]
     if fn is None or d == 0:
-        _, vec = np.linalg.eigh(np.asarray(g, np.float64))
-        return np.ascontiguousarray(vec[:, ::-1], dtype=np.float32)
+        return eigh_desc_float64(g)
     a = np.array(g, dtype=np.float32, order="C")  # overwritten by the eigenvectors
     w = np.empty(d, np.float32)
     info = fn(_ROW_MAJOR, b"V", b"U", d, a.ctypes.data, d, w.ctypes.data)
     if info != 0:  # not converged (or a bad argument): numpy's float64 solver instead
-        _, vec = np.linalg.eigh(np.asarray(g, np.float64))
-        return np.ascontiguousarray(vec[:, ::-1], dtype=np.float32)
+        return eigh_desc_float64(g)
     return np.ascontiguousarray(a[:, ::-1])  # ascending -> descending
+
+
+def eigh_desc_float64(g: np.ndarray) -> np.ndarray:
+    """`eigh_desc` computed by numpy's float64 `eigh`, rounded to float32 (orthonormal to
+    ~1e-7: the rounding)."""
+    _, vec = np.linalg.eigh(np.asarray(g, np.float64))
+    return np.ascontiguousarray(vec[:, ::-1], dtype=np.float32)
 
 
 def orthonormality_defect(v: np.ndarray) -> float:

@@ -251,8 +251,7 @@ def eigenbasis(m: np.ndarray, cols: int) -> tuple[np.ndarray, float]:
     vec = np.ascontiguousarray(lapack.eigh_desc(m)[:, :cols])
     phi = lapack.orthonormality_defect(vec)
     if phi > 1e-4:  # never seen (float32 eigenvectors are orthonormal to ~1e-6 per entry)
-        _, v64 = np.linalg.eigh(np.asarray(m, np.float64))
-        vec = np.ascontiguousarray(v64[:, ::-1][:, :cols], dtype=np.float32)
+        vec = np.ascontiguousarray(lapack.eigh_desc_float64(m)[:, :cols])
         phi = lapack.orthonormality_defect(vec)
     return vec, phi
 
@@ -337,6 +336,14 @@ def decide_candidates(x: np.ndarray, ii: np.ndarray, jj: np.ndarray, threshold: 
     return _decide(x, ii, jj, v, threshold)
 
 
+def residual_norms(nn: np.ndarray, z: np.ndarray, b_raise: float) -> np.ndarray:
+    """(n,) float64 b >= |x_B|, the residual norms of rows with float64 squared norms nn and
+    float32 basis coordinates z, with `_bound_slack`'s raise b_raise (times nn) for the
+    rounding; rounded up so that it stays an upper bound through float32."""
+    b2 = nn - np.einsum("ij,ij->i", z, z).astype(np.float64) + b_raise * nn
+    return np.sqrt(np.maximum(b2, 0.0)) * (1 + 2.0 ** -20)
+
+
 def bounded_edges(x: np.ndarray, threshold: float, plan, block: int = 0):
     """`dense_edges`' pairs, found with the Cauchy-Schwarz bound of `bound_plan`."""
     vec, r, phi = plan
@@ -344,8 +351,7 @@ def bounded_edges(x: np.ndarray, threshold: float, plan, block: int = 0):
     pair_slack, b_raise = _bound_slack(r, d, phi)
     z = x @ vec  # (n, r) float32
     nn = np.einsum("ij,ij->i", x, x).astype(np.float64)
-    b2 = nn - np.einsum("ij,ij->i", z, z).astype(np.float64) + b_raise * nn
-    b = np.sqrt(np.maximum(b2, 0.0)) * (1 + 2.0 ** -20)  # rounded up through float32
+    b = residual_norms(nn, z, b_raise)
     zb = np.empty((n, r + 1), np.float32)
     zb[:, :r] = z
     zb[:, r] = b
