@@ -171,15 +171,24 @@ def test_collapse_identical_survives_hash_collisions(monkeypatch):
     assert np.array_equal(x[first][inv], x) and len(first) == len(np.unique(x, axis=0))
 
 
+def _one_row(f, *rows):
+    """f on each row alone (a (1, d) array), stacked: the value with no chunk around it."""
+    return np.concatenate([f(*(r[i:i + 1] for r in rows)) for i in range(len(rows[0]))])
+
+
 def test_per_row_values_do_not_depend_on_chunking():
     """row_dots / centroid_distance / centroid_cosine work in chunks of _ROWS rows; each
-    row's value is the unchunked formula's, bit for bit."""
+    row's value is the one it gets alone, bit for bit, and within float64 rounding of the
+    exact value."""
     rng = np.random.default_rng(4)
     a, b = rng.normal(size=(2, 3 * rules._ROWS + 5, 40)).astype(np.float32)
     c = rng.normal(size=40).astype(np.float32)
     a64, b64, c64 = a.astype(np.float64), b.astype(np.float64), c.astype(np.float64)
+    assert np.array_equal(rules.row_dots(a, b), _one_row(rules.row_dots, a, b))
     assert np.array_equal(rules.row_dots(a, b), (a64 * b64).sum(axis=1).astype(np.float32))
-    assert np.array_equal(rules.centroid_distance(a, c), np.sqrt(((a64 - c64) ** 2).sum(axis=1)))
+    dist = rules.centroid_distance(a, c)
+    assert np.array_equal(dist, _one_row(lambda r: rules.centroid_distance(r, c), a))
+    np.testing.assert_allclose(dist, np.sqrt(((a64 - c64) ** 2).sum(axis=1)), rtol=1e-14)
     chat = c64 / np.linalg.norm(c64)
     assert np.array_equal(rules.centroid_cosine(a, c), (a64 * chat).sum(axis=1).astype(np.float32))
     assert np.array_equal(rules.row_dots(a[7:8], b[7:8]), rules.row_dots(a, b)[7:8])
@@ -187,3 +196,20 @@ def test_per_row_values_do_not_depend_on_chunking():
     clip, cos = rules.clip_and_cosine(a, b[rows], c, rows)
     assert np.array_equal(clip, rules.row_dots(a, b[rows], rows))
     assert np.array_equal(cos, rules.centroid_cosine(a, c, rows))
+
+
+def test_row_sums_do_not_depend_on_alignment():
+    """`_dot64` (einsum) sums a row the same way at any address: the per-row values above
+    come from rows gathered into fresh arrays, whose alignment varies."""
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(2, 50, 768))
+    c = rng.normal(size=768)
+    want_ab, want_ac = rules._dot64(a, b), rules._dot64(a, c)
+    for shift in range(1, 8):  # float64 offsets 8..56 bytes into a buffer
+        buf = np.empty(2 * a.size + 16)
+        a2 = buf[shift:shift + a.size].reshape(a.shape)
+        b2 = buf[shift + a.size:shift + 2 * a.size].reshape(b.shape)
+        a2[:], b2[:] = a, b
+        assert np.array_equal(rules._dot64(a2, b2), want_ab)
+        assert np.array_equal(rules._dot64(a2, c), want_ac)
+        assert np.array_equal(rules._dot64(a2[3:11], b2[3:11]), want_ab[3:11])
