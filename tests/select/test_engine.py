@@ -75,6 +75,8 @@ def test_default_workers_one_per_core_and_blas_threads_restored(make_input, tmp_
 
     from bunny.select.engine import available_cores
 
+    import faiss  # noqa: F401  (loads its own OpenBLAS: count it before, as after the run)
+
     before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
     rep = run(make_input(seed=6), tmp_path / "o", k=4, seed=1)
     assert rep["workers"] == available_cores()
@@ -110,3 +112,38 @@ def test_resume_after_kill(make_input, tmp_path, monkeypatch):
     ta, tb = tables(tmp_path / "ref"), tables(tmp_path / "out")
     for f in FILES:
         assert ta[f].equals(tb[f]), f
+
+
+def test_stored_gather_converts_like_gather_f32(tmp_path):
+    """The step-1 kernel gathers a cluster's stored rows (`gather_stored`), finds identical
+    ones there and converts only the distinct rows (`stored_to_f32`): the float32 values
+    must be `gather_f32`'s, bit for bit, for float16 and float32 shards mixed, with and
+    without renormalisation; and rows are identical in storage exactly when their float32
+    values are."""
+    from bunny.select import rules
+    from bunny.select.layout import open_layout
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(40, 16)).astype(np.float16)
+    a[5] = a[9]  # identical within a shard
+    b = rng.normal(size=(30, 16)).astype(np.float32)
+    b[2] = a[5].astype(np.float32)  # identical across shards of different stored dtypes
+    write_layout(tmp_path / "in", [a], [a])
+    np.save(tmp_path / "in/img_emb/img_emb_0001.npy", b)
+    np.save(tmp_path / "in/text_emb/text_emb_0001.npy", b)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"key": [f"k{i}" for i in range(30)]}), tmp_path / "in/metadata/metadata_0001.parquet")
+    for renorm in (False, True):
+        lay = open_layout(tmp_path / "in", renorm)
+        parts = [(lay.shards[0], np.array([9, 1, 5, 30 - 1])), (lay.shards[1], np.array([2, 0, 7]))]
+        want = lay.gather_f32(lay.img, parts)
+        raw = lay.gather_stored(lay.img, parts)
+        assert raw.dtype == np.float32  # one part is float32: all are promoted
+        first, inverse = rules.collapse_identical(raw)
+        got = lay.stored_to_f32(raw, first, chunk=2)
+        assert np.array_equal(got[inverse], want)
+        assert len(first) == len(rules.collapse_identical(want)[0]) == 5  # rows 9, 5 and b[2] are one
+        f16 = lay.gather_stored(lay.img, parts[:1])
+        assert f16.dtype == np.float16 and np.array_equal(f16, a[[9, 1, 5, 29]])

@@ -114,7 +114,13 @@ def run_cluster(layout: Layout, work: Path, c: int, centroid: np.ndarray, p: Ker
     if path.exists():
         return -1
     parts = list(cluster_rows(layout, work, c))
-    img = layout.gather_f32(layout.img, parts)
+    # identical rows are found on the stored values (float16: half the bytes to hash), and
+    # only the distinct ones are converted to float32: row i of the cluster is u[inverse[i]]
+    raw = layout.gather_stored(layout.img, parts)
+    first, inverse = rules.collapse_identical(raw)
+    rows = rules.Distinct(layout.stored_to_f32(raw, first), first, inverse)
+    del raw
+    u = rows.u
     gid = np.concatenate([s.offset + r for s, r in parts]).astype(np.int64) if parts else np.zeros(0, np.int64)
     if p.device != "cpu":
         from bunny.select.gpu import torch_edges
@@ -123,23 +129,23 @@ def run_cluster(layout: Layout, work: Path, c: int, centroid: np.ndarray, p: Ker
     else:
         edges = partial(rules.similarity_edges, products=p.products, threads=p.threads)
     if p.mode == "bunny":
-        labels = rules.components(img, p.threshold, edges=edges)
+        labels = rules.distinct_components(rows, p.threshold, edges=edges)
         size = np.bincount(labels, minlength=len(labels))
         # the distance only orders members of a component: singletons need none
         dist = np.zeros(len(labels))
         multi = np.flatnonzero(size[labels] > 1)
-        dist[multi] = rules.centroid_distance(img, centroid, multi)
+        dist[multi] = rules.centroid_distance(u, centroid, inverse[multi])
         keep = rules.keep_upper_median(labels, dist, gid)
         comp_sizes = np.bincount(size[size > 0]) if len(labels) else np.zeros(1, np.int64)
     else:
-        dist = rules.centroid_distance(img, centroid)
-        keep = rules.keep_semdedup(img, dist, gid, p.eps, edges=edges)
+        dist = rules.centroid_distance(u, centroid, inverse)
+        keep = rules.distinct_semdedup(rows, dist, gid, p.eps, edges=edges)
         comp_sizes = np.zeros(1, np.int64)
     # text rows only for survivors: the text matrix is never needed whole
     ends = np.cumsum([len(r) for _, r in parts], dtype=np.int64)
     txt = layout.gather_f32(layout.txt, [(s, r[keep[e - len(r):e]]) for (s, r), e in zip(parts, ends)])
     kept = np.flatnonzero(keep)
-    clip, cos = rules.clip_and_cosine(img, txt, centroid, kept)
+    clip, cos = rules.clip_and_cosine(u, txt, centroid, inverse[kept])
     atomic_save(path, gid=gid[kept], clip=clip, cos=cos, size=np.int64(len(gid)),
                 comp_sizes=comp_sizes.astype(np.int64))
     return len(gid)

@@ -62,11 +62,39 @@ class Layout:
 
         Renormalisation is per row (float64 norm), so it gives the same bits whatever block
         the row is read in."""
-        x = to_float32(np.asarray(arr[rows]))
+        return self._renormalised(to_float32(np.asarray(arr[rows])))
+
+    def _renormalised(self, x: np.ndarray) -> np.ndarray:
         if self.renormalize:
             n = np.sqrt(np.einsum("ij,ij->i", x.astype(np.float64), x.astype(np.float64)))
             x = (x / np.where(n > 0, n, 1.0)[:, None]).astype(np.float32)
         return x
+
+    def gather_stored(self, which, parts) -> np.ndarray:
+        """Rows of several shards as one array of their stored values: float16 when every
+        part is float16, else float32 (float16 -> float32 is exact and one-to-one, so rows
+        are equal here exactly when their float32 values are). Not renormalised."""
+        arrs = [which(s.index) for s, _ in parts]
+        dt = np.float16 if all(a.dtype == np.float16 for a in arrs) else np.float32
+        out = np.empty((sum(len(r) for _, r in parts), self.dim), dt)
+        at = 0
+        for a, (_, r) in zip(arrs, parts):
+            if a.dtype == dt:  # mode "clip" (rows are valid): "raise" would buffer the output
+                np.take(a, r, axis=0, out=out[at:at + len(r)], mode="clip")
+            else:
+                to_float32(a[r], out[at:at + len(r)])
+            at += len(r)
+        return out
+
+    def stored_to_f32(self, raw: np.ndarray, rows: np.ndarray, chunk: int = 4096) -> np.ndarray:
+        """float32 values (renormalised if asked) of raw[rows], for `gather_stored`'s array:
+        the same bits `rows_f32` reads for those rows. Converted a chunk at a time, with no
+        whole-array stored copy of the selection."""
+        out = np.empty((len(rows), raw.shape[1]), np.float32)
+        for a in range(0, len(rows), chunk):
+            sel = raw[rows[a:a + chunk]]
+            out[a:a + chunk] = self._renormalised(to_float32(sel)) if self.renormalize else to_float32(sel, out[a:a + chunk])
+        return out
 
     def gather_f32(self, which, parts) -> np.ndarray:
         """Rows of several shards as one float32 array: `parts` is [(shard, rows)], `which`

@@ -7,6 +7,8 @@ value lies within `REFINE` of the threshold are decided again by `pair_dots`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 # Worst-case float32 dot error for unit vectors of d <= 2048 is below 2048 * 2**-24 ~ 1.2e-4.
@@ -403,7 +405,23 @@ def components(x: np.ndarray, threshold: float, block: int = 0, edges=None) -> n
     when their self-dot exceeds the threshold (always, for unit rows and threshold < 1).
     `edges(u, threshold)` finds the pairs of distinct rows (default `similarity_edges`)."""
     first, inverse = collapse_identical(x)
-    u = x[first]
+    return distinct_components(Distinct(x[first], first, inverse), threshold, block, edges)
+
+
+@dataclass(frozen=True)
+class Distinct:
+    """Rows given as their distinct values: row i of the original array is u[inverse[i]],
+    first[k] is the original index of u[k]'s first occurrence (`collapse_identical`).
+    The step-1 kernel builds it from the stored rows before converting them, so a
+    cluster's rows are converted to float32 (and copied) once, distinct rows only."""
+    u: np.ndarray
+    first: np.ndarray
+    inverse: np.ndarray
+
+
+def distinct_components(d: Distinct, threshold: float, block: int = 0, edges=None) -> np.ndarray:
+    """`components` of the rows that `d` stands for."""
+    u, first, inverse = d.u, d.first, d.inverse
     parent = np.arange(len(u))
     for i, j in (edges or (lambda v, t: similarity_edges(v, t, block)))(u, threshold):
         parent = union_edges(parent, i, j)
@@ -414,7 +432,7 @@ def components(x: np.ndarray, threshold: float, block: int = 0, edges=None) -> n
     if len(copies):
         self_ok = np.ones(len(u), dtype=bool)
         self_ok[copies] = pair_dots(u, copies, copies) > threshold
-        lone = ~self_ok[inverse] & (np.arange(len(x)) != first[inverse])
+        lone = ~self_ok[inverse] & (np.arange(len(inverse)) != first[inverse])
         labels[lone] = np.flatnonzero(lone)
     return labels
 
@@ -438,14 +456,21 @@ def keep_semdedup(x: np.ndarray, dist: np.ndarray, gid: np.ndarray, eps: float,
     """(n,) bool, SemDeDup's rule: rank rows by distance to the centroid descending (the
     paper's keep-hard order; ties by gid), drop a row when any earlier-ranked row (kept or
     not) has cosine > 1 - eps with it."""
-    if not len(x):
+    first, inverse = collapse_identical(x)
+    return distinct_semdedup(Distinct(x[first], first, inverse), dist, gid, eps, block, edges)
+
+
+def distinct_semdedup(d: Distinct, dist: np.ndarray, gid: np.ndarray, eps: float,
+                      block: int = 0, edges=None) -> np.ndarray:
+    """`keep_semdedup` of the rows that `d` stands for."""
+    u, inverse = d.u, d.inverse
+    n = len(inverse)
+    if not n:
         return np.zeros(0, dtype=bool)
     rank_order = np.lexsort((gid, -dist))
-    rank = np.empty(len(x), dtype=np.int64)
-    rank[rank_order] = np.arange(len(x))
-    drop = np.zeros(len(x), dtype=bool)
-    first, inverse = collapse_identical(x)
-    u = x[first]
+    rank = np.empty(n, dtype=np.int64)
+    rank[rank_order] = np.arange(n)
+    drop = np.zeros(n, dtype=bool)
     # identical copies: every copy but the earliest-ranked has an earlier identical row
     self_ok = pair_dots(u, np.arange(len(u)), np.arange(len(u))) > 1 - eps
     best = np.full(len(u), np.iinfo(np.int64).max)
