@@ -147,3 +147,54 @@ def test_stored_gather_converts_like_gather_f32(tmp_path):
         assert len(first) == len(rules.collapse_identical(want)[0]) == 5  # rows 9, 5 and b[2] are one
         f16 = lay.gather_stored(lay.img, parts[:1])
         assert f16.dtype == np.float16 and np.array_equal(f16, a[[9, 1, 5, 29]])
+
+
+def test_survivor_scores_in_chunks_across_shards(tmp_path):
+    """Step 1 reads the survivors' text rows a chunk at a time (`kernel._scores`); chunks
+    that straddle shards give the scores of the whole gathered matrix, bit for bit."""
+    from bunny.select import kernel, rules
+    from bunny.select.layout import open_layout
+
+    rng = np.random.default_rng(11)
+    img = [rng.normal(size=(n, 8)).astype(np.float16) for n in (7, 5, 9)]
+    txt = [rng.normal(size=(n, 8)).astype(np.float16) for n in (7, 5, 9)]
+    lay = open_layout(write_layout(tmp_path / "in", img, txt), False)
+    parts = [(lay.shards[0], np.array([1, 4, 6])), (lay.shards[1], np.array([0, 3])),
+             (lay.shards[2], np.array([2, 5, 7, 8]))]
+    x = lay.gather_f32(lay.img, parts)
+    first, inverse = rules.collapse_identical(x)
+    rows = rules.Distinct(x[first], first, inverse)
+    kept = np.array([0, 2, 3, 4, 6, 8])
+    c = rng.normal(size=8).astype(np.float32)
+    t_all = lay.gather_f32(lay.txt, parts)
+    want = rules.clip_and_cosine(x, t_all[kept], c, kept)
+    for chunk in (1, 2, 4, 100):
+        got = kernel._scores(lay, parts, kept, rows, c, chunk=chunk)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+def test_assignment_during_the_check_equals_its_own_pass(make_input, tmp_path, monkeypatch):
+    """With centroids known before the value check, the embedded engine assigns rows while
+    checking them; with the fusion switched off, assignment is a pass of its own. Same
+    assignment files and outputs, also when rows are renormalised on the way."""
+    from bunny.select import engine
+
+    inp = make_input(shard_sizes=(90, 60, 50), seed=9)
+    run(inp, tmp_path / "k", k=5, seed=2)  # k-means: its own pass; fit the centroids once
+    cen = str(tmp_path / "k/centroids.npy")
+    calls = []
+    monkeypatch.setattr(engine, "assign_shard", lambda *a: calls.append(a[1]) or kernel.assign_shard(*a))
+    for renorm in (False, True):
+        got = {}
+        for fused in (True, False):
+            monkeypatch.setattr(engine, "FUSED_ASSIGN_MAX_ROWS", 1 << 26 if fused else 0)
+            out = tmp_path / f"o{renorm}{fused}"
+            calls.clear()
+            run(inp, out, centroids=cen, renormalize=renorm)
+            assert calls == ([] if fused else [0, 1, 2])
+            got[fused] = (tables(out), {p.name: np.load(p) for p in sorted((out / "_work/assign").glob("*.npy"))})
+        assert got[True][1].keys() == got[False][1].keys() and len(got[True][1]) == 6
+        for name in got[True][1]:
+            assert np.array_equal(got[True][1][name], got[False][1][name]), name
+        for f in FILES:
+            assert got[True][0][f].equals(got[False][0][f]), f

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from bunny.errors import BunnyError
 from bunny.select import assign as assign_mod
 from bunny.select import rules
-from bunny.select.kernel import KernelParams, assign_shard, atomic_npy, blas_threads, run_clusters
+from bunny.select.kernel import KernelParams, assign_shard, atomic_npy, blas_threads, run_clusters, write_assignment
 from bunny.select.layout import check_values, open_layout
 from bunny.select.output import Steps, window_scores, write_json, write_outputs
 
@@ -125,11 +125,30 @@ def _prepare_out(cfg: SelectConfig, clear: bool) -> Path:
     return out
 
 
-def _centroids(cfg: SelectConfig, layout, out: Path, show: bool) -> np.ndarray:
+# The embedded engine assigns rows during the value check (one pass over the image rows
+# instead of two) when the centroids are known before it and the labels, 4 bytes a row,
+# stay small; otherwise (k-means, GPU, Ray, larger inputs) assignment is a pass of its own.
+FUSED_ASSIGN_MAX_ROWS = 1 << 26
+
+
+def _early_centroids(cfg: SelectConfig, layout, clear: bool) -> np.ndarray | None:
+    """The centroids when they are known before the value check: a resumed run's saved
+    ones, or --centroids FILE; None when k-means must fit them on the checked input."""
+    saved = Path(cfg.out) / "centroids.npy"
+    if cfg.resume and not clear and saved.exists():
+        return assign_mod.load_centroids(saved, layout.dim)
+    if cfg.centroids:
+        return assign_mod.load_centroids(cfg.centroids, layout.dim)
+    return None
+
+
+def _centroids(cfg: SelectConfig, layout, out: Path, show: bool, early: np.ndarray | None = None) -> np.ndarray:
     saved = out / "centroids.npy"
     if saved.exists():  # resumed run: the centroids it started with
         return assign_mod.load_centroids(saved, layout.dim)
-    if cfg.centroids:
+    if early is not None:
+        c = early
+    elif cfg.centroids:
         c = assign_mod.load_centroids(cfg.centroids, layout.dim)
     elif cfg.k:
         if show:
@@ -173,26 +192,35 @@ def select(cfg: SelectConfig) -> dict:
     layout = open_layout(cfg.input, cfg.renormalize)
     clear = _check_out(cfg)
     # bad values fail before the output folder is touched
-    if cfg.engine == "ray":
+    ray = cfg.engine == "ray"
+    threads = 1 if ray else max(1, available_cores() // workers)
+    early, labels = None, None
+    if ray:
         mapper = _ray_during_check(layout, workers, cfg.address, show)
     else:
-        _check(layout, workers, show)
+        if cfg.device == "cpu" and layout.rows <= FUSED_ASSIGN_MAX_ROWS:
+            early = _early_centroids(cfg, layout, clear)
+        with blas_threads(threads):
+            labels = _check(layout, workers, show, assign_mod.Assigner(early, threads) if early is not None else None)
         mapper = LocalMap(workers)
     t = {"check": time.perf_counter() - t0}
     try:
         out = _prepare_out(cfg, clear)
         work = out / "_work"
-        centroids = _centroids(cfg, layout, out, show)
+        centroids = _centroids(cfg, layout, out, show, early)
         k = len(centroids)
         t["centroids"] = time.perf_counter() - t0 - sum(t.values())
         block = 16384 if cfg.device == "cpu" else 262144
         # Ray tasks (one CPU each) limit BLAS in their own process (KernelParams.blas_threads);
         # here the limit is for the whole stage
-        ray = cfg.engine == "ray"
-        threads = 1 if ray else max(1, available_cores() // workers)
-        with blas_threads(threads):
-            mapper(assign_shard, [(layout, s.index, centroids, work, block, cfg.device, threads)
-                                  for s in layout.shards], "assign", show, weights=[s.rows for s in layout.shards])
+        if labels is not None:  # assigned during the check
+            for s in layout.shards:
+                if not (work / "assign" / f"bounds_{s.index:04d}.npy").exists():
+                    write_assignment(work, s.index, labels[s.index], k)
+        else:
+            with blas_threads(threads):
+                mapper(assign_shard, [(layout, s.index, centroids, work, block, cfg.device, threads)
+                                      for s in layout.shards], "assign", show, weights=[s.rows for s in layout.shards])
         sizes = np.zeros(k, np.int64)
         for s in layout.shards:
             sizes += np.diff(np.load(work / "assign" / f"bounds_{s.index:04d}.npy"))
@@ -240,10 +268,12 @@ def _finish(cfg: SelectConfig, layout, out: Path, work: Path, k: int, workers: i
     return report
 
 
-def _check(layout, workers: int, show: bool) -> None:
-    bar = tqdm(total=2 * layout.rows, desc="check values", unit="row", disable=not show)
+def _check(layout, workers: int, show: bool, assigner=None) -> list | None:
+    """The value check (`check_values`); with an `Assigner`, each shard's labels too."""
+    desc = "check values" if assigner is None else "check values + assign"
+    bar = tqdm(total=2 * layout.rows, desc=desc, unit="row", disable=not show)
     try:
-        check_values(layout, progress=bar, workers=workers)
+        return check_values(layout, progress=bar, workers=workers, assign=assigner)[1]
     finally:
         bar.close()
 

@@ -70,11 +70,16 @@ def assign_shard(layout: Layout, shard: int, centroids: np.ndarray, work: Path, 
     for a in range(0, s.rows, block):
         rows = np.array(img[a:a + block]) if raw else layout.rows_f32(img, slice(a, a + block))
         labels[a:a + block] = assigner(rows)
-    order = np.argsort(labels, kind="stable").astype(np.int64)
-    bounds = np.searchsorted(labels[order], np.arange(len(centroids) + 1)).astype(np.int64)
-    atomic_npy(work / "assign" / f"order_{shard:04d}.npy", order)
-    atomic_npy(bounds_path, bounds)  # written last: its presence marks the shard done
+    write_assignment(work, shard, labels, len(centroids))
     return s.rows
+
+
+def write_assignment(work: Path, shard: int, labels: np.ndarray, k: int) -> None:
+    """One shard's order/bounds files from its (n,) labels (see the module docstring)."""
+    order = np.argsort(labels, kind="stable").astype(np.int64)
+    bounds = np.searchsorted(labels[order], np.arange(k + 1)).astype(np.int64)
+    atomic_npy(work / "assign" / f"order_{shard:04d}.npy", order)
+    atomic_npy(work / "assign" / f"bounds_{shard:04d}.npy", bounds)  # written last: its presence marks the shard done
 
 
 _INDEX: dict = {}
@@ -141,14 +146,27 @@ def run_cluster(layout: Layout, work: Path, c: int, centroid: np.ndarray, p: Ker
         dist = rules.centroid_distance(u, centroid, inverse)
         keep = rules.distinct_semdedup(rows, dist, gid, p.eps, edges=edges)
         comp_sizes = np.zeros(1, np.int64)
-    # text rows only for survivors: the text matrix is never needed whole
-    ends = np.cumsum([len(r) for _, r in parts], dtype=np.int64)
-    txt = layout.gather_f32(layout.txt, [(s, r[keep[e - len(r):e]]) for (s, r), e in zip(parts, ends)])
     kept = np.flatnonzero(keep)
-    clip, cos = rules.clip_and_cosine(u, txt, centroid, inverse[kept])
+    clip, cos = _scores(layout, parts, kept, rows, centroid)
     atomic_save(path, gid=gid[kept], clip=clip, cos=cos, size=np.int64(len(gid)),
                 comp_sizes=comp_sizes.astype(np.int64))
     return len(gid)
+
+
+def _scores(layout: Layout, parts, kept: np.ndarray, rows: rules.Distinct, centroid: np.ndarray,
+            chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Image-text scores and centroid cosines of the cluster's rows at positions `kept`
+    (sorted). Text rows are read for survivors only, `chunk` at a time: the cluster's text
+    matrix is never held whole (it would be as large as its image rows)."""
+    starts = np.cumsum([0] + [len(r) for _, r in parts], dtype=np.int64)
+    clip, cos = np.empty(len(kept), np.float32), np.empty(len(kept), np.float32)
+    for a in range(0, len(kept), chunk):
+        pos = kept[a:a + chunk]
+        part = np.searchsorted(starts, pos, side="right") - 1  # kept is sorted: parts in order
+        txt = layout.gather_f32(layout.txt, [(parts[i][0], parts[i][1][pos[part == i] - starts[i]])
+                                             for i in np.unique(part)])
+        clip[a:a + chunk], cos[a:a + chunk] = rules.clip_and_cosine(rows.u, txt, centroid, rows.inverse[pos])
+    return clip, cos
 
 
 def blas_threads(n: int):

@@ -206,11 +206,14 @@ def open_layout(root: str | Path, renormalize: bool = False) -> Layout:
     return Layout(root, tuple(shards), dim, renormalize)
 
 
-def _check_part(layout: Layout, s: Shard, kind: str, block: int):
-    """(error or None, rows off unit norm, first such row's note) of one shard's image or
-    text rows."""
+def _check_part(layout: Layout, s: Shard, kind: str, block: int, assign=None):
+    """(error or None, rows off unit norm, first such row's note, labels) of one shard's
+    image or text rows. `assign` (image rows only): float32 rows -> (n,) int32 nearest
+    centroids, applied to each checked block as `rows_f32` reads it (renormalised if
+    asked), so the assignment needs no second pass over the shard; labels is None without."""
     arr = layout.img(s.index) if kind == "img_emb" else layout.txt(s.index)
     bad, first = 0, None
+    labels = np.empty(s.rows, np.int32) if assign is not None else None
     for a in range(0, s.rows, block):
         x = to_float32(np.asarray(arr[a:a + block]))
         n2 = np.einsum("ij,ij->i", x, x)  # NaN/inf in a row make its n2 non-finite
@@ -220,18 +223,20 @@ def _check_part(layout: Layout, s: Shard, kind: str, block: int):
             really = rows[~np.isfinite(x[rows]).all(axis=1)]  # a huge finite row overflows n2
             if len(really):
                 r = a + int(really[0])
-                return f"shard {s.index} {kind} row {r} (gid {s.offset + r}): NaN or infinite values", bad, first
+                return f"shard {s.index} {kind} row {r} (gid {s.offset + r}): NaN or infinite values", bad, first, None
         n = np.sqrt(n2)  # float32 is plenty for a 1e-2 tolerance
         if layout.renormalize and (n == 0).any():
             r = a + int(np.flatnonzero(n == 0)[0])
-            return f"shard {s.index} {kind} row {r}: zero vector cannot be renormalised", bad, first
+            return f"shard {s.index} {kind} row {r}: zero vector cannot be renormalised", bad, first, None
+        if labels is not None:
+            labels[a:a + block] = assign(layout._renormalised(x))
         off = np.abs(n - 1.0) > NORM_TOL
         if off.any():
             bad += int(off.sum())
             if first is None:
                 r = a + int(np.flatnonzero(off)[0])
                 first = f"shard {s.index} {kind} row {r} has norm {n[r - a]:.4f}"
-    return None, bad, first
+    return None, bad, first, labels
 
 
 # Rows per block of the value check: a 1024-row float32 block (3 MB at d 768) stays in
@@ -239,25 +244,31 @@ def _check_part(layout: Layout, s: Shard, kind: str, block: int):
 CHECK_ROWS = 1024
 
 
-def check_values(layout: Layout, block: int = CHECK_ROWS, progress=None, workers: int = 1) -> int:
+def check_values(layout: Layout, block: int = CHECK_ROWS, progress=None, workers: int = 1,
+                 assign=None) -> tuple[int, list | None]:
     """Stream every row once: NaN/inf are errors naming shard and row; rows that are not
     unit-norm give one warning (with a count) unless the layout renormalises.
     Zero rows cannot be renormalised and are errors when renormalising. Returns the
-    number of non-unit rows. `workers` threads check shards at once; the error raised is
-    the first in shard order, as when checking one shard after another."""
+    number of non-unit rows, and with `assign` (see `_check_part`) each shard's labels
+    (else None). `workers` threads check shards at once; the error raised is the first in
+    shard order, as when checking one shard after another."""
     from concurrent.futures import ThreadPoolExecutor
 
     parts = [(s, kind) for s in layout.shards for kind in ("img_emb", "text_emb")]
     bad_norm, first = 0, None
+    labels = [None] * len(layout.shards) if assign is not None else None
     pool = ThreadPoolExecutor(max(1, workers))
     try:
-        futures = [pool.submit(_check_part, layout, s, kind, block) for s, kind in parts]
+        futures = [pool.submit(_check_part, layout, s, kind, block, assign if kind == "img_emb" else None)
+                   for s, kind in parts]
         for (s, kind), fut in zip(parts, futures):
-            err, bad, note = fut.result()
+            err, bad, note, lab = fut.result()
             if err:
                 raise BunnyError(err)
             bad_norm += bad
             first = first or note
+            if lab is not None:
+                labels[s.index] = lab
             if progress is not None:
                 progress.update(s.rows)
     finally:
@@ -265,4 +276,4 @@ def check_values(layout: Layout, block: int = CHECK_ROWS, progress=None, workers
     if bad_norm and not layout.renormalize:
         warnings.warn(f"{bad_norm} embedding rows are not unit-norm (first: {first}); thresholds assume "
                       f"L2-normalised rows: pass --renormalize to normalise them", stacklevel=2)
-    return bad_norm
+    return bad_norm, labels
