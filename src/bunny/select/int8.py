@@ -106,23 +106,27 @@ def _weights(m1: int, base: int) -> np.ndarray:
 
 def _rows(x: np.ndarray, p: Int8Plan, chunk: int = 1024):
     """Per row: z (n, r) float32, b (n,) float64 (an upper bound of the residual norm),
-    a = mu.x - |mu|^2 (float64 of a float32 dot), |x~'|^2; in row chunks."""
+    a = mu.x - |mu|^2 (float64 of a float32 dot), |x~'|^2; and over all rows max |z| and
+    max |x| (float32 norms). In row chunks: each chunk's maxima are taken while it is in
+    cache, and its coordinates are written straight into z."""
     n, d = x.shape
     r = p.r
     _, b_raise = rules._bound_slack(r, d, p.phi)
     mu2 = float(np.dot(p.mu.astype(np.float64), p.mu.astype(np.float64)))
     z = np.empty((n, r), np.float32)
     b, a, nt = np.empty(n), np.empty(n), np.empty(n)
+    z_max = x_sq_max = 0.0
     for s in range(0, n, chunk):
         xs = x[s:s + chunk]
         xt = xs - p.mu
-        zs = xt @ p.vec
-        z[s:s + chunk] = zs
+        zs = np.matmul(xt, p.vec, out=z[s:s + chunk])
+        z_max = max(z_max, float(zs.max()), -float(zs.min()))
         nn = np.einsum("ij,ij->i", xt, xt).astype(np.float64)
         b[s:s + chunk] = rules.residual_norms(nn, zs, b_raise)
         a[s:s + chunk] = (xs @ p.mu).astype(np.float64) - mu2
         nt[s:s + chunk] = nn
-    return z, b, a, nt, mu2
+        x_sq_max = max(x_sq_max, float(np.einsum("ij,ij->i", xs, xs).max()))
+    return z, b, a, nt, mu2, z_max, float(np.sqrt(x_sq_max))
 
 
 def quantise(x: np.ndarray, threshold: float, p: Int8Plan, qmax: int = 127, chunk: int = 1024):
@@ -131,17 +135,16 @@ def quantise(x: np.ndarray, threshold: float, p: Int8Plan, qmax: int = 127, chun
     float32 bound is used)."""
     n, d = x.shape
     r = p.r
-    z, b, a, nt, mu2 = _rows(x, p, chunk)
+    z, b, a, nt, mu2, z_max, x_norm_max = _rows(x, p, chunk)
     beta = float(np.median(b)) if n else 0.0
     delta = b - beta
-    s = max(float(np.abs(z).max(initial=0.0)), float(np.abs(delta).max(initial=0.0))) / qmax
+    s = max(z_max, float(np.abs(delta).max(initial=0.0))) / qmax
     if s == 0.0 or not np.isfinite(s):
         return None
     s = float(np.nextafter(np.float32(s), np.float32(np.inf)))  # a float32 scale, >= the float64 one
     q = np.empty((n, r + 1), np.int8)
     err, big = _quantise_rows(z, delta, s, qmax, q, chunk)
     mx = float(big.max())
-    x_norm_max = float(np.sqrt(np.einsum("ij,ij->i", x, x).max()))
     c0 = mu2 + beta * beta + _float_slack(r, d, float(nt.max()), np.sqrt(mu2), x_norm_max, p.phi)
     row = (a + beta * delta + mx * err) / (s * s)  # R / s^2
     shift = float(np.rint(np.median(row)))

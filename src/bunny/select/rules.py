@@ -300,6 +300,7 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
     z = s @ vec[:, :r_max]
     nn = np.einsum("ij,ij->i", s, s).astype(np.float64)
     cum = np.cumsum(z.astype(np.float64) ** 2, axis=1)
+    z_max = np.maximum.accumulate(np.abs(z).max(axis=0)) if quantised else None  # max |z[:, :r]| = z_max[r - 1]
     pairs = m * (m - 1) // 2
     tot = np.empty((m, m), np.float32)
     best, best_cost, r0 = None, 0.7 * d, 0  # dense: d multiply-adds per pair
@@ -312,7 +313,7 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
         slack = _bound_slack(r, d, phi)[0] * nn.max()
         if quantised:  # int8 (`int8.quantise`): 2 M |e|, |e| ~ sqrt((r + 1) / 12) s,
             # s = max|(z, b - median b)| / 127
-            big = max(float(np.abs(z[:, :r]).max()), float(np.abs(b - np.median(b)).max()))
+            big = max(float(z_max[r - 1]), float(np.abs(b - np.median(b)).max()))
             slack += 2.5 * np.sqrt(nn.max() * (r + 1) / 12) * big / 127
         np.multiply.outer(b, b, out=tot)
         tot += dots
