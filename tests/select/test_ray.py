@@ -7,14 +7,35 @@ from bunny.select.engine import SelectConfig, select
 FILES = ["selected.parquet", "stages/dedup.parquet", "stages/clip.parquet", "stages/centroid.parquet"]
 
 
-def test_ray_equals_embedded(make_input, tmp_path):
+def test_ray_equals_embedded(make_input, tmp_path, monkeypatch):
+    """Both ways of assigning on Ray: on the driver during Ray's start (small inputs) and as
+    Ray tasks; one Ray instance for both runs (the engine leaves a Ray it did not start)."""
+    import ray as ray_mod
+
+    from bunny.select import engine
+    from bunny.select.ray_engine import RayMap
+
     inp = make_input(shard_sizes=(150, 100, 110), seed=9)
     local = select(SelectConfig(input=str(inp), out=str(tmp_path / "l"), k=5, seed=2, n=8, progress=False))
-    ray = select(SelectConfig(input=str(inp), out=str(tmp_path / "r"), centroids=str(tmp_path / "l/centroids.npy"),
-                              seed=2, n=8, engine="ray", workers=2, cluster_batch=2, progress=False))
-    assert ray["rows_after"] == local["rows_after"]
-    for f in FILES:
-        assert pq.read_table(tmp_path / "l" / f).equals(pq.read_table(tmp_path / "r" / f)), f
+    stages = []
+    call = RayMap.__call__
+    monkeypatch.setattr(RayMap, "__call__", lambda self, fn, args, desc, *a, **k: stages.append(desc) or
+                        call(self, fn, args, desc, *a, **k))
+    ray_mod.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for fused in (True, False):
+            monkeypatch.setattr(engine, "FUSED_RAY_MAX_WORK", 1 << 26 if fused else 0)
+            stages.clear()
+            out = tmp_path / f"r{fused}"
+            ray = select(SelectConfig(input=str(inp), out=str(out), centroids=str(tmp_path / "l/centroids.npy"),
+                                      seed=2, n=8, engine="ray", workers=2, cluster_batch=2, progress=False))
+            assert stages == (["step 1 (dedup)"] if fused else ["assign", "step 1 (dedup)"])
+            assert ray["rows_after"] == local["rows_after"]
+            for f in FILES:
+                assert pq.read_table(tmp_path / "l" / f).equals(pq.read_table(out / f)), f
+            assert ray_mod.is_initialized()  # not ours to stop
+    finally:
+        ray_mod.shutdown()
 
 
 def test_ray_bad_input_fails_before_any_output_and_stops_ray(tmp_path):

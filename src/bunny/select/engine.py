@@ -125,10 +125,14 @@ def _prepare_out(cfg: SelectConfig, clear: bool) -> Path:
     return out
 
 
-# The embedded engine assigns rows during the value check (one pass over the image rows
-# instead of two) when the centroids are known before it and the labels, 4 bytes a row,
-# stay small; otherwise (k-means, GPU, Ray, larger inputs) assignment is a pass of its own.
+# Rows are assigned during the value check (one pass over the image rows instead of two)
+# when the centroids are known before it and the labels, 4 bytes a row, stay small;
+# otherwise (k-means, GPU, larger inputs) assignment is a pass of its own. On Ray the check
+# runs on the driver while Ray starts (~3 s on 2 cores), so the driver assigns only when
+# that is little work (rows x centroids below FUSED_RAY_MAX_WORK: well under a second);
+# larger assignments are Ray tasks, spread over the cluster.
 FUSED_ASSIGN_MAX_ROWS = 1 << 26
+FUSED_RAY_MAX_WORK = 1 << 26
 
 
 def _early_centroids(cfg: SelectConfig, layout, clear: bool) -> np.ndarray | None:
@@ -194,14 +198,16 @@ def select(cfg: SelectConfig) -> dict:
     # bad values fail before the output folder is touched
     ray = cfg.engine == "ray"
     threads = 1 if ray else max(1, available_cores() // workers)
-    early, labels = None, None
+    early = _early_centroids(cfg, layout, clear) if cfg.device == "cpu" and layout.rows <= FUSED_ASSIGN_MAX_ROWS else None
+    if ray and early is not None and layout.rows * len(early) > FUSED_RAY_MAX_WORK:
+        early = None
+    # the check's worker threads share the cores: faiss gets C // W threads in each
+    assigner = assign_mod.Assigner(early, max(1, available_cores() // workers)) if early is not None else None
     if ray:
-        mapper = _ray_during_check(layout, workers, cfg.address, show)
+        mapper, labels = _ray_during_check(layout, workers, cfg.address, show, assigner)
     else:
-        if cfg.device == "cpu" and layout.rows <= FUSED_ASSIGN_MAX_ROWS:
-            early = _early_centroids(cfg, layout, clear)
         with blas_threads(threads):
-            labels = _check(layout, workers, show, assign_mod.Assigner(early, threads) if early is not None else None)
+            labels = _check(layout, workers, show, assigner)
         mapper = LocalMap(workers)
     t = {"check": time.perf_counter() - t0}
     try:
@@ -278,25 +284,26 @@ def _check(layout, workers: int, show: bool, assigner=None) -> list | None:
         bar.close()
 
 
-def _ray_during_check(layout, workers: int, address: str | None, show: bool):
-    """RayMap, started while the value check runs in a thread: Ray's start-up (~3 s on a
-    2-core machine) is mostly waiting for its processes, so the two overlap. A failed
-    check shuts Ray down again and raises the check's error."""
+def _ray_during_check(layout, workers: int, address: str | None, show: bool, assigner=None):
+    """(RayMap, labels), Ray started while the value check (and the assignment, with an
+    `assigner`) runs in a thread: Ray's start-up (~3 s on a 2-core machine) is mostly
+    waiting for its processes, so the two overlap. A failed check shuts Ray down again
+    and raises the check's error."""
     from bunny.select.ray_engine import RayMap
 
     with ThreadPoolExecutor(1) as pool:
-        check = pool.submit(_check, layout, workers, show)
+        check = pool.submit(_check, layout, workers, show, assigner)
         try:
             mapper = RayMap(workers, address)
         except BaseException:
             check.result()  # a bad input is the error to report first
             raise
         try:
-            check.result()
+            labels = check.result()
         except BaseException:
             mapper.close()
             raise
-    return mapper
+    return mapper, labels
 
 
 def _batches(sizes: np.ndarray, cfg: SelectConfig, workers: int) -> list[np.ndarray]:
