@@ -198,3 +198,22 @@ def test_assignment_during_the_check_equals_its_own_pass(make_input, tmp_path, m
             assert np.array_equal(got[True][1][name], got[False][1][name]), name
         for f in FILES:
             assert got[True][0][f].equals(got[False][0][f]), f
+
+
+def test_take_strings_matches_arrow_take():
+    """The key gather of the output writer (numpy on the string buffers) equals pyarrow's
+    `take`: sliced arrays, empty and non-ASCII strings, repeated and unsorted indices; nulls
+    and large strings go through `take` itself."""
+    import pyarrow as pa
+
+    from bunny.select.output import take_strings
+
+    col = pa.array(["a", "", "bé", "ccc", "", "dddd", "ü∞", "e"], pa.string())
+    for arr in (col, col.slice(2), col.slice(1, 5)):
+        for idx in ([], [0], [len(arr) - 1, 0, 0], list(range(len(arr)))[::-1]):
+            got = take_strings(arr, np.array(idx, np.int64))
+            assert got.equals(arr.take(pa.array(idx, pa.int64()))), (arr, idx)
+    with_null = pa.array(["x", None, "y"], pa.string())
+    assert take_strings(with_null, np.array([1, 2])).to_pylist() == [None, "y"]
+    large = pa.array(["x", "yy"], pa.large_string())
+    assert take_strings(large, np.array([1])).to_pylist() == ["yy"]

@@ -24,7 +24,7 @@ from bunny.select import assign as assign_mod
 from bunny.select import rules
 from bunny.select.kernel import KernelParams, assign_shard, atomic_npy, blas_threads, run_clusters, write_assignment
 from bunny.select.layout import check_values, open_layout
-from bunny.select.output import Steps, window_scores, write_json, write_outputs
+from bunny.select.output import KeyPrefetch, Steps, window_scores, write_json, write_outputs
 
 # Parameters that change the result: a resumed run must match them exactly.
 _RESULT_PARAMS = ("input", "centroids", "k", "seed", "threshold", "clip_window", "centroid_window",
@@ -254,9 +254,14 @@ def _finish(cfg: SelectConfig, layout, out: Path, work: Path, k: int, workers: i
             show: bool) -> dict:
     """Steps 2-4, the output files and report.json."""
     t["dedup"] = time.perf_counter() - t0 - sum(t.values())
-    steps = Steps(work, k, cfg.clip_window, cfg.centroid_window, cfg.n, cfg.seed, show)
+    keys = KeyPrefetch(layout)  # the key columns are read while the windows are computed
+    try:
+        steps = Steps(work, k, cfg.clip_window, cfg.centroid_window, cfg.n, cfg.seed, show)
+    except BaseException:
+        keys.close()
+        raise
     t["windows"] = time.perf_counter() - t0 - sum(t.values())
-    written = write_outputs(layout, out, work, k, steps, show)
+    written = write_outputs(layout, out, work, k, steps, show, keys)
     t["write"] = time.perf_counter() - t0 - sum(t.values())
     comp = np.zeros(1, np.int64)
     for c in range(k):
