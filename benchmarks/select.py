@@ -12,7 +12,7 @@
    rule functions (distance, scores, near-threshold refinement) so ids can be compared.
 2. Scale: 250k / 500k / 1M rows, ~20k rows per cluster: wall time and peak RSS.
 3. Ray (local, one worker per core) against the embedded engine (one worker per core) on the
-   250k and 1M inputs: Ray's fixed start-up and shutdown (~4 s here) weigh more on the smaller.
+   250k, 500k and 1M inputs: Ray's fixed start-up (~3-4 s here) weighs more on the smaller.
 Each measurement runs in a child process; peak memory is its VmHWM (resident, including the
 touched pages of memory-mapped inputs) and its peak RssAnon (what it allocated), sampled.
 """
@@ -337,8 +337,8 @@ def main():
     for n, root in roots.items():
         res["scale"][n] = measure({"what": "ours", "root": str(root), "out": str(w / "out_scale"),
                                    "ids": str(w / f"ids_scale_{n}.npy")})
-    print("ray vs embedded (smallest and largest scale inputs)", flush=True)
-    for n in sorted({scale[0], scale[-1]}):
+    print("ray vs embedded (every scale input)", flush=True)
+    for n in scale:
         ray = measure({"what": "ours", "engine": "ray", "root": str(roots[n]), "out": str(w / "out_ray"),
                        "ids": str(w / f"ids_ray_{n}.npy")})
         res["ray"][n] = {"embedded": res["scale"][n], "ray": ray,
