@@ -56,6 +56,19 @@ def isotropic_cluster(seed=8, n=2500, d=128):
     return unit(y).astype(np.float16).astype(np.float32)
 
 
+def spectral_cluster(a, n, d, seed=8):
+    """The benchmark's `--spectrum a` kind of cluster: noise with variance ~ i**-a along the
+    directions of a random basis (a = 0: isotropic) around a centre, near-duplicates."""
+    rng = np.random.default_rng(seed)
+    scale = np.arange(1, d + 1) ** (-a / 2)
+    scale *= np.sqrt(d / np.sum(scale ** 2))
+    basis, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    y = np.eye(d)[0] + (rng.normal(size=(n, d)) * scale) @ basis.T / np.sqrt(d)
+    src, dst = rng.integers(n, size=n * 6 // 25), rng.choice(n, n * 6 // 25, replace=False)
+    y[dst] = y[src] + 0.25 * rng.normal(size=(len(dst), d)) / np.sqrt(d)
+    return unit(y).astype(np.float16).astype(np.float32)
+
+
 def assert_exact_at_every_rank(edges_at_rank, ranks=(4, 24, 96)):
     """`edges_at_rank(x, threshold, r)` (a pruned kernel with its plan forced to rank r) gives
     the full product's edges: any rank gives a valid bound (a small one prunes little), and

@@ -5,7 +5,7 @@ import pytest
 
 from bunny.select import int8, ort_ops, rules
 from bunny.select.engine import SelectConfig, select
-from selhelp import assert_exact_at_every_rank, cluster_like, edge_set, isotropic_cluster
+from selhelp import assert_exact_at_every_rank, cluster_like, edge_set, isotropic_cluster, spectral_cluster
 
 
 def test_int8_product_is_exact_on_extreme_values():
@@ -84,15 +84,14 @@ def test_int8_edges_equal_the_full_product(monkeypatch, qmax):
 
 
 def test_plans_on_the_benchmark_kind_of_cluster(monkeypatch):
-    """Isotropic noise around a centre with near-duplicates: both plans pick a rank below d
-    and the edges and components are the full product's."""
+    """Isotropic noise around a centre with near-duplicates: the int8 plan picks a rank below
+    d (the float32 plan may find the full product cheaper at this size) and the edges and
+    components are the full product's."""
     x = isotropic_cluster()
     d = x.shape[1]
     monkeypatch.setattr(rules, "BOUND_MIN_ROWS", 100)
     plan = int8.plan(x, 0.86)
     assert plan is not None and plan.r < d
-    float_plan = rules.bound_plan(x, 0.86)
-    assert float_plan is not None and float_plan[1] <= d // 2
     u = x[rules.collapse_identical(x)[0]]
     want = edge_set(rules.dense_edges(u, 0.86))
     assert edge_set(rules.similarity_edges(u, 0.86)) == want
@@ -121,13 +120,17 @@ def test_unknown_products_are_refused(make_input, tmp_path):
 def test_select_with_float32_products_is_identical(make_input, tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
-    monkeypatch.setattr(rules, "BOUND_MIN_ROWS", 50)  # the pruned paths on this small input
+    # the pruned paths on every cluster of this small input (where the planner would take the
+    # full product): plans forced to rank 16
+    plan, bound_plan = int8.plan, rules.bound_plan
+    monkeypatch.setattr(int8, "plan", lambda x, t, rank=None: plan(x, t, rank=16))
+    monkeypatch.setattr(rules, "bound_plan", lambda x, t, rank=None: bound_plan(x, t, rank=16))
     runs = []
     edges = int8.edges
     monkeypatch.setattr(int8, "edges", lambda *a, **k: runs.append(1) or edges(*a, **k))
     inp = make_input(shard_sizes=(330, 290, 310), d=64, seed=12)
     a = select(SelectConfig(input=str(inp), out=str(tmp_path / "a"), k=3, seed=1, n=40, progress=False))
-    assert runs  # a cluster went through the int8 bound (the plan takes the full product for others)
+    assert len(runs) == 3  # every cluster went through the int8 bound
     b = select(SelectConfig(input=str(inp), out=str(tmp_path / "b"), k=3, seed=1, n=40, products="float32",
                             progress=False))
     assert a["rows_after"] == b["rows_after"] and a["rows_after"]["dedup"] < a["rows_after"]["input"]
@@ -149,3 +152,44 @@ def test_a_misjudged_rank_grows_mid_cluster_and_stays_exact(monkeypatch):
     got = edge_set(int8.edges(x, 0.86, p, block=64))
     assert got == edge_set(rules.dense_edges(x, 0.86, block=64))
     assert ranks == [4, 4 + int8.GROW_COLS, 72]
+
+
+def _axes_plan(x, r):
+    """An int8 plan on coordinate axes (largest variance first) forced to rank r."""
+    d = x.shape[1]
+    mu = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    order = np.argsort(-((x - mu) ** 2).sum(axis=0), kind="stable")[:max(r, 3 * d // 4)]
+    basis = np.zeros((d, len(order)), np.float32)
+    basis[order, np.arange(len(order))] = 1.0
+    return int8.Int8Plan(mu, basis, r, 0.0, order)
+
+
+def test_planner_uses_coordinate_axes_only_where_they_prune_as_well(monkeypatch):
+    """On an isotropic cluster no direction prunes better than another, so the planner takes
+    coordinate axes (no projection of the rows, an exactly orthonormal basis); on a steep
+    spectrum it keeps the eigenbasis. Either way the edges are the full product's."""
+    monkeypatch.setattr(rules, "BOUND_MIN_ROWS", 100)
+    iso, steep = spectral_cluster(0.0, 4000, 256), spectral_cluster(1.0, 4000, 256)
+    p, q = int8.plan(iso, 0.86), int8.plan(steep, 0.86)
+    assert p.axes is not None and p.phi == 0.0 and p.r < 256
+    assert np.count_nonzero(p.basis) == len(p.axes) and (p.basis[p.axes, np.arange(len(p.axes))] == 1).all()
+    assert q.axes is None and q.r < 256
+    for x, plan in ((iso, p), (steep, q)):
+        u = x[rules.collapse_identical(x)[0]]
+        assert edge_set(int8.edges(u, 0.86, plan)) == edge_set(rules.dense_edges(u, 0.86))
+
+
+def test_axes_coordinates_are_the_identity_basis_product():
+    """Gathering the axes' columns gives the same integers as multiplying by the identity
+    columns (every coordinate is one exact product), grown plans included."""
+    x = spectral_cluster(0.0, 1500, 64)
+    p = _axes_plan(x, 24)
+    same = int8.Int8Plan(p.mu, p.basis, p.r, p.phi)  # no axes: the basis product
+    for a, b in ((p, same), (p.grown(), same.grown())):
+        assert a.axes is not None and b.axes is None and a.r == b.r
+        got, want = int8.quantise(x, 0.86, a), int8.quantise(x, 0.86, b)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+def test_int8_edges_on_coordinate_axes_equal_the_full_product():
+    assert_exact_at_every_rank(lambda x, t, r: int8.edges(x, t, _axes_plan(x, r), block=128))

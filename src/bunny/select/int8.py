@@ -43,6 +43,7 @@ class Int8Plan:
     basis: np.ndarray  # (d, m) float32: the leading basis columns, m >= r (room for `grown`)
     r: int
     phi: float  # >= ||basis^T basis - I||_2: the float32 basis is orthonormal only up to it (`rules._bound_slack`)
+    axes: np.ndarray | None = None  # basis[:, j] = e_axes[j] (coordinate axes): coordinates are a column gather
 
     @property
     def vec(self) -> np.ndarray:
@@ -51,7 +52,7 @@ class Int8Plan:
     def grown(self) -> Int8Plan | None:
         """The same basis with GROW_COLS more columns, or None when there are none left."""
         r = min(self.r + GROW_COLS, self.basis.shape[1])
-        return Int8Plan(self.mu, self.basis, r, self.phi) if r > self.r else None
+        return Int8Plan(self.mu, self.basis, r, self.phi, self.axes) if r > self.r else None
 
 
 # A plan's r comes from a sample; when the candidates of the tiles done so far exceed this
@@ -67,11 +68,10 @@ def plan(x: np.ndarray, threshold: float, rank: int | None = None) -> Int8Plan |
     expected to be cheaper (only the speed depends on this choice; `rank` forces r)."""
     d = x.shape[1]
     got = rules.plan_rank(x, threshold, centre=True, col_cost=1.0 / INT8_GAIN, r_max=3 * d // 4,
-                          r_step=32, quantised=True, rank=rank, keep=3 * d // 4)
+                          r_step=32, quantised=True, rank=rank, keep=3 * d // 4, axes=True)
     if got is None:
         return None
-    mu, basis, r, phi = got
-    return Int8Plan(mu, basis, r, phi)
+    return Int8Plan(got.mu, got.basis, got.r, got.phi, got.axes)
 
 
 def _float_slack(r: int, d: int, xt_sq_max: float, mu_norm: float, x_norm_max: float, phi: float = 0.0) -> float:
@@ -119,7 +119,10 @@ def _rows(x: np.ndarray, p: Int8Plan, chunk: int = 1024):
     for s in range(0, n, chunk):
         xs = x[s:s + chunk]
         xt = xs - p.mu
-        zs = np.matmul(xt, p.vec, out=z[s:s + chunk])
+        if p.axes is None:
+            zs = np.matmul(xt, p.vec, out=z[s:s + chunk])
+        else:  # coordinate axes: the coordinates are the rows' own entries, exactly
+            zs = np.take(xt, p.axes[:r], axis=1, out=z[s:s + chunk])
         z_max = max(z_max, float(zs.max()), -float(zs.min()))
         nn = np.einsum("ij,ij->i", xt, xt).astype(np.float64)
         b[s:s + chunk] = rules.residual_norms(nn, zs, b_raise)

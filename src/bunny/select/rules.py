@@ -264,48 +264,94 @@ def eigenbasis(m: np.ndarray, cols: int) -> tuple[np.ndarray, float]:
     return vec, phi
 
 
+@dataclass(frozen=True)
+class Plan:
+    """A pruning plan: `basis` (d, m) float32, orthonormal up to `phi`, of which the bound
+    uses the first r columns; `mu` the centre (or None). `axes`: set when the basis is m
+    coordinate axes (basis[:, j] = e_axes[j], phi = 0), whose coordinates are a column
+    gather of the rows instead of a product with the basis."""
+    mu: np.ndarray | None
+    basis: np.ndarray
+    r: int
+    phi: float
+    axes: np.ndarray | None = None
+
+
 def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost: float = 1.0,
               r_max: int | None = None, r_step: int = 16, quantised: bool = False, rank: int | None = None,
-              keep: int = 0):
-    """(centre or None, basis (d, m) float32, r, phi) for a pruning bound, or None when the
-    full float32 product is expected to be cheaper. The basis: eigenvectors of the second
-    moments of the rows (minus the float32 mean of the sampled rows, when `centre`), orthonormal up to
-    phi (`eigenbasis`), m = max(r, keep) columns. r: the rank
-    whose estimated cost per pair, (r + 1) * col_cost products plus the candidates left on
-    a sample of rows, is least. Only the speed depends on this choice, never the result
-    (`rank` forces r, for tests)."""
+              keep: int = 0, axes: bool = False) -> Plan | None:
+    """A `Plan` for a pruning bound, or None when the full float32 product is expected to be
+    cheaper. The basis: eigenvectors of the second moments of the rows (minus the float32
+    mean of the sampled rows, when `centre`), orthonormal up to phi (`eigenbasis`), m =
+    max(r, keep) columns; with `axes`, also the coordinate axes of largest variance, when
+    they are estimated to cost less. r: the rank whose estimated cost per pair is least:
+    (r + 1) * col_cost for the products, the rows' coordinates (2 d r / n for a basis, free
+    for axes) and the candidates left on a sample of rows. Only the speed depends on these
+    choices, never the result (`rank` forces r, for tests, with the eigenbasis)."""
     n, d = x.shape
     if rank is None and (n < BOUND_MIN_ROWS or d < 64):
         return None
     # second moments (BLAS syrk) of at most _MOMENT_ROWS evenly spaced rows: the basis and
     # the centre only steer the pruning (the bound is exact for any float32 centre and any
     # basis), so a sample that finds the same leading directions and mean is enough
-    sub = x[:: max(1, n // _MOMENT_ROWS)]
+    step = max(2, n // _MOMENT_ROWS)
+    sub = x[::step]
     mu = sub.mean(axis=0, dtype=np.float64).astype(np.float32) if centre else None
     if centre:
         sub = sub - mu
     r_max = r_max or d // 2
-    vec, phi = eigenbasis(sub.T @ sub, min(d, max(r_max, keep, rank or 0)))
+    moments = sub.T @ sub
+    vec, phi = eigenbasis(moments, min(d, max(r_max, keep, rank or 0)))
     if rank is not None:
-        return mu, vec[:, :max(rank, keep)], rank, phi
-    s = x[np.linspace(0, n - 1, min(n, _SAMPLE)).astype(np.int64)]
+        return Plan(mu, vec[:, :max(rank, keep)], rank, phi)
+    # the costs are estimated on rows the moments did not see (odd offsets from the moment
+    # rows): on the moment rows themselves the eigenbasis looks better than it is
+    s = x[1::step][np.linspace(0, (n - 2) // step, min((n - 1) // step + 1, _SAMPLE)).astype(np.int64)]
     m = len(s)
-    dots = np.zeros((m, m), np.float32)  # the bound's exact part, r columns at a time
+    base = np.zeros((m, m), np.float32)  # the bound's exact part before any coordinate
     if centre:  # x.y = mu.x + mu.y - |mu|^2 + (x - mu).(y - mu)
         a = s @ mu - np.float32(mu @ mu)
-        dots += a[:, None]
-        dots += a[None, :]
-        dots += np.float32(mu @ mu)
+        base += a[:, None]
+        base += a[None, :]
+        base += np.float32(mu @ mu)
         s = s - mu
-    z = s @ vec[:, :r_max]
     nn = np.einsum("ij,ij->i", s, s).astype(np.float64)
+    search = dict(threshold=threshold, d=d, col_cost=col_cost, r_max=r_max, r_step=r_step, quantised=quantised)
+    z = s @ vec[:, :r_max]
+    best, best_cost = _rank_search(z, nn, base, phi, 2.0 * d / n, 0.7 * d, **search)
+    plan = None if best is None else Plan(mu, np.ascontiguousarray(vec[:, :max(best, keep)]), best, phi)
+    if axes:
+        order = np.argsort(-np.diagonal(moments), kind="stable")  # largest variance first
+        za = s[:, order[:r_max]]
+        # the axes can only win where they hold nearly as much of the sample's energy as the
+        # eigenbasis at its rank (isotropic clusters: ~96%; a steep spectrum: ~40%, no search)
+        at = best or r_max
+        if np.einsum("ij,ij->", za[:, :at], za[:, :at]) >= 0.9 * np.einsum("ij,ij->", z[:, :at], z[:, :at]):
+            r_id, cost_id = _rank_search(za, nn, base, 0.0, 0.0, best_cost, **search)
+        else:
+            r_id = None
+        if r_id is not None:
+            cols = order[:max(r_id, keep)]
+            basis = np.zeros((d, len(cols)), np.float32)
+            basis[cols, np.arange(len(cols))] = 1.0
+            plan = Plan(mu, basis, r_id, 0.0, np.ascontiguousarray(cols))
+    return plan
+
+
+def _rank_search(z: np.ndarray, nn: np.ndarray, base: np.ndarray, phi: float, coord_cost: float, to_beat: float, *,
+                 threshold: float, d: int, col_cost: float, r_max: int, r_step: int, quantised: bool):
+    """(r, cost per pair) of the cheapest rank for the sample's coordinates z (m, >= r_max),
+    or (None, to_beat) when no rank costs less than `to_beat` (the full product's cost, or
+    another basis's). `coord_cost`: the rows' coordinates, per pair and column."""
+    m = len(z)
+    dots = base.copy()
     cum = np.cumsum(z.astype(np.float64) ** 2, axis=1)
     z_max = np.maximum.accumulate(np.abs(z).max(axis=0)) if quantised else None  # max |z[:, :r]| = z_max[r - 1]
     pairs = m * (m - 1) // 2
     tot = np.empty((m, m), np.float32)
-    best, best_cost, r0 = None, 0.7 * d, 0  # dense: d multiply-adds per pair
+    best, best_cost, r0 = None, to_beat, 0
     for r in range(r_step, r_max + 1, r_step):
-        if (r + 1) * col_cost >= best_cost:  # products alone already cost more than the best plan
+        if (r + 1) * col_cost + r * coord_cost >= best_cost:  # the products alone already cost more
             break
         dots += z[:, r0:r] @ z[:, r0:r].T
         r0 = r
@@ -321,19 +367,19 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
         # (|x|^2 >= any cut below 1, so always above)
         above = np.count_nonzero(tot > threshold - slack)
         frac = max(0, above - m) / 2 / pairs
-        cost = (r + 1) * col_cost + frac * _PAIR_COST
+        cost = (r + 1) * col_cost + r * coord_cost + frac * _PAIR_COST
         if cost < best_cost:
             best, best_cost = r, cost
         if frac < 1e-4:  # a larger r only adds products
             break
-    return None if best is None else (mu, np.ascontiguousarray(vec[:, :max(best, keep)]), best, phi)
+    return best, best_cost
 
 
 def bound_plan(x: np.ndarray, threshold: float, rank: int | None = None):
     """(basis (d, r) float32, r, phi) for `bounded_edges` (uncentred, float32 products), or
     None when the full product is expected to be cheaper (see `plan_rank`)."""
     got = plan_rank(x, threshold, rank=rank)
-    return None if got is None else got[1:]
+    return None if got is None else (got.basis, got.r, got.phi)
 
 
 def decide_candidates(x: np.ndarray, ii: np.ndarray, jj: np.ndarray, threshold: float):
