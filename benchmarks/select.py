@@ -13,6 +13,8 @@
 2. Scale: 250k / 500k / 1M rows, ~20k rows per cluster: wall time and peak RSS.
 3. Ray (local, one worker per core) against the embedded engine (one worker per core) on the
    250k, 500k and 1M inputs: Ray's fixed start-up (~3-4 s here) weighs more on the smaller.
+   Then the same runs joining a Ray started beforehand (`--address auto`): the engine's own
+   overhead, without Ray's start.
 Each measurement runs in a child process; peak memory is its VmHWM (resident, including the
 touched pages of memory-mapped inputs) and its peak RssAnon (what it allocated), sampled.
 """
@@ -188,7 +190,7 @@ def child(spec: dict) -> dict:
 
         cfg = SelectConfig(input=spec["root"], out=spec["out"], centroids=str(Path(spec["root"]) / "centroids.npy"),
                            n=spec.get("n"), engine=spec.get("engine", "local"), workers=spec.get("workers", 0),
-                           overwrite=True, progress=False)
+                           address=spec.get("address"), overwrite=True, progress=False)
         rep = select(cfg)
         wall = time.perf_counter() - t0  # the selection, imports included; not the reading back below
         import pyarrow.parquet as pq
@@ -345,8 +347,30 @@ def main():
                          "identical_ids": bool(np.array_equal(np.load(w / f"ids_scale_{n}.npy"),
                                                               np.load(w / f"ids_ray_{n}.npy"))),
                          "ratio": ray["wall_s"] / res["scale"][n]["wall_s"]}
+    print("ray joining a running local Ray (--address auto): the engine without Ray's own start", flush=True)
+    with local_ray_cluster():
+        for n in scale:
+            ray = measure({"what": "ours", "engine": "ray", "address": "auto", "root": str(roots[n]),
+                           "out": str(w / "out_ray"), "ids": str(w / f"ids_rayj_{n}.npy")})
+            res["ray"][n]["joined"] = {"ray": ray, "ratio": ray["wall_s"] / res["scale"][n]["wall_s"],
+                                       "identical_ids": bool(np.array_equal(np.load(w / f"ids_scale_{n}.npy"),
+                                                                            np.load(w / f"ids_rayj_{n}.npy")))}
     (w / "results.json").write_text(json.dumps(res, indent=1, default=str))
     print(json.dumps(res, indent=1, default=str))
+
+
+class local_ray_cluster:
+    """`ray start --head` with one CPU per core (as the engine's own local Ray), stopped on exit."""
+
+    def __enter__(self):
+        ray = str(Path(sys.executable).with_name("ray"))
+        self.stop = [ray, "stop", "--force"]
+        subprocess.run([ray, "start", "--head", f"--num-cpus={len(os.sched_getaffinity(0))}",
+                        "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True)
+        return self
+
+    def __exit__(self, *exc):
+        subprocess.run(self.stop, capture_output=True)
 
 
 def speed(w: Path, root: Path, baselines: list[str], repeat: int, cap: float) -> dict:

@@ -57,3 +57,31 @@ def test_ray_bad_input_fails_before_any_output_and_stops_ray(tmp_path):
         select(SelectConfig(input=str(inp), out=str(tmp_path / "o"), k=2, engine="ray", workers=2, progress=False))
     assert not (tmp_path / "o").exists()
     assert not ray_mod.is_initialized()
+
+
+def test_ray_joins_a_running_cluster_and_leaves_it_running(make_input, tmp_path):
+    """--address: the run joins a Ray started outside it (here `ray start --head`), gives the
+    embedded engine's output, and only disconnects: the cluster is still there afterwards."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import ray as ray_mod
+
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    inp = make_input(shard_sizes=(120, 90), seed=4)
+    local = select(SelectConfig(input=str(inp), out=str(tmp_path / "l"), k=3, seed=1, n=6, progress=False))
+    subprocess.run([ray_cli, "start", "--head", "--num-cpus=2", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, capture_output=True)
+    try:
+        joined = select(SelectConfig(input=str(inp), out=str(tmp_path / "j"), centroids=str(tmp_path / "l/centroids.npy"),
+                                     seed=1, n=6, engine="ray", address="auto", workers=2, progress=False))
+        assert joined["rows_after"] == local["rows_after"]
+        for f in FILES:
+            assert pq.read_table(tmp_path / "l" / f).equals(pq.read_table(tmp_path / "j" / f)), f
+        assert not ray_mod.is_initialized()  # disconnected
+        ray_mod.init(address="auto", log_to_driver=False)  # the cluster is still running
+        assert ray_mod.cluster_resources().get("CPU") == 2
+        ray_mod.shutdown()
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True)

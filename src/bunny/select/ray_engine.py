@@ -16,7 +16,8 @@ class RayMap:
         except ImportError as exc:  # pragma: no cover - ray is in the select extra
             raise BunnyError("--engine ray needs ray: pip install 'bunny[select]'") from exc
         self.ray = ray
-        self.started = False
+        self.started = False  # connected here: disconnect (and stop a local Ray) on close
+        self.local = not address  # a local Ray started by this run, not a cluster joined
         if not ray.is_initialized():
             if address:
                 ray.init(address=address, log_to_driver=False)
@@ -53,8 +54,9 @@ class RayMap:
 
     def close(self):
         if self.started:
-            _stop_monitor(self.ray)
-            self.ray.shutdown()
+            if self.local:
+                _stop_monitor(self.ray)
+            self.ray.shutdown()  # a joined cluster keeps running: only this driver disconnects
 
 
 def _stop_monitor(ray) -> None:
