@@ -146,21 +146,19 @@ def _early_centroids(cfg: SelectConfig, layout, clear: bool) -> np.ndarray | Non
     return None
 
 
-def _centroids(cfg: SelectConfig, layout, out: Path, show: bool, early: np.ndarray | None = None) -> np.ndarray:
-    saved = out / "centroids.npy"
-    if saved.exists():  # resumed run: the centroids it started with
-        return assign_mod.load_centroids(saved, layout.dim)
-    if early is not None:
-        c = early
-    elif cfg.centroids:
-        c = assign_mod.load_centroids(cfg.centroids, layout.dim)
-    elif cfg.k:
+def _centroids(cfg: SelectConfig, layout, out: Path, show: bool, known: np.ndarray | None) -> np.ndarray:
+    """The run's centroids: `known` (a resumed run's saved ones or --centroids FILE, loaded
+    before the check by `_early_centroids`), else fitted by k-means; saved with the output."""
+    c = known
+    if c is None:
+        if not cfg.k:
+            raise BunnyError("give --centroids FILE or --k K (with --seed) to fit them")
         if show:
             print(f"k-means: k={cfg.k} seed={cfg.seed}")
         c = assign_mod.fit_kmeans(layout, cfg.k, cfg.seed, cfg.kmeans_sample)
-    else:
-        raise BunnyError("give --centroids FILE or --k K (with --seed) to fit them")
-    atomic_npy(saved, c)
+    saved = out / "centroids.npy"
+    if not saved.exists():  # a resumed run keeps the file it started with
+        atomic_npy(saved, c)
     return c
 
 
@@ -197,12 +195,13 @@ def select(cfg: SelectConfig) -> dict:
     clear = _check_out(cfg)
     # bad values fail before the output folder is touched
     ray = cfg.engine == "ray"
-    threads = 1 if ray else max(1, available_cores() // workers)
-    early = _early_centroids(cfg, layout, clear) if cfg.device == "cpu" and layout.rows <= FUSED_ASSIGN_MAX_ROWS else None
-    if ray and early is not None and layout.rows * len(early) > FUSED_RAY_MAX_WORK:
-        early = None
-    # the check's worker threads share the cores: faiss gets C // W threads in each
-    assigner = assign_mod.Assigner(early, max(1, available_cores() // workers)) if early is not None else None
+    per_worker = max(1, available_cores() // workers)  # the cores each of W tasks in flight gets
+    threads = 1 if ray else per_worker
+    known = _early_centroids(cfg, layout, clear)
+    fuse = (known is not None and cfg.device == "cpu" and layout.rows <= FUSED_ASSIGN_MAX_ROWS
+            and not (ray and layout.rows * len(known) > FUSED_RAY_MAX_WORK))
+    # the check's worker threads share the cores (also on Ray's driver): faiss gets C // W in each
+    assigner = assign_mod.Assigner(known, per_worker) if fuse else None
     if ray:
         mapper, labels = _ray_during_check(layout, workers, cfg.address, show, assigner)
     else:
@@ -213,12 +212,10 @@ def select(cfg: SelectConfig) -> dict:
     try:
         out = _prepare_out(cfg, clear)
         work = out / "_work"
-        centroids = _centroids(cfg, layout, out, show, early)
+        centroids = _centroids(cfg, layout, out, show, known)
         k = len(centroids)
         t["centroids"] = time.perf_counter() - t0 - sum(t.values())
         block = 16384 if cfg.device == "cpu" else 262144
-        # Ray tasks (one CPU each) limit BLAS in their own process (KernelParams.blas_threads);
-        # here the limit is for the whole stage
         if labels is not None:  # assigned during the check
             for s in layout.shards:
                 if not (work / "assign" / f"bounds_{s.index:04d}.npy").exists():
@@ -233,6 +230,8 @@ def select(cfg: SelectConfig) -> dict:
         atomic_npy(out / "cluster_sizes.npy", sizes)
         t["assign"] = time.perf_counter() - t0 - sum(t.values())
         batches = _batches(sizes, cfg, workers)
+        # Ray tasks (one CPU each) limit BLAS in their own process (KernelParams.blas_threads);
+        # here the limit is for the whole stage
         params = KernelParams(cfg.mode, cfg.threshold, cfg.eps, device=cfg.device, products=cfg.products,
                               threads=threads, blas_threads=1 if ray else 0)
         with blas_threads(threads):

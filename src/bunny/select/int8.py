@@ -25,7 +25,7 @@ candidate (`rules._decide`): the quantisation only skips pairs that provably hav
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -38,12 +38,9 @@ _INT32_SAFE = 2 ** 30  # |q.q| + |P| + |T| stays below this: no int32 overflow i
 
 
 @dataclass(frozen=True)
-class Int8Plan:
-    mu: np.ndarray  # (d,) float32: the centre
-    basis: np.ndarray  # (d, m) float32: the leading basis columns, m >= r (room for `grown`)
-    r: int
-    phi: float  # >= ||basis^T basis - I||_2: the float32 basis is orthonormal only up to it (`rules._bound_slack`)
-    axes: np.ndarray | None = None  # basis[:, j] = e_axes[j] (coordinate axes): coordinates are a column gather
+class Int8Plan(rules.Plan):
+    """A `rules.Plan` of the int8 path: centred (mu is set), its basis holding room to grow
+    (m >= r columns); phi bounds ||basis^T basis - I||_2 (`rules._bound_slack`)."""
 
     @property
     def vec(self) -> np.ndarray:
@@ -52,7 +49,7 @@ class Int8Plan:
     def grown(self) -> Int8Plan | None:
         """The same basis with GROW_COLS more columns, or None when there are none left."""
         r = min(self.r + GROW_COLS, self.basis.shape[1])
-        return Int8Plan(self.mu, self.basis, r, self.phi, self.axes) if r > self.r else None
+        return replace(self, r=r) if r > self.r else None
 
 
 # A plan's r comes from a sample; when the candidates of the tiles done so far exceed this

@@ -92,8 +92,10 @@ class Layout:
         whole-array stored copy of the selection."""
         out = np.empty((len(rows), raw.shape[1]), np.float32)
         for a in range(0, len(rows), chunk):
-            sel = raw[rows[a:a + chunk]]
-            out[a:a + chunk] = self._renormalised(to_float32(sel)) if self.renormalize else to_float32(sel, out[a:a + chunk])
+            if self.renormalize:
+                out[a:a + chunk] = self.rows_f32(raw, rows[a:a + chunk])
+            else:
+                to_float32(raw[rows[a:a + chunk]], out[a:a + chunk])
         return out
 
     def gather_f32(self, which, parts) -> np.ndarray:
