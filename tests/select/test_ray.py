@@ -85,3 +85,48 @@ def test_ray_joins_a_running_cluster_and_leaves_it_running(make_input, tmp_path)
         ray_mod.shutdown()
     finally:
         subprocess.run([ray_cli, "stop", "--force"], capture_output=True)
+
+
+def test_engine_starts_a_lean_local_ray(make_input, tmp_path, monkeypatch):
+    """Without --address the engine starts its own Ray: GCS, raylet and workers only (no API
+    server, autoscaler monitor or log monitor), workers with the kernel's modules preloaded;
+    the output is the embedded engine's, Ray's methods are restored and Ray is stopped."""
+    import ray as ray_mod
+
+    from bunny.select import ray_local
+    from bunny.select.ray_engine import RayMap
+
+    inp = make_input(shard_sizes=(130, 90), seed=6)
+    local = select(SelectConfig(input=str(inp), out=str(tmp_path / "l"), k=4, seed=3, n=7, progress=False))
+    seen = {}
+    call = RayMap.__call__
+
+    def preloaded():  # defined here: pickled by value (the workers cannot import this test module)
+        import sys
+
+        from bunny.select.ray_local import PRELOAD
+
+        return all(m in sys.modules for m in PRELOAD)
+
+    def spy(self, fn, args, desc, *a, **k):
+        if not seen:
+            seen["lean"] = self.lean
+            seen["processes"] = set(ray_mod._private.worker._global_node.all_processes)
+            seen["preloaded"] = ray_mod.get(ray_mod.remote(preloaded).remote())
+        return call(self, fn, args, desc, *a, **k)
+
+    monkeypatch.setattr(RayMap, "__call__", spy)
+    node_methods = {m: getattr(ray_mod._private.node.Node, m) for m in ray_local.SKIPPED}
+    get_node = ray_mod._private.services.get_node
+    out = select(SelectConfig(input=str(inp), out=str(tmp_path / "r"), centroids=str(tmp_path / "l/centroids.npy"),
+                              seed=3, n=7, engine="ray", workers=2, progress=False))
+    assert out["rows_after"] == local["rows_after"]
+    for f in FILES:
+        assert pq.read_table(tmp_path / "l" / f).equals(pq.read_table(tmp_path / "r" / f)), f
+    assert sorted(seen["lean"]) == sorted([*ray_local.SKIPPED, "get_node"])  # every patch applied on this Ray
+    assert {"gcs_server", "raylet"} <= seen["processes"]
+    assert not seen["processes"] & {"dashboard", "monitor", "log_monitor"}
+    assert seen["preloaded"]
+    assert not ray_mod.is_initialized()
+    assert {m: getattr(ray_mod._private.node.Node, m) for m in ray_local.SKIPPED} == node_methods
+    assert ray_mod._private.services.get_node is get_node

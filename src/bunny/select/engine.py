@@ -128,7 +128,7 @@ def _prepare_out(cfg: SelectConfig, clear: bool) -> Path:
 # Rows are assigned during the value check (one pass over the image rows instead of two)
 # when the centroids are known before it and the labels, 4 bytes a row, stay small;
 # otherwise (k-means, GPU, larger inputs) assignment is a pass of its own. On Ray the check
-# runs on the driver while Ray starts (~3 s on 2 cores), so the driver assigns only when
+# runs on the driver while Ray starts (~1.5 s on 2 cores), so the driver assigns only when
 # that is little work (rows x centroids below FUSED_RAY_MAX_WORK: well under a second);
 # larger assignments are Ray tasks, spread over the cluster.
 FUSED_ASSIGN_MAX_ROWS = 1 << 26
@@ -240,7 +240,7 @@ def select(cfg: SelectConfig) -> dict:
     except BaseException:
         mapper.close()
         raise
-    # steps 2-4 need no engine: Ray shuts down (~1.3 s) in the background meanwhile
+    # steps 2-4 need no engine: Ray shuts down (~0.3 s) in the background meanwhile
     closing = threading.Thread(target=mapper.close, name="select-engine-close")
     closing.start()
     try:
@@ -290,7 +290,7 @@ def _check(layout, workers: int, show: bool, assigner=None) -> list | None:
 
 def _ray_during_check(layout, workers: int, address: str | None, show: bool, assigner=None):
     """(RayMap, labels), Ray started while the value check (and the assignment, with an
-    `assigner`) runs in a thread: Ray's start-up (~3 s on a 2-core machine) is mostly
+    `assigner`) runs in a thread: Ray's start-up (~1.5 s on a 2-core machine) is mostly
     waiting for its processes, so the two overlap. A failed check shuts Ray down again
     and raises the check's error."""
     from bunny.select.ray_engine import RayMap

@@ -17,12 +17,14 @@ class RayMap:
             raise BunnyError("--engine ray needs ray: pip install 'bunny[select]'") from exc
         self.ray = ray
         self.started = False  # connected here: disconnect (and stop a local Ray) on close
-        self.local = not address  # a local Ray started by this run, not a cluster joined
+        self.lean: list[str] = []
         if not ray.is_initialized():
             if address:
                 ray.init(address=address, log_to_driver=False)
             else:
-                ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False)
+                from bunny.select.ray_local import start_local
+
+                self.lean = start_local(ray, workers)  # the private-API patches applied (for the tests)
             self.started = True
 
     def __call__(self, fn, arg_list, desc, show, weights=None):
@@ -54,19 +56,5 @@ class RayMap:
 
     def close(self):
         if self.started:
-            if self.local:
-                _stop_monitor(self.ray)
             self.ray.shutdown()  # a joined cluster keeps running: only this driver disconnects
 
-
-def _stop_monitor(ray) -> None:
-    """Stop the local Ray's autoscaler monitor before `ray.shutdown`. The shutdown stops the
-    GCS first; the monitor, sent SIGTERM after that, tries to report its end to the dead
-    GCS and is only killed after Ray's 1 s grace period: 1 s of a 250k-row selection's
-    ~9 s. A local one-node Ray's monitor manages no machines, so stopping it first loses
-    nothing. This reaches into Ray's node object (not public API): where a Ray version
-    lacks it, the plain shutdown runs, only slower."""
-    node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "_global_node", None)
-    kill = getattr(node, "kill_monitor", None)
-    if kill is not None:
-        kill(check_alive=False)

@@ -1,0 +1,99 @@
+"""A lean local Ray for `--engine ray` without `--address`: GCS, raylet (with its two
+agents) and workers, nothing else.
+
+`ray.init()` on one machine also starts, and waits for, processes a batch selection never
+uses: the dashboard's API server (with `include_dashboard=False` it still starts one, to
+host usage reporting, and `ray.init` polls until it is up), the autoscaler monitor (it
+manages no machines here) and the log monitor (it streams worker logs to the driver, which
+this engine turns off with `log_to_driver=False`). On 2 cores they are Python processes
+competing with the ones Ray does wait for, and measured ~1 s of a 250k-row selection's
+~7.5 s start to finish. Ray has no public switch for them, so `lean_start` replaces the
+three `Node` methods that start them with no-ops for the duration of this run's own
+`ray.init` (restored after; a cluster joined with `--address` is untouched).
+
+It also works around two fixed waits in Ray's start (see LOCAL_SYSTEM_CONFIG and
+`_prompt_get_node`). All of this reaches into Ray's private modules: each patch is applied
+only where the attribute exists, so on a Ray version without it the plain start runs
+(same result, only slower); `tests/select/test_ray.py` checks that on the pinned version
+every patch applied and the run still gives the embedded engine's output."""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+# Ray settings of the local Ray (a joined cluster keeps its own):
+# - its raylet connects to its own object store as soon as it has started it; when the
+#   store is not yet listening it sleeps `raylet_client_connect_timeout_milliseconds` (1 s
+#   by default) before the next try, which most starts here hit. Retrying every 50 ms, 200
+#   times, keeps Ray's 10 s limit.
+# - workers import the cluster kernel's modules (ONNX Runtime included) before they accept
+#   work, while the driver is still connecting, rather than in their first task.
+PRELOAD = ["bunny.select.kernel", "bunny.select.int8", "bunny.select.ort_ops", "onnxruntime", "threadpoolctl"]
+LOCAL_SYSTEM_CONFIG = {"raylet_client_connect_timeout_milliseconds": 50, "raylet_client_num_connect_attempts": 200,
+                       "preload_python_modules": PRELOAD}
+NODE_WAIT_S = 30.0  # Ray's own limit for a raylet to register (raylet_start_wait_time_s)
+SKIPPED = ("start_api_server", "start_monitor", "start_log_monitor")  # Node methods made no-ops
+_INHERITED = object()
+
+
+def start_local(ray, workers: int) -> list[str]:
+    """`ray.init` of a lean local Ray with `workers` CPUs; returns the patches applied
+    (names, for the tests)."""
+    with lean_start(ray) as applied:
+        ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False,
+                 _system_config=LOCAL_SYSTEM_CONFIG)
+    return applied
+
+
+@contextmanager
+def lean_start(ray):
+    """Within: Ray's `Node` skips the processes in SKIPPED and the driver's wait for its
+    raylet polls every 20 ms. Yields the names of the patches applied."""
+    private = getattr(ray, "_private", None)
+    node_cls = getattr(getattr(private, "node", None), "Node", None)
+    services = getattr(private, "services", None)
+    patches = [(node_cls, name, _skip) for name in SKIPPED]
+    original_get_node = getattr(services, "get_node", None)
+    if original_get_node is not None:
+        patches.append((services, "get_node", _prompt_get_node(original_get_node)))
+    saved = []  # (owner, name, its own attribute or _INHERITED)
+    try:
+        for owner, name, replacement in patches:
+            if owner is not None and hasattr(owner, name):
+                saved.append((owner, name, vars(owner).get(name, _INHERITED)))
+                setattr(owner, name, replacement)
+        yield [name for _, name, _ in saved]
+    finally:
+        for owner, name, value in reversed(saved):
+            if value is _INHERITED:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
+
+
+def _skip(self, *args, **kwargs):
+    return None
+
+
+def _prompt_get_node(original):
+    """Ray's `services.get_node`, called by the driver to wait for its raylet to register,
+    looks every 1 s (a C++ loop): the raylet, up ~0.7 s after it is started here, was seen
+    up to 1 s late. This polls the node table every 20 ms first; Ray's own call then
+    answers at once. Where the poll fails, Ray's wait runs unchanged and reports any
+    problem."""
+
+    def get_node(gcs_address, node_id):
+        try:
+            from ray._raylet import GcsClient
+
+            client = GcsClient(address=gcs_address)
+            deadline = time.monotonic() + NODE_WAIT_S
+            while time.monotonic() < deadline:
+                if any(n.hex() == node_id for n in client.get_all_node_info(timeout=NODE_WAIT_S)):
+                    break
+                time.sleep(0.02)
+        except Exception:  # noqa: BLE001 - Ray's own wait below reports any real problem
+            pass
+        return original(gcs_address, node_id)
+
+    return get_node
