@@ -12,7 +12,7 @@
    rule functions (distance, scores, near-threshold refinement) so ids can be compared.
 2. Scale: 250k / 500k / 1M rows, ~20k rows per cluster: wall time and peak RSS.
 3. Ray (local, one worker per core) against the embedded engine (one worker per core) on the
-   250k, 500k and 1M inputs: Ray's fixed start-up (~3-4 s here) weighs more on the smaller.
+   250k, 500k and 1M inputs: Ray's fixed start-up (~1.7 s here) weighs more on the smaller.
    Then the same runs joining a Ray started beforehand (`--address auto`): the engine's own
    overhead, without Ray's start.
 Each measurement runs in a child process; peak memory is its VmHWM (resident, including the
