@@ -1,7 +1,7 @@
 """The Ray engine: the same shard and cluster tasks as the embedded engine, run as Ray
 tasks. Tasks read the shards from the shared filesystem and write their results
 atomically to OUT/_work, so the driver only schedules; steps 2-4 run on the driver
-(they stream small survivor files). Without an address a local Ray is started."""
+(they stream small survivor files). Without an address a lean local Ray is started (`ray_local.py`)."""
 from __future__ import annotations
 
 from tqdm.auto import tqdm
