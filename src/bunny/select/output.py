@@ -181,11 +181,10 @@ def take_strings(col, idx: np.ndarray):
 
 
 def write_outputs(layout: Layout, out: Path, work: Path, k: int, steps: Steps, show: bool,
-                  keys: KeyPrefetch | None = None) -> dict:
+                  keys: KeyPrefetch) -> dict:
     """Write the four gid-sorted parquet files (bucket by bucket of gids) and return the
-    row counts and score histograms for report.json. `keys`: a prefetcher started earlier
-    (closed here); else one is started now."""
-    keys = keys or KeyPrefetch(layout)
+    row counts and score histograms for report.json. `keys`: the key columns' prefetcher,
+    started by the caller before steps 2-4 (closed here)."""
     try:
         return _write_outputs(layout, out, work, k, steps, show, keys)
     finally:

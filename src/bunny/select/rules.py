@@ -327,7 +327,7 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
         # eigenbasis at its rank (isotropic clusters: ~96%; a steep spectrum: ~40%, no search)
         at = best or r_max
         if np.einsum("ij,ij->", za[:, :at], za[:, :at]) >= 0.9 * np.einsum("ij,ij->", z[:, :at], z[:, :at]):
-            r_id, cost_id = _rank_search(za, nn, base, 0.0, 0.0, best_cost, **search)
+            r_id = _rank_search(za, nn, base, 0.0, 0.0, best_cost, **search)[0]
         else:
             r_id = None
         if r_id is not None:
