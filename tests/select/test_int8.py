@@ -193,3 +193,76 @@ def test_axes_coordinates_are_the_identity_basis_product():
 
 def test_int8_edges_on_coordinate_axes_equal_the_full_product():
     assert_exact_at_every_rank(lambda x, t, r: int8.edges(x, t, _axes_plan(x, r), block=128))
+
+
+def test_uncorrelated_coordinates_are_told_from_correlated_ones():
+    """The correlation test behind skipping the eigenbasis: independent coordinates (any
+    variances) pass, the benchmark's spectrum in a random basis does not."""
+    rng = np.random.default_rng(3)
+    n, d = 2000, 128
+    indep = rng.normal(size=(n, d)) * rng.uniform(0.1, 2.0, size=d)  # very unequal variances
+    laplace = rng.laplace(size=(n, d))  # not Gaussian: still independent
+    for x in (indep, laplace):
+        x = (x - x.mean(axis=0)).astype(np.float32)
+        assert rules.uncorrelated(x.T @ x, n)
+    steep = spectral_cluster(1.0, n, d)
+    steep = steep - steep.mean(axis=0)
+    assert not rules.uncorrelated(steep.T @ steep, n)
+    # one direction, not along any axis, holding a tenth of the energy: the ratio sees
+    # correlated structure by its share of the energy (about sqrt(1 / rows) is the limit)
+    v = rng.normal(size=d)
+    v /= np.linalg.norm(v)
+    total = float((indep ** 2).sum(axis=1).mean())
+    one = indep + np.sqrt(total / 9) * rng.normal(size=(n, 1)) * v
+    one = (one - one.mean(axis=0)).astype(np.float32)
+    assert not rules.uncorrelated(one.T @ one, n)
+    assert not rules.uncorrelated(np.zeros((d, d), np.float32), n)  # no variance: nothing to decide on
+
+
+def test_planner_skips_the_eigenbasis_on_uncorrelated_coordinates(monkeypatch):
+    """An isotropic cluster plans on the axes without computing any eigenbasis; a steep
+    spectrum still computes it (and keeps it)."""
+    monkeypatch.setattr(rules, "BOUND_MIN_ROWS", 100)
+    calls = []
+    eigenbasis = rules.eigenbasis
+    monkeypatch.setattr(rules, "eigenbasis", lambda *a: calls.append(1) or eigenbasis(*a))
+    p = int8.plan(spectral_cluster(0.0, 4000, 256), 0.86)
+    assert p.axes is not None and calls == []
+    q = int8.plan(spectral_cluster(1.0, 4000, 256), 0.86)
+    assert q.axes is None and calls == [1]
+
+
+def test_rotation_keeps_the_span_and_spreads_the_coordinates():
+    """`int8.rotate` mixes the first r columns only: same span (same projector), orthonormal
+    up to the measured defect, columns after r untouched; fixed per r. On a steep spectrum
+    the largest coordinate drops and the same rank leaves fewer candidate pairs, with the
+    same edges."""
+    from dataclasses import replace
+
+    rot = int8.rotation(40)
+    assert np.allclose(rot.T @ rot, np.eye(40), atol=1e-12) and np.array_equal(rot, int8.rotation(40))
+    x = spectral_cluster(1.0, 4000, 256)
+    r = 64
+    p = int8.plan(x, 0.86, rank=r)  # rotated by plan
+    plain = rules.plan_rank(x, 0.86, centre=True, rank=r, keep=192)
+    a, b = p.basis[:, :r].astype(np.float64), plain.basis[:, :r].astype(np.float64)
+    assert np.abs(a @ a.T - b @ b.T).max() < 1e-5
+    assert np.array_equal(p.basis[:, r:], plain.basis[:, r:])
+    assert 0 < p.phi < 1e-4 and p.phi >= np.linalg.norm(p.basis.T.astype(np.float64) @ p.basis - np.eye(192), 2)
+    unrotated = replace(p, basis=plain.basis, phi=plain.phi)
+    u = x[rules.collapse_identical(x)[0]]
+    z_rot, z_eig = int8._rows(u, p)[0], int8._rows(u, unrotated)[0]
+    assert np.abs(z_rot).max() < 0.6 * np.abs(z_eig).max()
+
+    def count(plan):
+        got = []
+        decide = rules.decide_candidates
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(int8, "GROW_FRAC", 1.0)  # no growing: compare the two ranks as they are
+            mp.setattr(rules, "decide_candidates", lambda y, i, j, t: got.append(len(i)) or decide(y, i, j, t))
+            edges = edge_set(int8.edges(u, 0.86, plan))
+        return edges, sum(got)
+
+    (e_rot, n_rot), (e_eig, n_eig) = count(p), count(unrotated)
+    assert e_rot == e_eig == edge_set(rules.dense_edges(u, 0.86))
+    assert n_rot < 0.5 * n_eig  # measured: 10k against 25k

@@ -284,10 +284,13 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
     cheaper. The basis: eigenvectors of the second moments of the rows (minus the float32
     mean of the sampled rows, when `centre`), orthonormal up to phi (`eigenbasis`), m =
     max(r, keep) columns; with `axes`, also the coordinate axes of largest variance, when
-    they are estimated to cost less. r: the rank whose estimated cost per pair is least:
-    (r + 1) * col_cost for the products, the rows' coordinates (2 d r / n for a basis, free
-    for axes) and the candidates left on a sample of rows. Only the speed depends on these
-    choices, never the result (`rank` forces r, for tests, with the eigenbasis)."""
+    they are estimated to cost less, and only the axes when the coordinates are uncorrelated
+    (`uncorrelated`: the eigenvectors would be the axes, up to sampling noise). r: the rank
+    whose estimated cost per pair is least: (r + 1) * col_cost for the products, the rows'
+    coordinates (2 d r / n for a basis, free for axes) and the candidates left on a sample of
+    rows. With `quantised`, the eigenbasis' first r columns are to be rotated (`int8.plan`),
+    which the estimate of the int8 scale assumes. Only the speed depends on these choices,
+    never the result (`rank` forces r, for tests, with the eigenbasis)."""
     n, d = x.shape
     if rank is None and (n < BOUND_MIN_ROWS or d < 64):
         return None
@@ -301,9 +304,13 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
         sub = sub - mu
     r_max = r_max or d // 2
     moments = sub.T @ sub
-    vec, phi = eigenbasis(moments, min(d, max(r_max, keep, rank or 0)))
-    if rank is not None:
-        return Plan(mu, vec[:, :max(rank, keep)], rank, phi)
+    # uncorrelated coordinates: the eigenvectors are the axes up to noise, and the eigenbasis
+    # (float32 LAPACK: ~50 ms at d 768, with its search ~10% of a 20k-row cluster) is skipped
+    eigen = rank is not None or not (axes and uncorrelated(moments, len(sub)))
+    if eigen:
+        vec, phi = eigenbasis(moments, min(d, max(r_max, keep, rank or 0)))
+        if rank is not None:
+            return Plan(mu, vec[:, :max(rank, keep)], rank, phi)
     # the costs are estimated on rows the moments did not see (odd offsets from the moment
     # rows): on the moment rows themselves the eigenbasis looks better than it is
     s = x[1::step][np.linspace(0, (n - 2) // step, min((n - 1) // step + 1, _SAMPLE)).astype(np.int64)]
@@ -317,16 +324,19 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
         s = s - mu
     nn = np.einsum("ij,ij->i", s, s).astype(np.float64)
     search = dict(threshold=threshold, d=d, col_cost=col_cost, r_max=r_max, r_step=r_step, quantised=quantised)
-    z = s @ vec[:, :r_max]
-    best, best_cost = _rank_search(z, nn, base, phi, 2.0 * d / n, 0.7 * d, **search)
-    plan = None if best is None else Plan(mu, np.ascontiguousarray(vec[:, :max(best, keep)]), best, phi)
+    plan, best, best_cost = None, None, 0.7 * d  # the full product: d float32 multiply-adds per pair
+    if eigen:
+        z = s @ vec[:, :r_max]
+        best, best_cost = _rank_search(z, nn, base, phi, 2.0 * d / n, best_cost, rotated_rows=n, **search)
+        if best is not None:
+            plan = Plan(mu, np.ascontiguousarray(vec[:, :max(best, keep)]), best, phi)
     if axes:
         order = np.argsort(-np.diagonal(moments), kind="stable")  # largest variance first
         za = s[:, order[:r_max]]
         # the axes can only win where they hold nearly as much of the sample's energy as the
         # eigenbasis at its rank (isotropic clusters: ~96%; a steep spectrum: ~40%, no search)
         at = best or r_max
-        if np.einsum("ij,ij->", za[:, :at], za[:, :at]) >= 0.9 * np.einsum("ij,ij->", z[:, :at], z[:, :at]):
+        if not eigen or np.einsum("ij,ij->", za[:, :at], za[:, :at]) >= 0.9 * np.einsum("ij,ij->", z[:, :at], z[:, :at]):
             r_id = _rank_search(za, nn, base, 0.0, 0.0, best_cost, **search)[0]
         else:
             r_id = None
@@ -338,11 +348,37 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
     return plan
 
 
+# `uncorrelated`: the ratio below is 1 in expectation for independent coordinates, whatever
+# their variances and distributions; measured ~1.1 on isotropic clusters (20k rows, d 768)
+# and ~120 on a 1/i spectrum in a random basis
+_CORRELATION_RATIO = 2.0
+
+
+def uncorrelated(moments: np.ndarray, rows: int) -> bool:
+    """Whether the (centred) second-moment matrix of `rows` rows is diagonal up to sampling
+    noise: rows * sum_{i != j} M_ij^2 / sum_{i != j} M_ii M_jj < 2. For independent
+    zero-mean coordinates E[M_ij^2] = rows E[x_i^2] E[x_j^2] and M_ii ~ rows E[x_i^2], so the
+    ratio is ~1; correlations the sample can see raise it. Then the axes of largest
+    variance are the leading eigenvectors (up to that noise) and prune as well. Correlated
+    structure counts by its share of the energy: one direction off the axes holding a
+    fraction f of it adds ~rows f^2, so at 4096 rows any f above ~2% is seen."""
+    m = moments.astype(np.float64)
+    diag = np.diagonal(m)
+    off = np.einsum("ij,ij->", m, m) - np.dot(diag, diag)
+    indep = diag.sum() ** 2 - np.dot(diag, diag)
+    return indep > 0 and rows * off < _CORRELATION_RATIO * indep
+
+
 def _rank_search(z: np.ndarray, nn: np.ndarray, base: np.ndarray, phi: float, coord_cost: float, to_beat: float, *,
-                 threshold: float, d: int, col_cost: float, r_max: int, r_step: int, quantised: bool):
+                 threshold: float, d: int, col_cost: float, r_max: int, r_step: int, quantised: bool,
+                 rotated_rows: int = 0):
     """(r, cost per pair) of the cheapest rank for the sample's coordinates z (m, >= r_max),
     or (None, to_beat) when no rank costs less than `to_beat` (the full product's cost, or
-    another basis's). `coord_cost`: the rows' coordinates, per pair and column."""
+    another basis's). `coord_cost`: the rows' coordinates, per pair and column.
+    `rotated_rows` > 0 (quantised): the first r columns will be rotated at random over the
+    cluster's `rotated_rows` rows, which spreads each row's energy |z|^2 evenly over them: the
+    largest coordinate is then estimated as sqrt(median |z|^2 / r * 2 ln(rows r)) (the
+    largest of rows * r Gaussians of that variance), not the sample's largest."""
     m = len(z)
     dots = base.copy()
     cum = np.cumsum(z.astype(np.float64) ** 2, axis=1)
@@ -359,7 +395,11 @@ def _rank_search(z: np.ndarray, nn: np.ndarray, base: np.ndarray, phi: float, co
         slack = _bound_slack(r, d, phi)[0] * nn.max()
         if quantised:  # int8 (`int8.quantise`): 2 M |e|, |e| ~ sqrt((r + 1) / 12) s,
             # s = max|(z, b - median b)| / 127
-            big = max(float(z_max[r - 1]), float(np.abs(b - np.median(b)).max()))
+            if rotated_rows:
+                top = np.sqrt(np.median(cum[:, r - 1]) / r * 2.0 * np.log(rotated_rows * r))
+            else:
+                top = float(z_max[r - 1])
+            big = max(top, float(np.abs(b - np.median(b)).max()))
             slack += 2.5 * np.sqrt(nn.max() * (r + 1) / 12) * big / 127
         np.multiply.outer(b, b, out=tot)
         tot += dots
