@@ -223,9 +223,11 @@ def test_planner_skips_the_eigenbasis_on_uncorrelated_coordinates(monkeypatch):
     """An isotropic cluster plans on the axes without computing any eigenbasis; a steep
     spectrum still computes it (and keeps it)."""
     monkeypatch.setattr(rules, "BOUND_MIN_ROWS", 100)
+    from bunny.select import lapack
+
     calls = []
-    eigenbasis = rules.eigenbasis
-    monkeypatch.setattr(rules, "eigenbasis", lambda *a: calls.append(1) or eigenbasis(*a))
+    eigh = lapack.eigh_desc
+    monkeypatch.setattr(lapack, "eigh_desc", lambda *a: calls.append(1) or eigh(*a))
     p = int8.plan(spectral_cluster(0.0, 4000, 256), 0.86)
     assert p.axes is not None and calls == []
     q = int8.plan(spectral_cluster(1.0, 4000, 256), 0.86)
@@ -233,14 +235,16 @@ def test_planner_skips_the_eigenbasis_on_uncorrelated_coordinates(monkeypatch):
 
 
 def test_rotation_keeps_the_span_and_spreads_the_coordinates():
-    """`int8.rotate` mixes the first r columns only: same span (same projector), orthonormal
+    """`lapack.rotate` (int8 plans) mixes the first r columns only: same span (same projector), orthonormal
     up to the measured defect, columns after r untouched; fixed per r. On a steep spectrum
     the largest coordinate drops and the same rank leaves fewer candidate pairs, with the
     same edges."""
     from dataclasses import replace
 
-    rot = int8.rotation(40)
-    assert np.allclose(rot.T @ rot, np.eye(40), atol=1e-12) and np.array_equal(rot, int8.rotation(40))
+    from bunny.select import lapack
+
+    rot = lapack.rotation(40)
+    assert np.allclose(rot.T @ rot, np.eye(40), atol=1e-12) and np.array_equal(rot, lapack.rotation(40))
     x = spectral_cluster(1.0, 4000, 256)
     r = 64
     p = int8.plan(x, 0.86, rank=r)  # rotated by plan

@@ -25,12 +25,11 @@ candidate (`rules._decide`): the quantisation only skips pairs that provably hav
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from bunny.select import lapack, rules
+from bunny.select import rules
 
 # int8 multiply-adds per float32 one at equal time: onnxruntime's MatMulInteger (VNNI)
 # against numpy's float32 GEMM, one thread: ~237 vs 62-73 GMAC/s measured. Only steers the plan.
@@ -64,45 +63,14 @@ _GROW_MIN_PAIRS = 1 << 20
 def plan(x: np.ndarray, threshold: float, rank: int | None = None) -> Int8Plan | None:
     """The centred basis and rank for `edges`, or None when the full float32 product is
     expected to be cheaper (only the speed depends on this choice; `rank` forces r).
-    An eigenbasis' first r columns are rotated (`rotate`)."""
+    An eigenbasis' first r columns are rotated (`lapack.rotate`): the int8 scale is set by
+    the largest coordinate, which rotating lowers."""
     d = x.shape[1]
     got = rules.plan_rank(x, threshold, centre=True, col_cost=1.0 / INT8_GAIN, r_max=3 * d // 4,
                           r_step=32, quantised=True, rank=rank, keep=3 * d // 4, axes=True)
     if got is None:
         return None
-    if got.axes is not None:  # coordinates are single entries: nothing to spread
-        return Int8Plan(got.mu, got.basis, got.r, got.phi, got.axes)
-    basis = rotate(got.basis, got.r)
-    return Int8Plan(got.mu, basis, got.r, lapack.orthonormality_defect(basis))
-
-
-_ROTATIONS: dict = {}
-_ROT_LOCK = threading.Lock()
-
-
-def rotation(r: int) -> np.ndarray:
-    """A fixed (seeded) random orthogonal (r, r) float64 matrix, made once per process."""
-    with _ROT_LOCK:
-        got = _ROTATIONS.get(r)
-    if got is None:
-        q, t = np.linalg.qr(np.random.default_rng(r).standard_normal((r, r)))
-        got = q * np.where(np.diagonal(t) < 0, -1.0, 1.0)  # Haar-distributed: signs fixed by R's diagonal
-        with _ROT_LOCK:
-            _ROTATIONS[r] = got
-    return got
-
-
-def rotate(basis: np.ndarray, r: int) -> np.ndarray:
-    """The basis with its first r columns rotated among themselves (float32 of a float64
-    product): the same span, so the same bound in exact arithmetic, but every row's energy
-    in it is spread evenly over the r coordinates. An eigenbasis puts most of it in the
-    first few, whose largest value then sets the int8 scale of all (`quantise`): on a 1/i
-    spectrum rotating lowers the largest coordinate ~3x and so the quantisation's slack,
-    and leaves ~5x fewer candidates at the same rank. The columns after r (`Int8Plan.grown`)
-    stay eigenvectors; the orthonormality defect is measured on the result."""
-    out = basis.copy()
-    out[:, :r] = basis[:, :r].astype(np.float64) @ rotation(r)
-    return out
+    return Int8Plan(got.mu, got.basis, got.r, got.phi, got.axes)
 
 
 def _float_slack(r: int, d: int, xt_sq_max: float, mu_norm: float, x_norm_max: float, phi: float = 0.0) -> float:

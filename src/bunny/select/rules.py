@@ -250,18 +250,30 @@ def _bound_slack(r: int, d: int, phi: float = 0.0) -> tuple[float, float]:
     return pair, 2.0 * (2 * c + c * c + gamma(d) + gamma(r) * (1 + c) ** 2 + phi)
 
 
-def eigenbasis(m: np.ndarray, cols: int) -> tuple[np.ndarray, float]:
+def eigenbasis(m: np.ndarray, cols: int, vec: np.ndarray | None = None, rotate: int = 0) -> tuple[np.ndarray, float]:
     """(basis (d, cols) float32, phi): the leading eigenvectors of the symmetric second-moment
     matrix m, and their orthonormality defect (`_bound_slack`). float32 LAPACK where numpy's
-    OpenBLAS has it (`lapack`), numpy's float64 eigh otherwise or when the defect is large."""
+    OpenBLAS has it (`lapack`), numpy's float64 eigh otherwise or when the defect is large.
+    `vec`: m's float32 eigenvectors (`lapack.eigh_desc`) when already computed. `rotate` > 0:
+    the first `rotate` columns rotated among themselves (`lapack.rotate`) before the defect
+    is measured (once, on the basis the bound uses)."""
     from bunny.select import lapack
 
-    vec = np.ascontiguousarray(lapack.eigh_desc(m)[:, :cols])
-    phi = lapack.orthonormality_defect(vec)
+    def finish(v):
+        v = np.ascontiguousarray(v[:, :cols])
+        return lapack.rotate(v, rotate) if rotate else v
+
+    basis = finish(lapack.eigh_desc(m) if vec is None else vec)
+    phi = lapack.orthonormality_defect(basis)
     if phi > 1e-4:  # never seen (float32 eigenvectors are orthonormal to ~1e-6 per entry)
-        vec = np.ascontiguousarray(lapack.eigh_desc_float64(m)[:, :cols])
-        phi = lapack.orthonormality_defect(vec)
-    return vec, phi
+        basis = finish(lapack.eigh_desc_float64(m))
+        phi = lapack.orthonormality_defect(basis)
+    return basis, phi
+
+
+# The defect assumed while a rank is searched for (only steers the choice; the plan's basis
+# is measured): float32 eigenvectors at d 768 measure ~1e-6 to 1e-5.
+_PHI_GUESS = 1e-5
 
 
 @dataclass(frozen=True)
@@ -307,10 +319,14 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
     # uncorrelated coordinates: the eigenvectors are the axes up to noise, and the eigenbasis
     # (float32 LAPACK: ~50 ms at d 768, with its search ~10% of a 20k-row cluster) is skipped
     eigen = rank is not None or not (axes and uncorrelated(moments, len(sub)))
+    cols = min(d, max(r_max, keep, rank or 0))
+    if rank is not None:
+        basis, phi = eigenbasis(moments, max(rank, keep), rotate=rank if quantised else 0)
+        return Plan(mu, basis, rank, phi)
     if eigen:
-        vec, phi = eigenbasis(moments, min(d, max(r_max, keep, rank or 0)))
-        if rank is not None:
-            return Plan(mu, vec[:, :max(rank, keep)], rank, phi)
+        from bunny.select import lapack
+
+        vec = lapack.eigh_desc(moments)[:, :cols]
     # the costs are estimated on rows the moments did not see (odd offsets from the moment
     # rows): on the moment rows themselves the eigenbasis looks better than it is
     s = x[1::step][np.linspace(0, (n - 2) // step, min((n - 1) // step + 1, _SAMPLE)).astype(np.int64)]
@@ -324,12 +340,11 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
         s = s - mu
     nn = np.einsum("ij,ij->i", s, s).astype(np.float64)
     search = dict(threshold=threshold, d=d, col_cost=col_cost, r_max=r_max, r_step=r_step, quantised=quantised)
-    plan, best, best_cost = None, None, 0.7 * d  # the full product: d float32 multiply-adds per pair
+    best, best_cost = None, 0.7 * d  # the full product: d float32 multiply-adds per pair
     if eigen:
         z = s @ vec[:, :r_max]
-        best, best_cost = _rank_search(z, nn, base, phi, 2.0 * d / n, best_cost, rotated_rows=n, **search)
-        if best is not None:
-            plan = Plan(mu, np.ascontiguousarray(vec[:, :max(best, keep)]), best, phi)
+        best, best_cost = _rank_search(z, nn, base, _PHI_GUESS, 2.0 * d / n, best_cost,
+                                       rotated_rows=n if quantised else 0, **search)
     if axes:
         order = np.argsort(-np.diagonal(moments), kind="stable")  # largest variance first
         za = s[:, order[:r_max]]
@@ -341,11 +356,14 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
         else:
             r_id = None
         if r_id is not None:
-            cols = order[:max(r_id, keep)]
-            basis = np.zeros((d, len(cols)), np.float32)
-            basis[cols, np.arange(len(cols))] = 1.0
-            plan = Plan(mu, basis, r_id, 0.0, np.ascontiguousarray(cols))
-    return plan
+            picked = order[:max(r_id, keep)]
+            basis = np.zeros((d, len(picked)), np.float32)
+            basis[picked, np.arange(len(picked))] = 1.0
+            return Plan(mu, basis, r_id, 0.0, np.ascontiguousarray(picked))
+    if best is None:
+        return None
+    basis, phi = eigenbasis(moments, max(best, keep), vec, rotate=best if quantised else 0)
+    return Plan(mu, basis, best, phi)
 
 
 # `uncorrelated`: the ratio below is 1 in expectation for independent coordinates, whatever
