@@ -3,7 +3,7 @@ found through the quantised bound are exactly the full float product's edges."""
 import numpy as np
 import pytest
 
-from bunny.select import int8, ort_ops, rules
+from bunny.select import forked, int8, ort_ops, rules
 from bunny.select.engine import SelectConfig, select
 from selhelp import assert_exact_at_every_rank, cluster_like, edge_set, isotropic_cluster, spectral_cluster
 
@@ -128,6 +128,7 @@ def test_select_with_float32_products_is_identical(make_input, tmp_path, monkeyp
     runs = []
     edges = int8.edges
     monkeypatch.setattr(int8, "edges", lambda *a, **k: runs.append(1) or edges(*a, **k))
+    monkeypatch.setattr(forked, "available", lambda: False)  # `runs` counts in this process: threads
     inp = make_input(shard_sizes=(330, 290, 310), d=64, seed=12)
     a = select(SelectConfig(input=str(inp), out=str(tmp_path / "a"), k=3, seed=1, n=40, progress=False))
     assert len(runs) == 3  # every cluster went through the int8 bound

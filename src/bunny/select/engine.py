@@ -2,7 +2,8 @@
 
 Stages: validate input -> centroids -> assign shards -> step 1 per cluster -> steps 2-4
 and outputs. The engines differ only in how the per-shard and per-cluster tasks are run
-(`LocalMap` here, `RayMap` in ray_engine.py); everything that decides a result is shared.
+(`LocalMap`'s threads here, with step 1 in forked processes on Linux: `forked.ForkMap`;
+`RayMap` in ray_engine.py); everything that decides a result is shared.
 Work state lives in OUT/_work; every file there is written atomically, so `--resume`
 continues a killed run, skipping finished shards and clusters.
 """
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from bunny.errors import BunnyError
 from bunny.select import assign as assign_mod
-from bunny.select import rules
+from bunny.select import forked, rules
 from bunny.select.kernel import KernelParams, assign_shard, atomic_npy, blas_threads, run_clusters, write_assignment
 from bunny.select.layout import check_values, open_layout
 from bunny.select.output import KeyPrefetch, Steps, window_scores, write_json, write_outputs
@@ -235,8 +236,9 @@ def select(cfg: SelectConfig) -> dict:
         params = KernelParams(cfg.mode, cfg.threshold, cfg.eps, device=cfg.device, products=cfg.products,
                               threads=threads, blas_threads=1 if ray else 0)
         with blas_threads(threads):
-            mapper(run_clusters, [(layout, work, b, centroids, params) for b in batches], "step 1 (dedup)", show,
-                   weights=[int(sizes[b].sum()) for b in batches])
+            _step1_map(mapper, ray, cfg, workers)(
+                run_clusters, [(layout, work, b, centroids, params) for b in batches], "step 1 (dedup)", show,
+                weights=[int(sizes[b].sum()) for b in batches])
     except BaseException:
         mapper.close()
         raise
@@ -247,6 +249,13 @@ def select(cfg: SelectConfig) -> dict:
         return _finish(cfg, layout, out, work, k, workers, t, t0, show)
     finally:
         closing.join()
+
+
+def _step1_map(mapper, ray: bool, cfg: SelectConfig, workers: int):
+    """Step 1's map: Ray's, else forked processes where they are safe (`forked`), else threads."""
+    if not ray and workers > 1 and cfg.device == "cpu" and forked.available():
+        return forked.ForkMap(workers)
+    return mapper
 
 
 def _finish(cfg: SelectConfig, layout, out: Path, work: Path, k: int, workers: int, t: dict, t0: float,

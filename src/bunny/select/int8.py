@@ -227,6 +227,7 @@ def edges(x: np.ndarray, threshold: float, p: Int8Plan, block: int = 0, threads:
     buf = np.empty(rows * rows * rules.TILE_COLS_PER_ROW, np.int32)  # every tile's result, in turn
     pairs = cands = 0
     grow = True
+    held = rules.Candidates(x, threshold)  # decided in batches, not tile by tile
     for a, bb, c, e in rules._tiles(len(x), rows):
         if c == a:  # a new row band: its int8 rows, transposed, for every tile of the band
             band = np.ascontiguousarray(left[a:bb].T)
@@ -240,7 +241,8 @@ def edges(x: np.ndarray, threshold: float, p: Int8Plan, block: int = 0, threads:
         if len(hit):
             jj, ii = rules._above(st[hit], -1)  # candidates: >= 0
             cands += len(ii)
-            yield rules.decide_candidates(x, ii + a, hit[jj] + c, threshold)
+            if (got := held.add(ii + a, hit[jj] + c)) is not None:
+                yield got
         pairs += st.size
         if grow and pairs >= _GROW_MIN_PAIRS and cands > GROW_FRAC * pairs:
             # the sample misjudged r (e.g. a few rows far out set a coarse int8 scale): the tiles
@@ -253,6 +255,8 @@ def edges(x: np.ndarray, threshold: float, p: Int8Plan, block: int = 0, threads:
                 p, left, ucols = bigger, lr[0], _as_uint8(lr[1])
                 band = np.ascontiguousarray(left[a:bb].T)
             pairs = cands = 0
+    if (got := held.flush()) is not None:
+        yield got
 
 
 def _as_uint8(right: np.ndarray) -> np.ndarray:
