@@ -309,6 +309,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=3, help="runs of ours in the speed part (the median is compared)")
     ap.add_argument("--baseline-repeat", type=int, default=1,
                     help="runs of each baseline in the speed part (the median is compared; each ~80 s on 2 cores)")
+    ap.add_argument("--settle", type=float, default=20.0,
+                    help="seconds to wait before a speed run that follows a baseline run (memory settles)")
     ap.add_argument("--threads", type=int, default=0,
                     help="BLAS threads of every measured run (OPENBLAS/OMP/MKL_NUM_THREADS; 0: library default)")
     ap.add_argument("--only-speed", action="store_true", help="skip the scale and Ray parts")
@@ -361,7 +363,7 @@ def main():
            "spectrum": args.spectrum}
     if not args.only_scale:
         print(f"speed: {speed_rows} rows, {args.speed_cluster} rows per cluster", flush=True)
-        res["speed"] = speed(w, speed_root, baselines, args.repeat, args.cap, args.baseline_repeat)
+        res["speed"] = speed(w, speed_root, baselines, args.repeat, args.cap, args.baseline_repeat, args.settle)
     if args.only_speed:
         (w / "results_speed.json").write_text(json.dumps(res, indent=1, default=str))
         print(json.dumps(res, indent=1, default=str))
@@ -404,20 +406,27 @@ class local_ray_cluster:
         subprocess.run(self.stop, capture_output=True)
 
 
-def speed(w: Path, root: Path, baselines: list[str], repeat: int, cap: float, baseline_repeat: int = 1) -> dict:
+def speed(w: Path, root: Path, baselines: list[str], repeat: int, cap: float, baseline_repeat: int = 1,
+          settle: float = 20.0) -> dict:
     """Ours `repeat` times and each baseline `baseline_repeat` times, interleaved (ours,
     each baseline, ours, ...: a slow spell of a shared machine weighs on both sides);
     medians compared (a 2-core machine's timings vary by ~10% run to run, the dense
-    baseline's by up to 20%); identical selected ids required."""
+    baseline's by up to 20%); identical selected ids required. A run after a baseline
+    waits `settle` seconds first: right after the dense baseline freed its ~6 GB, ours ran
+    3.9-4.4 s, 20 s later 3.2-3.5 s (this VM: freed memory is slow to touch again for a while)."""
     ours, runs = [], {what: [] for what in baselines}
     spec = {"what": "ours", "root": str(root), "out": str(w / "out_speed"), "ids": str(w / "ids_ours.npy"), "n": None}
     for i in range(max(1, repeat, baseline_repeat)):
         if i < max(1, repeat):
+            if i and baselines:
+                time.sleep(settle)
             ours.append(measure(spec))
         for what in baselines:
             done = runs[what]
             if i >= max(1, baseline_repeat) or (done and done[-1].get("stopped")):
                 continue
+            if done or i:
+                time.sleep(settle)
             done.append(measure({"what": what, "root": str(root), "out": str(w / "out_speed"),
                                  "ids": str(w / f"ids_{what}.npy"), "n": None}, cap=cap))
             if not done[-1].get("stopped"):
