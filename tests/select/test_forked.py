@@ -25,10 +25,9 @@ def test_step1_runs_in_worker_processes_with_the_threads_output(make_input, tmp_
     run(inp, tmp_path / "procs", k=6, seed=2, n=50, workers=2)
     seen = {int(f.name.split("_")[1]) for f in pids.iterdir()}
     assert len(list(pids.iterdir())) == 6 and os.getpid() not in seen and 1 <= len(seen) <= 2
-    monkeypatch.setattr(forked, "available", lambda: False)
     for f in pids.iterdir():
         f.unlink()
-    run(inp, tmp_path / "threads", k=6, seed=2, n=50, workers=2)
+    run(inp, tmp_path / "threads", k=6, seed=2, n=50, workers=2, fork=False)  # --no-fork
     assert {int(f.name.split("_")[1]) for f in pids.iterdir()} == {os.getpid()}
     ta, tb = tables(tmp_path / "procs"), tables(tmp_path / "threads")
     for f in FILES:
@@ -69,3 +68,18 @@ def test_fork_map_returns_in_order_and_raises_a_task_error():
     with pytest.raises(BunnyError, match="cluster 2: bad"):
         m(_task, [(i,) for i in range(5)], "t", False)
     assert forked._TASKS is None
+
+
+def test_cli_no_fork_keeps_step1_in_threads(make_input, tmp_path, monkeypatch):
+    from bunny.cli import main
+
+    inp = make_input(seed=7)
+    used = []
+    call = forked.ForkMap.__call__
+    monkeypatch.setattr(forked.ForkMap, "__call__", lambda self, *a, **k: used.append(1) or call(self, *a, **k))
+    args = ["data", "select", "--input", str(inp), "--k", "3", "--workers", "2", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "a"), "--no-fork"]) == 0 and used == []
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0 and used == [1]
+    ta, tb = tables(tmp_path / "a"), tables(tmp_path / "b")
+    for f in FILES:
+        assert ta[f].equals(tb[f]), f

@@ -29,6 +29,9 @@ def add_parsers(sub, groups) -> None:
     p.add_argument("--products", choices=["int8", "float32"], default="int8",
                    help="step 1 on the CPU: products of the pruning bound (int8, default, or float32); same ids")
     p.add_argument("--address", help="ray: address of a running cluster (default: start a local one)")
+    p.add_argument("--no-fork", action="store_true",
+                   help="local engine: step 1 in threads, not forked worker processes (slower; for a caller "
+                        "whose other threads must not be forked)")
     p.add_argument("--renormalize", action="store_true", help="L2-normalise rows as they are read")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -60,7 +63,7 @@ def _select(args) -> int:
         input=args.input, out=args.out, centroids=args.centroids, k=args.k, seed=args.seed,
         threshold=args.threshold, clip_window=tuple(args.clip_window), centroid_window=tuple(args.centroid_window),
         n=args.n, mode=args.mode, eps=args.eps, engine=args.engine, device=args.device, products=args.products,
-        workers=args.workers, address=args.address,
+        workers=args.workers, address=args.address, fork=not args.no_fork,
         renormalize=args.renormalize, overwrite=args.overwrite, resume=args.resume,
         kmeans_sample=args.kmeans_sample, progress=not args.no_progress))
     print(" -> ".join(f"{k} {v}" for k, v in rep["rows_after"].items()))

@@ -49,6 +49,7 @@ class SelectConfig:
     device: str = "cpu"  # "cuda[:N]": assignment and similarity with torch on a GPU; "torch-cpu"
     products: str = "int8"  # device cpu: products of step 1's pruning bound, "int8" or "float32" (same ids)
     workers: int = 0  # tasks at once; 0: one per available core
+    fork: bool = True  # local engine on Linux: step 1 in forked worker processes (False: threads; forked.py)
     address: str | None = None  # ray: join this cluster instead of starting a local one
     renormalize: bool = False
     overwrite: bool = False
@@ -253,7 +254,7 @@ def select(cfg: SelectConfig) -> dict:
 
 def _step1_map(mapper, ray: bool, cfg: SelectConfig, workers: int):
     """Step 1's map: Ray's, else forked processes where they are safe (`forked`), else threads."""
-    if not ray and workers > 1 and cfg.device == "cpu" and forked.available():
+    if cfg.fork and not ray and workers > 1 and cfg.device == "cpu" and forked.available():
         return forked.ForkMap(workers)
     return mapper
 
