@@ -49,11 +49,24 @@ def test_a_dead_worker_is_an_error_and_the_run_resumes(make_input, tmp_path, mon
         run(inp, tmp_path / "out", k=5, seed=1, n=30, workers=2)
     assert forked._TASKS is None
     monkeypatch.setattr(kernel, "run_cluster", real)
+    # the pool stops the other worker too, possibly mid-write: its temporary file is removed
     assert not list((tmp_path / "out/_work/clusters").glob(".*tmp"))
     run(inp, tmp_path / "out", k=5, seed=1, n=30, workers=2, resume=True)
     ta, tb = tables(tmp_path / "ref"), tables(tmp_path / "out")
     for f in FILES:
         assert ta[f].equals(tb[f]), f
+
+
+def test_stale_temporary_files_are_removed_before_step1(make_input, tmp_path):
+    """A run killed mid-write (SIGKILL: no cleanup) leaves a temporary file; --resume removes it."""
+    inp = make_input(seed=8)
+    run(inp, tmp_path / "ref", k=4, seed=1)
+    (tmp_path / "ref/_work/clusters/.c_0000009.npz.1234.tmp").write_bytes(b"partial")
+    (tmp_path / "ref/_work/assign/.order_0000.npy.1234.tmp").write_bytes(b"partial")
+    kernel.cluster_file(tmp_path / "ref/_work", 2).unlink()  # as if cluster 2 was being written
+    run(inp, tmp_path / "ref", k=4, seed=1, resume=True)
+    assert not list((tmp_path / "ref/_work").glob("*/.*tmp"))
+    assert kernel.cluster_file(tmp_path / "ref/_work", 2).exists()
 
 
 def _task(i):

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from bunny.errors import BunnyError
 from bunny.select import assign as assign_mod
 from bunny.select import forked, rules
-from bunny.select.kernel import KernelParams, assign_shard, atomic_npy, blas_threads, run_clusters, write_assignment
+from bunny.select.kernel import (KernelParams, assign_shard, atomic_npy, blas_threads, remove_stale_temps,
+                                 run_clusters, write_assignment)
 from bunny.select.layout import check_values, open_layout
 from bunny.select.output import KeyPrefetch, Steps, window_scores, write_json, write_outputs
 
@@ -211,6 +212,7 @@ def select(cfg: SelectConfig) -> dict:
             labels = _check(layout, workers, show, assigner)
         mapper = LocalMap(workers)
     t = {"check": time.perf_counter() - t0}
+    work = None
     try:
         out = _prepare_out(cfg, clear)
         work = out / "_work"
@@ -236,12 +238,15 @@ def select(cfg: SelectConfig) -> dict:
         # here the limit is for the whole stage
         params = KernelParams(cfg.mode, cfg.threshold, cfg.eps, device=cfg.device, products=cfg.products,
                               threads=threads, blas_threads=1 if ray else 0)
+        remove_stale_temps(work)  # a killed run's (--resume): no task of this run has started
         with blas_threads(threads):
             _step1_map(mapper, ray, cfg, workers)(
                 run_clusters, [(layout, work, b, centroids, params) for b in batches], "step 1 (dedup)", show,
                 weights=[int(sizes[b].sum()) for b in batches])
     except BaseException:
         mapper.close()
+        if work is not None and not cfg.address:  # every writer has stopped (a joined cluster's may not have)
+            remove_stale_temps(work)
         raise
     # steps 2-4 need no engine: Ray shuts down (~0.3 s) in the background meanwhile
     closing = threading.Thread(target=mapper.close, name="select-engine-close")
