@@ -16,7 +16,9 @@
    Then the same runs joining a Ray started beforehand (`--address auto`): the engine's own
    overhead, without Ray's start.
 Each measurement runs in a child process; peak memory is its VmHWM (resident, including the
-touched pages of memory-mapped inputs) and its peak RssAnon (what it allocated), sampled.
+touched pages of memory-mapped inputs) and its peak RssAnon (what it allocated), sampled, with
+step 1's worker processes counted (`AnonPeak`). In the speed part ours runs interleaved with the
+baselines, and a run after a baseline (or after generating inputs) waits `--settle` seconds.
 """
 from __future__ import annotations
 
