@@ -351,10 +351,9 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
         # the axes can only win where they hold nearly as much of the sample's energy as the
         # eigenbasis at its rank (isotropic clusters: ~96%; a steep spectrum: ~40%, no search)
         at = best or r_max
-        if not eigen or np.einsum("ij,ij->", za[:, :at], za[:, :at]) >= 0.9 * np.einsum("ij,ij->", z[:, :at], z[:, :at]):
-            r_id = _rank_search(za, nn, base, 0.0, 0.0, best_cost, **search)[0]
-        else:
-            r_id = None
+        near = not eigen or (np.einsum("ij,ij->", za[:, :at], za[:, :at])
+                             >= 0.9 * np.einsum("ij,ij->", z[:, :at], z[:, :at]))
+        r_id = _rank_search(za, nn, base, 0.0, 0.0, best_cost, **search)[0] if near else None
         if r_id is not None:
             picked = order[:max(r_id, keep)]
             basis = np.zeros((d, len(picked)), np.float32)
@@ -452,9 +451,9 @@ def decide_candidates(x: np.ndarray, ii: np.ndarray, jj: np.ndarray, threshold: 
 class Candidates:
     """Candidate pairs gathered over tiles and decided together (`decide_candidates`) once
     at least BATCH are held, or at the end. Per tile they are few (~35 on a 20k-row
-    cluster), and every numpy call on them releases and re-takes the GIL: with two worker
-    threads each re-take may wait for the other thread (and an idle core's wake-up), which
-    cost ~15% of step 1 when each tile was decided and merged on its own."""
+    cluster): deciding and merging them tile by tile made ~10 small numpy calls per tile,
+    each a GIL release and take-back, which can wait for another thread (step 1 in threads:
+    `--no-fork`, `--device cuda`). Within noise on its own in forked processes."""
 
     BATCH = 1 << 15
 
