@@ -229,16 +229,6 @@ class AnonPeak:
         self._thread.start()
 
     @staticmethod
-    def _field(pid, name: str) -> int:
-        try:
-            for line in open(f"/proc/{pid}/status"):
-                if line.startswith(name):
-                    return int(line.split()[1])
-        except OSError:  # the process just ended
-            pass
-        return 0
-
-    @staticmethod
     def _tree(pid="self") -> list:
         out = [pid]
         try:
@@ -252,8 +242,9 @@ class AnonPeak:
     def _read(self) -> tuple[int, int]:
         """(summed RssAnon, VmRSS + the children's RssAnon) in kB."""
         pids = self._tree()
-        children = sum(self._field(p, "RssAnon:") for p in pids[1:])
-        return self._field("self", "RssAnon:") + children, self._field("self", "VmRSS:") + children
+        children = sum(proc_status(p).get("RssAnon", 0) for p in pids[1:])
+        own = proc_status("self")
+        return own.get("RssAnon", 0) + children, own.get("VmRSS", 0) + children
 
     def _poll(self):
         while not self._stop.is_set():
@@ -267,13 +258,24 @@ class AnonPeak:
         return max(self.peak, self._read()[0]) / 2**20
 
 
+def proc_status(pid="self") -> dict:
+    """The kB fields of /proc/PID/status (VmHWM, VmRSS, RssAnon, ...); {} once the process ended."""
+    out = {}
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            name, _, rest = line.partition(":")
+            if rest.strip().endswith(" kB"):
+                out[name] = int(rest.split()[0])
+    except OSError:
+        pass
+    return out
+
+
 def peak_rss_gb() -> float:
     """This process's peak resident memory (VmHWM). Not ru_maxrss: after fork + exec it
     starts from the parent's peak, which here includes the generated inputs."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    hwm = proc_status().get("VmHWM")
+    return (hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 2**20
 
 
 def measure(spec: dict, cap: float | None = None) -> dict:

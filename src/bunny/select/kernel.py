@@ -47,16 +47,13 @@ def atomic_npy(path: Path, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def remove_stale_temps(work: Path) -> int:
+def remove_stale_temps(work: Path) -> None:
     """Delete the temporary files of `atomic_save`/`atomic_npy` that a killed writer left in
     the work folder (a worker process killed mid-write: the final file was never replaced,
-    so nothing is lost). Only while no task of this run is writing. Returns how many."""
-    gone = 0
+    so nothing is lost). Only while no task of this run is writing."""
     for sub in ("clusters", "assign"):
         for p in (work / sub).glob(".*.tmp"):
             p.unlink(missing_ok=True)
-            gone += 1
-    return gone
 
 
 def make_assigner(centroids: np.ndarray, device: str = "cpu", threads: int = 0):

@@ -316,17 +316,16 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
         sub = sub - mu
     r_max = r_max or d // 2
     moments = sub.T @ sub
-    # uncorrelated coordinates: the eigenvectors are the axes up to noise, and the eigenbasis
-    # (float32 LAPACK: ~50 ms at d 768, with its search ~10% of a 20k-row cluster) is skipped
-    eigen = rank is not None or not (axes and uncorrelated(moments, len(sub)))
-    cols = min(d, max(r_max, keep, rank or 0))
     if rank is not None:
         basis, phi = eigenbasis(moments, max(rank, keep), rotate=rank if quantised else 0)
         return Plan(mu, basis, rank, phi)
+    # uncorrelated coordinates: the eigenvectors are the axes up to noise, and the eigenbasis
+    # (float32 LAPACK: ~50 ms at d 768, with its search ~10% of a 20k-row cluster) is skipped
+    eigen = not (axes and uncorrelated(moments, len(sub)))
     if eigen:
         from bunny.select import lapack
 
-        vec = lapack.eigh_desc(moments)[:, :cols]
+        vec = lapack.eigh_desc(moments)[:, :min(d, max(r_max, keep))]
     # the costs are estimated on rows the moments did not see (odd offsets from the moment
     # rows): on the moment rows themselves the eigenbasis looks better than it is
     s = x[1::step][np.linspace(0, (n - 2) // step, min((n - 1) // step + 1, _SAMPLE)).astype(np.int64)]
