@@ -96,3 +96,67 @@ def test_cli_no_fork_keeps_step1_in_threads(make_input, tmp_path, monkeypatch):
     ta, tb = tables(tmp_path / "a"), tables(tmp_path / "b")
     for f in FILES:
         assert ta[f].equals(tb[f]), f
+
+
+# ForkCall: Ray's value check in a forked child (engine._ray_during_check)
+
+def test_fork_call_runs_in_a_child_and_returns_its_value():
+    call = forked.ForkCall(lambda a, b: (os.getpid(), a + b), 2, 3, desc="value check")
+    pid, total = call.result()
+    assert pid != os.getpid() and total == 5
+    assert forked._CALL is None
+
+
+def test_fork_call_raises_the_childs_error_and_reissues_its_warnings():
+    import warnings
+
+    def warn_then(fail):
+        warnings.warn("17 embedding rows are not unit-norm", UserWarning)
+        if fail:
+            raise BunnyError("shard 1 img_emb row 5 (gid 11): NaN or infinite values")
+        return "ok"
+
+    with pytest.warns(UserWarning, match="17 embedding rows are not unit-norm"):
+        assert forked.ForkCall(warn_then, False, desc="value check").result() == "ok"
+    with pytest.raises(BunnyError, match=r"row 5 \(gid 11\)"):
+        forked.ForkCall(warn_then, True, desc="value check").result()
+
+
+def test_fork_call_child_death_is_an_error():
+    import signal
+
+    call = forked.ForkCall(lambda: os.kill(os.getpid(), signal.SIGKILL), desc="value check")
+    with pytest.raises(BunnyError, match="value check: its worker process died"):
+        call.result()
+
+
+def test_fused_assignment_in_a_child_forked_after_openmp_started():
+    """The parent's faiss search on 2 OpenMP threads starts GNU OpenMP's pool; a child forked
+    afterwards assigns with one thread per search (what _fork_check allows) and finishes."""
+    import numpy as np
+
+    from bunny.select.assign import Assigner
+
+    rng = np.random.default_rng(0)
+    c = rng.standard_normal((40, 64)).astype(np.float32)
+    x = rng.standard_normal((5000, 64)).astype(np.float32)
+    want = Assigner(c, 2)(x)
+    call = forked.ForkCall(lambda: Assigner(c, 1)(x), desc="value check")
+    got = call.future.result(timeout=120)[0]  # a hang fails here instead of blocking the suite
+    call.result()
+    assert np.array_equal(got, want)
+
+
+def test_fork_check_only_where_safe(monkeypatch):
+    import sys
+    import types
+
+    from bunny.select import engine
+
+    one, two = types.SimpleNamespace(threads=1), types.SimpleNamespace(threads=2)
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: False))
+    assert engine._fork_check(True, None) and engine._fork_check(True, one)
+    assert not engine._fork_check(False, one)  # --no-fork
+    assert not engine._fork_check(True, two)  # faiss on several OpenMP threads in the child
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: True))
+    assert not engine._fork_check(True, one)  # this process is connected to Ray

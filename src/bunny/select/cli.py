@@ -30,8 +30,8 @@ def add_parsers(sub, groups) -> None:
                    help="step 1 on the CPU: products of the pruning bound (int8, default, or float32); same ids")
     p.add_argument("--address", help="ray: address of a running cluster (default: start a local one)")
     p.add_argument("--no-fork", action="store_true",
-                   help="local engine: step 1 in threads, not forked worker processes (slower; for a caller "
-                        "whose other threads must not be forked)")
+                   help="no forked worker processes: step 1 (local engine) and the value check beside Ray's "
+                        "start (ray) run in threads (slower; for a caller whose other threads must not be forked)")
     p.add_argument("--renormalize", action="store_true", help="L2-normalise rows as they are read")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

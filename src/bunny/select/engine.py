@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -206,7 +207,7 @@ def select(cfg: SelectConfig) -> dict:
     # the check's worker threads share the cores (also on Ray's driver): faiss gets C // W in each
     assigner = assign_mod.Assigner(known, per_worker) if fuse else None
     if ray:
-        mapper, labels = _ray_during_check(layout, workers, cfg.address, show, assigner)
+        mapper, labels = _ray_during_check(layout, workers, cfg.address, show, assigner, cfg.fork)
     else:
         with blas_threads(threads):
             labels = _check(layout, workers, show, assigner)
@@ -303,15 +304,21 @@ def _check(layout, workers: int, show: bool, assigner=None) -> list | None:
         bar.close()
 
 
-def _ray_during_check(layout, workers: int, address: str | None, show: bool, assigner=None):
+def _ray_during_check(layout, workers: int, address: str | None, show: bool, assigner=None, fork: bool = True):
     """(RayMap, labels), Ray started while the value check (and the assignment, with an
-    `assigner`) runs in a thread: Ray's start-up (~1.5 s on a 2-core machine) is mostly
-    waiting for its processes, so the two overlap. A failed check shuts Ray down again
-    and raises the check's error."""
+    `assigner`) runs beside it: Ray's start-up (~1.5 s on a 2-core machine) is mostly
+    waiting for its processes, so the two overlap. The check runs in a forked child where
+    that is safe (`_fork_check`), else in a thread. A failed check shuts Ray down again and
+    raises the check's error."""
     from bunny.select.ray_engine import RayMap
 
-    with ThreadPoolExecutor(1) as pool:
+    if _fork_check(fork, assigner):
+        check = forked.ForkCall(_check, layout, workers, show, assigner, desc="value check")
+        pool = None
+    else:
+        pool = ThreadPoolExecutor(1)
         check = pool.submit(_check, layout, workers, show, assigner)
+    try:
         try:
             mapper = RayMap(workers, address)
         except BaseException:
@@ -322,7 +329,22 @@ def _ray_during_check(layout, workers: int, address: str | None, show: bool, ass
         except BaseException:
             mapper.close()
             raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
     return mapper, labels
+
+
+def _fork_check(fork: bool, assigner) -> bool:
+    """Whether Ray's value check runs in a forked child (`forked.ForkCall`): in a thread it
+    shares the driver's GIL with `import ray` and `ray.init`. Not with --no-fork, not where
+    the fused assignment's faiss searches use several OpenMP threads (forked.py), and not
+    in a process already connected to Ray (its threads hold gRPC state a fork copies
+    half-way)."""
+    if not (fork and forked.available()) or (assigner is not None and assigner.threads > 1):
+        return False
+    ray = sys.modules.get("ray")
+    return ray is None or not ray.is_initialized()
 
 
 def _batches(sizes: np.ndarray, cfg: SelectConfig, workers: int) -> list[np.ndarray]:
