@@ -12,7 +12,8 @@
    rule functions (distance, scores, near-threshold refinement) so ids can be compared.
 2. Scale: 250k / 500k / 1M rows, ~20k rows per cluster: wall time and peak RSS.
 3. Ray (local, one worker per core) against the embedded engine (one worker per core) on the
-   250k, 500k and 1M inputs: Ray's fixed start-up (~1.7 s here) weighs more on the smaller.
+   250k, 500k and 1M inputs, `--ray-repeat` runs of each alternating, medians compared: Ray's
+   fixed start-up (~1.5 s here) weighs more on the smaller.
    Then the same runs joining a Ray started beforehand (`--address auto`): the engine's own
    overhead, without Ray's start.
 Each measurement runs in a child process; peak memory is its VmHWM (resident, including the
@@ -225,6 +226,7 @@ class AnonPeak:
         import threading
 
         self.peak, self.rss_peak, self._stop = 0, 0, threading.Event()
+        self._pids = self._tree()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
 
@@ -240,21 +242,33 @@ class AnonPeak:
         return out
 
     def _read(self) -> tuple[int, int]:
-        """(summed RssAnon, VmRSS + the children's RssAnon) in kB."""
-        pids = self._tree()
-        children = sum(proc_status(p).get("RssAnon", 0) for p in pids[1:])
+        """(summed RssAnon, VmRSS + the children's RssAnon) in kB, over the process tree
+        last found by `_tree`."""
+        children = sum(proc_status(p).get("RssAnon", 0) for p in self._pids[1:])
         own = proc_status("self")
         return own.get("RssAnon", 0) + children, own.get("VmRSS", 0) + children
 
     def _poll(self):
+        """Memory every 20 ms; the process tree every TREE_EVERY samples. The tree walk reads
+        every thread's children file: with Ray's processes (~150 threads) one walk took 3.7 ms,
+        at every sample 18% of a core taken from the Ray run being measured (the embedded
+        engine's tree: 0.2 ms). Processes live for seconds (step 1's forked workers, Ray's),
+        so finding them within 0.25 s misses little."""
+        n = 0
         while not self._stop.is_set():
+            if n % self.TREE_EVERY == 0:
+                self._pids = self._tree()
+            n += 1
             anon, rss = self._read()
             self.peak, self.rss_peak = max(self.peak, anon), max(self.rss_peak, rss)
             self._stop.wait(0.02)
 
+    TREE_EVERY = 12  # samples of 20 ms
+
     def stop(self) -> float:
         self._stop.set()
         self._thread.join()
+        self._pids = self._tree()
         return max(self.peak, self._read()[0]) / 2**20
 
 
@@ -320,6 +334,9 @@ def main():
                          "inputs (memory settles)")
     ap.add_argument("--threads", type=int, default=0,
                     help="BLAS threads of every measured run (OPENBLAS/OMP/MKL_NUM_THREADS; 0: library default)")
+    ap.add_argument("--sizes", default="250000,500000,1000000", help="rows of the scale inputs (comma-separated)")
+    ap.add_argument("--ray-repeat", type=int, default=3,
+                    help="runs of each engine per scale input, alternating (medians compared)")
     ap.add_argument("--only-speed", action="store_true", help="skip the scale and Ray parts")
     ap.add_argument("--only-scale", action="store_true", help="skip the speed comparison")
     ap.add_argument("--baselines", default="dense,reference", help="comma-separated: dense, reference")
@@ -355,7 +372,7 @@ def main():
         mod.main(args)
         return
     w = Path(args.work or "/tmp/bunny_bench")
-    scale = [20_000, 40_000] if args.quick else [250_000, 500_000, 1_000_000]
+    scale = [20_000, 40_000] if args.quick else [int(x) for x in args.sizes.split(",")]
     per = 5_000 if args.quick else 20_000
     speed_rows = 20_000 if args.quick else args.speed_rows
     print("generating inputs", flush=True)
@@ -377,18 +394,9 @@ def main():
         (w / "results_speed.json").write_text(json.dumps(res, indent=1, default=str))
         print(json.dumps(res, indent=1, default=str))
         return
-    print("scale", flush=True)
-    for n, root in roots.items():
-        res["scale"][n] = measure({"what": "ours", "root": str(root), "out": str(w / "out_scale"),
-                                   "ids": str(w / f"ids_scale_{n}.npy")})
-    print("ray vs embedded (every scale input)", flush=True)
+    print(f"scale, and Ray against the embedded engine: {args.ray_repeat} alternating runs each per input", flush=True)
     for n in scale:
-        ray = measure({"what": "ours", "engine": "ray", "root": str(roots[n]), "out": str(w / "out_ray"),
-                       "ids": str(w / f"ids_ray_{n}.npy")})
-        res["ray"][n] = {"embedded": res["scale"][n], "ray": ray,
-                         "identical_ids": bool(np.array_equal(np.load(w / f"ids_scale_{n}.npy"),
-                                                              np.load(w / f"ids_ray_{n}.npy"))),
-                         "ratio": ray["wall_s"] / res["scale"][n]["wall_s"]}
+        res["scale"][n], res["ray"][n] = scale_and_ray(w, roots[n], n, args.ray_repeat)
     print("ray joining a running local Ray (--address auto): the engine without Ray's own start", flush=True)
     with local_ray_cluster():
         for n in scale:
@@ -448,6 +456,25 @@ def speed(w: Path, root: Path, baselines: list[str], repeat: int, cap: float, ba
         if not res[what].get("stopped"):
             res[what]["identical_ids"] = all(r["identical_ids"] for r in runs[what])
     return res
+
+
+def scale_and_ray(w: Path, root: Path, n: int, repeat: int) -> tuple[dict, dict]:
+    """The embedded engine and Ray (started by the run) `repeat` times each on one input,
+    alternating (embedded, Ray, embedded, ...: this machine drifts 10-20% over minutes, and
+    a single pair's ratio moved 1.40-1.57 between two runs of the script). Returns the
+    embedded median (the scale figure) and the Ray comparison: ratio of the medians, each
+    pair's ratio, identical ids in every run."""
+    emb, ray, same = [], [], []
+    for _ in range(max(1, repeat)):
+        emb.append(measure({"what": "ours", "root": str(root), "out": str(w / "out_scale"),
+                            "ids": str(w / f"ids_scale_{n}.npy")}))
+        ray.append(measure({"what": "ours", "engine": "ray", "root": str(root), "out": str(w / "out_ray"),
+                            "ids": str(w / f"ids_ray_{n}.npy")}))
+        same.append(bool(np.array_equal(np.load(w / f"ids_scale_{n}.npy"), np.load(w / f"ids_ray_{n}.npy"))))
+    embedded, on_ray = _median_of(emb), _median_of(ray)
+    return embedded, {"embedded": embedded, "ray": on_ray, "identical_ids": all(same),
+                      "ratio": on_ray["wall_s"] / embedded["wall_s"],
+                      "pair_ratios": [round(r["wall_s"] / e["wall_s"], 3) for e, r in zip(emb, ray)]}
 
 
 def _median_of(runs: list[dict]) -> dict:

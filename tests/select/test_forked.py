@@ -160,3 +160,9 @@ def test_fork_check_only_where_safe(monkeypatch):
     assert not engine._fork_check(True, two)  # faiss on several OpenMP threads in the child
     monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: True))
     assert not engine._fork_check(True, one)  # this process is connected to Ray
+
+
+def test_fork_call_child_runs_at_the_given_niceness():
+    base = os.nice(0)
+    assert forked.ForkCall(lambda: os.nice(0), desc="value check", nice=5).result() == min(19, base + 5)
+    assert os.nice(0) == base  # the parent's own niceness is untouched

@@ -22,6 +22,7 @@ start; in a forked child the check takes ~0.5 s and Ray's first tasks start ~0.2
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -77,7 +78,9 @@ class ForkMap:
 
 def _call():
     """ForkCall's child: fn's result and the warnings it issued (re-issued by the parent)."""
-    fn, args = _CALL
+    fn, args, nice = _CALL
+    if nice:
+        os.nice(nice)  # before fn starts threads: they inherit it
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = fn(*args)
@@ -89,11 +92,11 @@ class ForkCall:
     its exception (BunnyError when the child died) and re-issues its warnings here. The
     arguments are inherited, not pickled; the result comes back pickled."""
 
-    def __init__(self, fn, *args, desc: str):
+    def __init__(self, fn, *args, desc: str, nice: int = 0):
         global _CALL
         self.desc = desc
         self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
-        _CALL = (fn, args)
+        _CALL = (fn, args, nice)
         try:
             self.future = self.pool.submit(_call)  # with fork, the child starts within submit
         finally:
