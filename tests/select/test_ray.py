@@ -89,7 +89,8 @@ def test_ray_joins_a_running_cluster_and_leaves_it_running(make_input, tmp_path)
 
 def test_engine_starts_a_lean_local_ray(make_input, tmp_path, monkeypatch):
     """Without --address the engine starts its own Ray: GCS, raylet and workers only (no API
-    server, autoscaler monitor or log monitor), workers with the kernel's modules preloaded;
+    server, autoscaler monitor or log monitor), workers with the kernel's modules preloaded
+    and lean serialization add-ons;
     the output is the embedded engine's, Ray's methods are restored and Ray is stopped."""
     import ray as ray_mod
 
@@ -106,7 +107,11 @@ def test_engine_starts_a_lean_local_ray(make_input, tmp_path, monkeypatch):
 
         from bunny.select.ray_local import PRELOAD
 
-        return all(m in sys.modules for m in PRELOAD)
+        from ray.util import serialization_addons
+
+        # the lean add-ons were in place before the task's arguments were read: no pydantic
+        return (all(m in sys.modules for m in PRELOAD) and serialization_addons.apply.bunny_lean
+                and "pydantic" not in sys.modules and "starlette" not in sys.modules)
 
     def spy(self, fn, args, desc, *a, **k):
         if not seen:
@@ -116,6 +121,9 @@ def test_engine_starts_a_lean_local_ray(make_input, tmp_path, monkeypatch):
         return call(self, fn, args, desc, *a, **k)
 
     monkeypatch.setattr(RayMap, "__call__", spy)
+    from ray.util import serialization_addons
+
+    addons = serialization_addons.apply
     node_methods = {m: getattr(ray_mod._private.node.Node, m) for m in ray_local.SKIPPED}
     get_node = ray_mod._private.services.get_node
     out = select(SelectConfig(input=str(inp), out=str(tmp_path / "r"), centroids=str(tmp_path / "l/centroids.npy"),
@@ -130,3 +138,4 @@ def test_engine_starts_a_lean_local_ray(make_input, tmp_path, monkeypatch):
     assert not ray_mod.is_initialized()
     assert {m: getattr(ray_mod._private.node.Node, m) for m in ray_local.SKIPPED} == node_methods
     assert ray_mod._private.services.get_node is get_node
+    assert serialization_addons.apply is addons  # the driver's lean add-ons restored on close

@@ -65,3 +65,47 @@ def test_prompt_get_node_falls_back_to_rays_wait(monkeypatch):
     wrapped = ray_local._prompt_get_node(lambda addr, node: calls.append((addr, node)) or {"ok": node})
     assert wrapped("127.0.0.1:1", "ab") == {"ok": "ab"}
     assert calls == [("127.0.0.1:1", "ab")]
+
+
+class _Context:
+    """Records what Ray's serialization add-ons register."""
+
+    def __init__(self):
+        self.types = []
+
+    def _register_cloudpickle_serializer(self, cls, **kwargs):
+        self.types.append(cls.__module__.split(".")[0])
+
+    def _register_cloudpickle_reducer(self, cls, reducer):
+        self.types.append(cls.__module__.split(".")[0])
+
+
+def test_lean_serialization_registers_only_for_imported_libraries(monkeypatch):
+    """Without pydantic, starlette and pyarrow imported, nothing is registered and nothing is
+    imported; with them imported, Ray's own registrations run; `restore` puts Ray's back."""
+    import sys
+
+    pytest.importorskip("ray")
+    import pyarrow  # noqa: F401 - imported below: the add-ons register for them
+    import pydantic  # noqa: F401
+    import starlette.datastructures  # noqa: F401
+    from ray.util import serialization_addons as addons
+
+    original = addons.apply
+    restore = ray_local.lean_serialization()
+    try:
+        assert restore is not None and addons.apply is not original and addons.apply.bunny_lean
+        assert ray_local.lean_serialization() is None  # already lean: no second patch
+        for name in ("pydantic", "starlette", "pyarrow"):
+            monkeypatch.delitem(sys.modules, name)
+        none = _Context()
+        addons.apply(none)
+        assert none.types == [] and not {"pydantic", "starlette", "pyarrow"} & set(sys.modules)
+        monkeypatch.undo()
+        lean, full = _Context(), _Context()
+        addons.apply(lean)
+        original(full)
+        assert sorted(lean.types) == sorted(full.types) and {"pydantic", "starlette", "pyarrow"} <= set(full.types)
+    finally:
+        restore()
+    assert addons.apply is original

@@ -18,13 +18,19 @@ class RayMap:
         self.ray = ray
         self.started = False  # connected here: disconnect (and stop a local Ray) on close
         self.lean: list[str] = []
+        self._restore = None  # of the lean serialization add-ons (ray_local.lean_serialization)
         if not ray.is_initialized():
-            if address:
-                ray.init(address=address, log_to_driver=False)
-            else:
-                from bunny.select.ray_local import start_local
+            from bunny.select.ray_local import lean_serialization, start_local
 
-                self.lean = start_local(ray, workers)  # the private-API patches applied (for the tests)
+            self._restore = lean_serialization()  # this driver's context is built after this
+            try:
+                if address:
+                    ray.init(address=address, log_to_driver=False)
+                else:
+                    self.lean = start_local(ray, workers)  # the private-API patches applied (for the tests)
+            except BaseException:
+                self._restore_addons()
+                raise
             self.started = True
 
     def __call__(self, fn, arg_list, desc, show, weights=None):
@@ -56,5 +62,14 @@ class RayMap:
 
     def close(self):
         if self.started:
-            self.ray.shutdown()  # a joined cluster keeps running: only this driver disconnects
+            self.started = False
+            try:
+                self.ray.shutdown()  # a joined cluster keeps running: only this driver disconnects
+            finally:
+                self._restore_addons()
+
+    def _restore_addons(self):
+        if self._restore is not None:
+            self._restore()
+            self._restore = None
 

@@ -18,6 +18,8 @@ only where the attribute exists, so on a Ray version without it the plain start 
 every patch applied and the run still gives the embedded engine's output."""
 from __future__ import annotations
 
+import importlib.util
+import sys
 import time
 from contextlib import contextmanager
 
@@ -27,8 +29,10 @@ from contextlib import contextmanager
 #   by default) before the next try, which most starts here hit. Retrying every 50 ms, 200
 #   times, keeps Ray's 10 s limit.
 # - workers import the cluster kernel's modules (ONNX Runtime included) before they accept
-#   work, while the driver is still connecting, rather than in their first task.
-PRELOAD = ["bunny.select.kernel", "bunny.select.int8", "bunny.select.ort_ops", "onnxruntime", "threadpoolctl"]
+#   work, while the driver is still connecting, rather than in their first task; the first,
+#   `ray_worker`, makes Ray's serialization add-ons lean in the worker (`lean_serialization`).
+PRELOAD = ["bunny.select.ray_worker", "bunny.select.kernel", "bunny.select.int8", "bunny.select.ort_ops",
+           "onnxruntime", "threadpoolctl"]
 LOCAL_SYSTEM_CONFIG = {"raylet_client_connect_timeout_milliseconds": 50, "raylet_client_num_connect_attempts": 200,
                        "preload_python_modules": PRELOAD}
 NODE_WAIT_S = 30.0  # Ray's own limit for a raylet to register (raylet_start_wait_time_s)
@@ -97,3 +101,49 @@ def _prompt_get_node(original):
         return original(gcs_address, node_id)
 
     return get_node
+
+
+def lean_serialization():
+    """Ray's serialization add-ons, registered only for the libraries this process has
+    already imported. Returns a function restoring Ray's own, or None where this Ray lacks
+    the pieces (then nothing changes).
+
+    Each Ray process builds its serialization context on first use (the driver's first
+    `ray.put`, a worker's first task) and `ray.util.serialization_addons.apply` then imports
+    pydantic, starlette and pyarrow.json, when installed, to register serializers for their
+    types: ~0.1 s per process on 2 cores, in the way of the first tasks, for objects the
+    selection never sends (numpy arrays, paths, small dataclasses). An object of those types
+    can only exist in a process that imported its library, so registering only for imported
+    ones changes nothing for what is sent. Used by the local Ray's workers (`ray_worker`,
+    for their lifetime: they serve this run only) and by the driver while `RayMap` holds
+    the connection it made (restored when it closes)."""
+    try:
+        from ray.util import serialization_addons as addons
+    except ImportError:  # pragma: no cover - ray is in the select extra
+        return None
+    original = getattr(addons, "apply", None)
+    starlette = getattr(addons, "register_starlette_serializer", None)
+    if (original is None or starlette is None or getattr(original, "bunny_lean", False)
+            or importlib.util.find_spec("ray._common.pydantic_compat") is None
+            or importlib.util.find_spec("ray._private.arrow_serialization") is None):
+        return None
+
+    def apply(context):
+        if "pydantic" in sys.modules:
+            from ray._common.pydantic_compat import register_pydantic_serializers
+
+            register_pydantic_serializers(context)
+        if "starlette" in sys.modules:
+            starlette(context)
+        if "pyarrow" in sys.modules and sys.platform != "win32":
+            from ray._private.arrow_serialization import _register_custom_datasets_serializers
+
+            _register_custom_datasets_serializers(context)
+
+    apply.bunny_lean = True
+    addons.apply = apply
+
+    def restore():
+        addons.apply = original
+
+    return restore
