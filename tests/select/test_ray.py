@@ -90,7 +90,7 @@ def test_ray_joins_a_running_cluster_and_leaves_it_running(make_input, tmp_path)
 def test_engine_starts_a_lean_local_ray(make_input, tmp_path, monkeypatch):
     """Without --address the engine starts its own Ray: GCS, raylet and workers only (no API
     server, autoscaler monitor or log monitor), workers with the kernel's modules preloaded
-    and lean serialization add-ons;
+    and lean serialization add-ons, the value check in a forked child;
     the output is the embedded engine's, Ray's methods are restored and Ray is stopped."""
     import ray as ray_mod
 
@@ -121,6 +121,12 @@ def test_engine_starts_a_lean_local_ray(make_input, tmp_path, monkeypatch):
         return call(self, fn, args, desc, *a, **k)
 
     monkeypatch.setattr(RayMap, "__call__", spy)
+    from bunny.select import forked
+
+    forks = []
+    fork_init = forked.ForkCall.__init__
+    monkeypatch.setattr(forked.ForkCall, "__init__", lambda self, fn, *a, **k: forks.append(k) or
+                        fork_init(self, fn, *a, **k))
     from ray.util import serialization_addons
 
     addons = serialization_addons.apply
@@ -139,3 +145,4 @@ def test_engine_starts_a_lean_local_ray(make_input, tmp_path, monkeypatch):
     assert {m: getattr(ray_mod._private.node.Node, m) for m in ray_local.SKIPPED} == node_methods
     assert ray_mod._private.services.get_node is get_node
     assert serialization_addons.apply is addons  # the driver's lean add-ons restored on close
+    assert forks == [{"desc": "value check", "nice": 10}]  # the check ran in a forked child
