@@ -313,8 +313,9 @@ CHECK_NICE = 10
 
 def _ray_during_check(layout, workers: int, address: str | None, show: bool, assigner=None, fork: bool = True):
     """(RayMap, labels), Ray started while the value check (and the assignment, with an
-    `assigner`) runs beside it: Ray's start-up (~1.5 s on a 2-core machine) is mostly
-    waiting for its processes, so the two overlap. The check runs in a forked child where
+    `assigner`) runs beside it: Ray's start-up (~1.2 s on a 2-core machine) is a chain of
+    processes, each started when the one before is up, and leaves CPU time for the check.
+    The check runs in a forked child where
     that is safe (`_fork_check`), else in a thread. A failed check shuts Ray down again and
     raises the check's error."""
     from bunny.select.ray_engine import RayMap

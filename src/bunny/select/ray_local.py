@@ -12,10 +12,11 @@ three `Node` methods that start them with no-ops for the duration of this run's 
 `ray.init` (restored after; a cluster joined with `--address` is untouched).
 
 It also works around two fixed waits in Ray's start (see LOCAL_SYSTEM_CONFIG and
-`_prompt_get_node`). All of this reaches into Ray's private modules: each patch is applied
-only where the attribute exists, so on a Ray version without it the plain start runs
-(same result, only slower); `tests/select/test_ray.py` checks that on the pinned version
-every patch applied and the run still gives the embedded engine's output."""
+`_prompt_get_node`), and keeps Ray's serialization add-ons from importing libraries the run
+does not send (`lean_serialization`). All of this reaches into Ray's private modules: each
+patch is applied only where what it replaces exists, so on a Ray version without it the
+plain start runs (same result, only slower); `tests/select/test_ray.py` checks that on the
+pinned version every patch applied and the run still gives the embedded engine's output."""
 from __future__ import annotations
 
 import importlib.util
