@@ -33,11 +33,17 @@ from tqdm.auto import tqdm
 from bunny.errors import BunnyError
 
 _TASKS: tuple | None = None  # (fn, arg_list), set before the pool forks: children inherit it
-_CALL: tuple | None = None  # ForkCall's (fn, args), set while its child is forked
+_CALL: tuple | None = None  # ForkCall's (fn, args, nice), set while its child is forked
 
 
 def available() -> bool:
     return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """A pool whose children are forked (within the first `submit`, inheriting `_TASKS` /
+    `_CALL` as they are then)."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
 
 
 def _run(i: int):
@@ -56,8 +62,7 @@ class ForkMap:
         bar = tqdm(total=sum(weights) if weights else len(arg_list), desc=desc, disable=not show)
         out = []
         _TASKS = (fn, arg_list)
-        pool = ProcessPoolExecutor(min(self.workers, max(1, len(arg_list))),
-                                   mp_context=multiprocessing.get_context("fork"))
+        pool = _pool(min(self.workers, max(1, len(arg_list))))
         try:
             futures = [pool.submit(_run, i) for i in range(len(arg_list))]
             for i, fut in enumerate(futures):
@@ -95,7 +100,7 @@ class ForkCall:
     def __init__(self, fn, *args, desc: str, nice: int = 0):
         global _CALL
         self.desc = desc
-        self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+        self.pool = _pool(1)
         _CALL = (fn, args, nice)
         try:
             self.future = self.pool.submit(_call)  # with fork, the child starts within submit
