@@ -14,7 +14,6 @@ from bunny.errors import BunnyError
 
 # (subcommand group, module providing add_parsers)
 _GROUPS = [
-    "bunny.model.cli",
     "bunny.convert.cli",
     "bunny.merge.cli",
     "bunny.serve.cli",
@@ -30,13 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     for name in _GROUPS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # subsystem not present in this build
-                continue
-            raise
-        module.add_parsers(sub, groups)
+        importlib.import_module(name).add_parsers(sub, groups)
     return parser
 
 
