@@ -1,7 +1,7 @@
 """Where a demo stage-2 step spends its time on this CPU: torch's profiler over one training
-step of the demo recipe (configs/demo/finetune.yaml: SmolLM2-135M + the shipped tower, LoRA
+step of the demo recipe (src/bunny/assets/configs/demo/finetune.yaml: SmolLM2-135M + the shipped tower, LoRA
 on every linear layer, batch 8 of independent-turn samples with the demo's `max_turns` and
-`train_hard_share` from configs/demo/demo.yaml), after `--steps` timed steps.
+`train_hard_share` from src/bunny/assets/configs/demo/demo.yaml), after `--steps` timed steps.
 
     .venv/bin/python benchmarks/demo_step_profile.py [--steps 3] [--set lora_dropout=0.05 ...]
 
@@ -26,12 +26,12 @@ import yaml  # noqa: E402
 from bunny.data.collate import collate  # noqa: E402
 from bunny.data.synthetic_io import synthesize  # noqa: E402
 from bunny.model.loading import DEFAULT_TOWER, build_model  # noqa: E402
-from bunny.train.demo import REPO_CONFIGS, load_settings  # noqa: E402
+from bunny.train.demo import DEMO_CONFIGS, load_settings  # noqa: E402
 from bunny.train.parts import configure_trainables  # noqa: E402
 from bunny.train.recipe import load_recipe  # noqa: E402
 from bunny.train.trainer import build_dataset  # noqa: E402
 
-CONFIG = REPO_CONFIGS / "finetune.yaml"
+CONFIG = DEMO_CONFIGS / "finetune.yaml"
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     over = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     work = Path(tempfile.mkdtemp(prefix="bunny_prof_"))
-    demo, _, _ = load_settings(REPO_CONFIGS, {})  # the demo's own data shape: the profile follows the shipped recipe
+    demo, _, _ = load_settings(DEMO_CONFIGS, {})  # the demo's own data shape: the profile follows the shipped recipe
     synthesize(work, 8, 2, seed=0, max_turns=demo.max_turns, suffix="", train_hard_share=demo.train_hard_share)
     recipe = load_recipe(CONFIG, {"data_path": str(work / "stage2.json"), "output_dir": str(work / "out"),
                                   "tower": DEFAULT_TOWER, **over}, stage="finetune")

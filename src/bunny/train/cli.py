@@ -33,10 +33,10 @@ def add_parsers(sub, groups) -> None:
     p = sub.add_parser("demo", help="End to end: synthetic data, stage 1 + 2 on SmolLM2-135M, evaluation.")
     p.add_argument("--out", default="outputs/demo", help="output folder (summary.json, loss_curve.png)")
     p.add_argument("--configs", default=None, help="folder holding pretrain.yaml and finetune.yaml "
-                   "(default: the repository's configs/demo)")
+                   "(default: the shipped src/bunny/assets/configs/demo)")
     p.add_argument("--tower", default=None, help="vision tower folder (default: the shipped tower)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="a demo setting (train_images=800, see configs/demo/demo.yaml) or a stage recipe "
+                   help="a demo setting (train_images=800, see src/bunny/assets/configs/demo/demo.yaml) or a stage recipe "
                         "field (finetune.lr=1e-3); repeatable")
     p.set_defaults(func=_demo)
 

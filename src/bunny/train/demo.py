@@ -4,7 +4,7 @@ synthetic scenes -> stage 1 (projector on captions) -> stage 2 (LoRA on every li
 of SmolLM2-135M-Instruct + projector) -> held-out evaluation with the real scorers ->
 one question about a freshly drawn image -> summary table and outputs/demo/summary.json.
 
-Settings come from configs/demo/{demo,pretrain,finetune}.yaml; on the command line,
+Settings come from src/bunny/assets/configs/demo/{demo,pretrain,finetune}.yaml; on the command line,
 `--set train_images=600` changes a demo setting, `--set finetune.lr=1e-3` a stage recipe.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ import yaml
 from bunny.errors import BunnyError
 from bunny.train.recipe import load_recipe
 
-REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "demo"
+# Shipped as package data, so `bunny demo` works from an installed wheel as from a checkout.
+DEMO_CONFIGS = Path(__file__).resolve().parent.parent / "assets" / "configs" / "demo"
 
 
 @dataclass
@@ -37,7 +38,7 @@ class DemoSettings:
     fresh_seed: int = 12345  # seed of the freshly drawn image asked about at the end
     # Start the projector from a least-squares map of patch features to the LLM's embeddings
     # of the words naming each patch's object (bunny/train/demo_ground.py); replaces stage 1's
-    # projector_norm_init. On in configs/demo/demo.yaml.
+    # projector_norm_init. On in assets/configs/demo/demo.yaml.
     projector_word_init: bool = False
     word_init_position: bool = False  # also the object's cell word ("left", "top", ...) in its patches' targets
     word_init_background: str = ""  # background patches -> this word's embedding ("" = zero vector)
@@ -84,9 +85,9 @@ def run_demo(out: str | Path = "outputs/demo", configs: str | Path | None = None
 
     start = time.perf_counter()
     out = Path(out)
-    configs = Path(configs) if configs else REPO_CONFIGS
+    configs = Path(configs) if configs else DEMO_CONFIGS
     if not (configs / "pretrain.yaml").is_file():
-        raise BunnyError(f"{configs} holds no pretrain.yaml; pass --configs configs/demo")
+        raise BunnyError(f"{configs} holds no pretrain.yaml; pass --configs FOLDER (the shipped ones: {DEMO_CONFIGS})")
     settings, over1, over2 = load_settings(configs, overrides or {})
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
