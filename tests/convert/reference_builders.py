@@ -1,9 +1,13 @@
 """Tiny checkpoints in every reference (BAAI Bunny) layout, written the way the reference's
 training script writes them, plus the tensors the reference would compute with ("truth").
 
-Everything is seeded. The tower is a tiny SigLIP saved as a local `mm_vision_tower`
-folder; LLMs are tiny llama / qwen2 (tied embeddings) / phi3 with padded vocabularies
-(8 rows beyond the tokenizer, cut on load as the reference does).
+Everything is seeded. The tower folder (`mm_vision_tower`) is a tiny full SigLIP (image and
+text model, `model_type` siglip), laid out as google/siglip-so400m-patch14-384 is; its vision
+model keeps the pooling head (`vision_use_head`, the default). Checkpoints hold the tower as
+the reference's transformers-4 module tree names it:
+`model.vision_tower.vision_tower.vision_model.{embeddings,encoder,post_layernorm,head}.*`.
+LLMs are tiny llama / qwen2 (tied embeddings) / phi3 / phi with padded vocabularies (8 rows
+beyond the tokenizer, cut on load as the reference does).
 """
 from __future__ import annotations
 
@@ -14,18 +18,24 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, SiglipVisionModel
+from transformers import AutoModelForCausalLM, SiglipConfig, SiglipModel, SiglipVisionModel
 
 from bunny.testing import tiny_image_processor, tiny_text_config, tiny_tokenizer, tiny_vision_config
 
-MODEL_TYPE = {"llama": "bunny-llama", "qwen2": "bunny-qwen2", "phi3": "bunny-phi3"}
-BOS = {"llama": True, "qwen2": False, "phi3": True}  # Llama-3 and Phi-3 tokenizers add a BOS
+MODEL_TYPE = {"llama": "bunny-llama", "qwen2": "bunny-qwen2", "phi3": "bunny-phi3", "phi": "bunny-phi"}
+# Llama-3 and Phi-3 tokenizers add a BOS; Phi-2's (GPT-2 style) and Qwen1.5's do not.
+BOS = {"llama": True, "qwen2": False, "phi3": True, "phi": False}
 TIED = {"qwen2": True}
 LORA_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                 "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                 "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 LORA_R, LORA_ALPHA = 4, 8
 PAD_ROWS = 8
+# Where the reference's checkpoints keep the tower: its wrapper's `vision_tower`, then the
+# transformers-4 SiglipVisionModel's `vision_model`.
+TOWER_KEY_PREFIX = "model.vision_tower.vision_tower.vision_model."
+TINY_SIGLIP_TEXT = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                        vocab_size=64, max_position_embeddings=16)
 
 
 @dataclass
@@ -43,13 +53,23 @@ def _randn(*shape, gen):
     return torch.randn(*shape, generator=gen) * 0.2
 
 
-def save_tower(root: Path, seed: int = 1) -> tuple[Path, torch.nn.Module]:
+def save_tower(root: Path, seed: int = 1, image_size: int = 28) -> tuple[Path, torch.nn.Module]:
+    """A full SigLIP folder (as the hub's so400m); returns it and its vision model."""
+    vision_config = tiny_vision_config("siglip", image_size=image_size).to_dict()
     torch.manual_seed(seed)
-    tower = SiglipVisionModel(tiny_vision_config("siglip")).eval()
+    full = SiglipModel(SiglipConfig(vision_config=vision_config, text_config=TINY_SIGLIP_TEXT)).eval()
     folder = root / "siglip-tiny"
-    tower.save_pretrained(folder)
-    tiny_image_processor("siglip").save_pretrained(folder)
+    full.save_pretrained(folder)
+    tiny_image_processor("siglip", image_size=image_size).save_pretrained(folder)
+    tower = SiglipVisionModel(full.config.vision_config).eval()
+    tower.load_state_dict(full.vision_model.state_dict())
+    assert tower.config.vision_use_head and any(k.startswith("head.") for k in tower.state_dict())
     return folder, tower
+
+
+def tower_keys(state: dict, prefix: str = TOWER_KEY_PREFIX) -> dict:
+    """A tower's tensors under the names the reference's checkpoints give them."""
+    return {prefix + k: v for k, v in state.items()}
 
 
 def make_llm(family: str, seed: int):
@@ -150,7 +170,7 @@ def build_lora(root: Path, family: str = "llama", unfreeze: bool = False) -> Tru
     extra = {"base_model.model.model.mm_projector." + k: v for k, v in proj.items()}
     if unfreeze:
         trained = perturbed(tower, 7)
-        extra |= {"base_model.model.model.vision_tower.vision_tower." + k: v for k, v in trained.items()}
+        extra |= tower_keys(trained, "base_model.model." + TOWER_KEY_PREFIX)
         tower = copy.deepcopy(tower)
         tower.load_state_dict(trained)
     torch.save(extra, folder / "non_lora_trainables.bin")
@@ -171,7 +191,7 @@ def build_merged(root: Path, family: str = "llama", unfreeze: bool = False, fmt:
     # The trainer saves the whole model, tower included, frozen or not.
     tower_in_ckpt = perturbed(tower, 10)
     state = llm_state(llm) | {"model.mm_projector." + k: v for k, v in proj.items()}
-    state |= {"model.vision_tower.vision_tower." + k: v for k, v in tower_in_ckpt.items()}
+    state |= tower_keys(tower_in_ckpt)
     if unfreeze:
         tower = copy.deepcopy(tower)
         tower.load_state_dict(tower_in_ckpt)

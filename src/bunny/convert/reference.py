@@ -36,6 +36,11 @@ from bunny.model.towers import build_vision_model, load_vision_config, load_visi
 PEFT_PREFIX = "base_model.model."
 PROJECTOR_PREFIX = "model.mm_projector."
 TOWER_PREFIX = "model.vision_tower.vision_tower."
+# The reference's tower is transformers 4's SiglipVisionModel / CLIPVisionModel, whose layers
+# sat under `vision_model.` (`vision_model.embeddings.*`, `vision_model.head.*`, ...).
+# transformers 5 keeps them at the top of the module and drops that root in its own
+# `from_pretrained`; the checkpoint's tower keys are mapped the same way.
+TOWER_ROOT = "vision_model."
 
 
 def load_reference(
@@ -152,8 +157,21 @@ def _load_tower(ckpt: ReferenceCheckpoint, tower_state: dict, source: str, dtype
         raise BunnyError(f"cannot load the vision tower {tower!r} (mm_vision_tower of {ckpt.folder}): {exc}") from None
     if not tower_state:
         raise BunnyError(f"{ckpt.folder} sets unfreeze_vision_tower but {source} hold no {TOWER_PREFIX}* keys")
-    load_strict(vision, tower_state, f"vision tower weights ({TOWER_PREFIX}*) of {source}")
+    load_strict(vision, tower_module_names(vision, tower_state), f"vision tower weights ({TOWER_PREFIX}*) of {source}")
     return vision.eval()
+
+
+def tower_module_names(vision, tower_state: dict) -> dict:
+    """The checkpoint's tower keys in the module's names: `vision_model.<name>` -> `<name>`
+    when the module has no `vision_model.` root. Keys outside that root are kept as they are,
+    so the strict load reports them."""
+    if any(key.startswith(TOWER_ROOT) for key in vision.state_dict()):
+        return tower_state
+    renamed = {key.removeprefix(TOWER_ROOT): value for key, value in tower_state.items()}
+    if len(renamed) != len(tower_state):
+        twice = sorted(k for k in tower_state if k.startswith(TOWER_ROOT) and k.removeprefix(TOWER_ROOT) in tower_state)
+        raise BunnyError(f"vision tower keys stored twice, with and without {TOWER_ROOT!r}: {', '.join(twice[:12])}")
+    return renamed
 
 
 def _load_projector(ckpt, projector_state: dict, vision, language_model, source: str, dtype):
