@@ -68,7 +68,7 @@ def test_lora_without_model_base(root):
 def test_base_that_is_not_a_local_folder(root):
     truth = build_stage1(root, "llama")
     _edit_config(truth.folder, _name_or_path="someone/not-downloaded")
-    with pytest.raises(BunnyError, match="not-downloaded.*not a local model folder"):
+    with pytest.raises(BunnyError, match="not-downloaded.*not in the hub cache.*pass model_base"):
         load_reference(truth.folder)
 
 

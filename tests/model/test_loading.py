@@ -36,7 +36,7 @@ def test_unexpected_key_is_an_error_naming_it(tmp_path):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(BunnyError, match="holds no config.json"):
         load_pretrained(tmp_path)
-    with pytest.raises(BunnyError, match="neither a local folder nor an embedded name"):
+    with pytest.raises(BunnyError, match="neither a local folder nor a hub id"):
         load_pretrained(str(tmp_path / "missing"))
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 from transformers import AutoConfig, PreTrainedConfig
 
 from bunny.errors import BunnyError
+from bunny.model.hub import local_or_hub
 from bunny.model.templates import TEMPLATE_BY_REFERENCE_MODEL_TYPE
+from bunny.model.towers import resolve_tower_source
 
 # The reference's model types and the transformers model type of the LLM inside.
 # MiniCPM is None: transformers has no implementation of it (see `text_config_from`).
@@ -62,25 +64,33 @@ class ReferenceCheckpoint:
         return bool(self.config.get("unfreeze_vision_tower", False))
 
     def tower_source(self) -> str:
-        """`mm_vision_tower`, a relative path resolved against the checkpoint folder."""
+        """The local folder of `mm_vision_tower`: a path (relative ones against the checkpoint
+        folder), a tower preset, or a hub id (fetched into the hub cache on first use)."""
         tower = self.config.get("mm_vision_tower")
         if not tower:
             raise BunnyError(f"{self.folder / 'config.json'} has no mm_vision_tower")
-        return _resolve_path(tower, self.folder)
+        try:
+            return resolve_tower_source(_resolve_path(tower, self.folder))
+        except BunnyError as exc:
+            raise BunnyError(f"{exc} (the mm_vision_tower of {self.folder / 'config.json'})") from None
 
     def base_source(self, model_base: str | None) -> str:
-        """The base LLM of a stage-1 or LoRA folder: `model_base`, else the config's `_name_or_path`."""
+        """The local folder of the base LLM of a stage-1 or LoRA folder: `model_base`, else the
+        config's `_name_or_path`; a path (relative ones against the checkpoint folder) or a hub id."""
         base = model_base or self.config.get("_name_or_path")
         if not base or (not model_base and Path(base).resolve() == self.folder.resolve()):
             raise BunnyError(
                 f"{self.folder} is a {self.layout} checkpoint: it holds no LLM weights; pass model_base "
-                "(--model-base) naming the base LLM folder it was trained on"
+                "(--model-base) naming the base LLM folder or hub id it was trained on"
             )
-        source = _resolve_path(base, self.folder)
-        if not (Path(source) / "config.json").is_file():
-            how = "model_base" if model_base else f"_name_or_path in {self.folder / 'config.json'}"
-            raise BunnyError(f"the base LLM {source!r} ({how}) is not a local model folder; pass model_base")
-        return source
+        how = "model_base" if model_base else f"_name_or_path in {self.folder / 'config.json'}"
+        try:
+            folder = local_or_hub(_resolve_path(base, self.folder), what=f"base LLM ({how})")
+        except BunnyError as exc:
+            raise BunnyError(f"{exc}; pass model_base (--model-base) naming the base LLM") from None
+        if not (folder / "config.json").is_file():
+            raise BunnyError(f"the base LLM {base!r} ({how}) is not a model folder (no config.json); pass model_base")
+        return str(folder)
 
     def s2_scales(self) -> list[int] | None:
         if not self.config.get("use_s2", False):

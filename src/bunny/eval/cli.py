@@ -23,7 +23,9 @@ def add_parsers(sub, groups) -> None:
     r.add_argument("benchmark", metavar="BENCH",
                    help="mme, pope, vqav2, gqa, scienceqa, seed, mmbench or mmmu")
     r.add_argument("--model", required=True,
-                   help="checkpoint folder (bunny or reference layout) or embedded LLM name")
+                   help="checkpoint (bunny or reference layout): a local folder or a hub id (ORG/NAME); "
+                        "or an embedded LLM name")
+    r.add_argument("--revision", help="branch, tag or commit of a --model given by hub id (default: main)")
     r.add_argument("--data", metavar="PATH_OR_HUB_ID",
                    help="folder or file of the hub's parquet files, or a hub dataset id "
                         "(default: the benchmark's lmms-lab / MMMU dataset, downloaded)")
@@ -58,8 +60,10 @@ def _score(args) -> int:
 
 def _run(args) -> int:
     from bunny.eval.run import run_benchmark
+    from bunny.model.loading import fetch_model
 
-    result = run_benchmark(args.benchmark, args.model, data=args.data, split=args.split,
+    result = run_benchmark(args.benchmark, fetch_model(args.model, args.revision), data=args.data,
+                           split=args.split,
                            limit=args.limit, batch_size=args.batch_size, out=args.out,
                            max_new_tokens=args.max_new_tokens,
                            reference_fallback=args.reference_fallback, seed=args.seed,

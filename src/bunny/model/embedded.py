@@ -59,6 +59,13 @@ def embedded_llm_path(name: str) -> Path:
     return target
 
 
-def resolve_llm(name_or_path: str) -> str:
-    """Short embedded names map to their cached folder; anything else is a hub id or path."""
-    return str(embedded_llm_path(name_or_path)) if name_or_path in EMBEDDED_LLMS else name_or_path
+def resolve_llm(name_or_path: str, revision: str | None = None) -> str:
+    """The local folder of an LLM: an embedded name's cached conversion, a local folder, or
+    a hub id's cached snapshot (fetched on first use)."""
+    if name_or_path in EMBEDDED_LLMS:
+        if revision:
+            raise BunnyError(f"{name_or_path!r} is an embedded LLM; a revision ({revision!r}) applies only to hub ids")
+        return str(embedded_llm_path(name_or_path))
+    from bunny.model.hub import local_or_hub
+
+    return str(local_or_hub(name_or_path, revision, what="LLM"))

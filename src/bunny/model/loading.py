@@ -12,9 +12,10 @@ from bunny.atomic import atomic_folder
 from bunny.errors import BunnyError
 from bunny.model.config import BunnyConfig
 from bunny.model.embedded import EMBEDDED_LLMS, resolve_llm
+from bunny.model.hub import local_or_hub
 from bunny.model.modeling import BunnyForConditionalGeneration
 from bunny.model.processor import BunnyProcessor
-from bunny.model.towers import load_image_processor, load_vision_model
+from bunny.model.towers import load_image_processor, load_vision_model, resolve_tower_source
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # The small tower shipped in the repository (trained on the synthetic shapes generator).
@@ -27,18 +28,23 @@ def build_model(
     projector_type: str = "mlp2x_gelu",
     template: str = "bunny",
     dtype: torch.dtype | None = None,
+    llm_revision: str | None = None,
+    tower_revision: str | None = None,
     **config_kwargs,
 ) -> tuple[BunnyForConditionalGeneration, BunnyProcessor]:
     """Compose a pretrained tower and a pretrained causal LM with a new projector.
 
-    As the reference does, the LLM's embeddings are cut to the tokenizer's length, so the
-    padded vocabulary rows some LLMs carry (Qwen1.5, Phi-2) can never be generated.
+    `llm` and `tower` are local folders, hub ids (fetched into the hub cache, at
+    `llm_revision` / `tower_revision` when given) or registered names (`smollm2-135m`,
+    tower presets). As the reference does, the LLM's embeddings are cut to the tokenizer's
+    length, so the padded vocabulary rows some LLMs carry (Qwen1.5, Phi-2) can never be generated.
     """
-    llm_path = resolve_llm(llm)
+    llm_path = resolve_llm(llm, llm_revision)
+    tower_path = resolve_tower_source(tower, tower_revision)
     tokenizer = AutoTokenizer.from_pretrained(llm_path)
     language_model = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype)
     fit_vocabulary(language_model, tokenizer, llm)
-    vision = load_vision_model(tower, dtype=dtype)
+    vision = load_vision_model(tower_path, dtype=dtype)
     model = BunnyForConditionalGeneration.from_parts(
         vision,
         language_model,
@@ -48,7 +54,7 @@ def build_model(
         projector_trained=False,
         **config_kwargs,
     )
-    processor = BunnyProcessor.from_config(model.config, tokenizer, load_image_processor(tower))
+    processor = BunnyProcessor.from_config(model.config, tokenizer, load_image_processor(tower_path))
     return model, processor
 
 
@@ -66,23 +72,27 @@ def load_pretrained(
     dtype: torch.dtype | None = None,
     model_base: str | None = None,
     template: str | None = None,
+    revision: str | None = None,
 ) -> tuple[BunnyForConditionalGeneration, BunnyProcessor]:
-    """`(model, processor)` for a bunny checkpoint, any reference layout, or a plain LLM.
+    """`(model, processor)` for a bunny checkpoint, any reference layout, or a plain LLM,
+    given by local folder, hub id (fetched into the hub cache, at `revision` when given)
+    or embedded name.
 
     A plain LLM (e.g. the embedded `smollm2-135m`) is composed with the shipped tower and a
     new projector (`config.projector_trained` is False: fine for text, not for images).
+    `model_base` is the base LLM of a reference stage-1 or LoRA folder (folder or hub id).
     `template` overrides the checkpoint's own template.
     """
-    source = str(path_or_name)
-    kind = checkpoint_kind(source)
+    folder = fetch_model(path_or_name, revision)
+    kind = checkpoint_kind(folder)
     if kind == "bunny":
-        model, processor = _load_bunny(Path(source), dtype)
+        model, processor = _load_bunny(Path(folder), dtype)
     elif kind == "llm":
-        model, processor = build_model(source, dtype=dtype)
+        model, processor = build_model(folder, dtype=dtype)
     else:
         from bunny.convert.reference import load_reference
 
-        model, processor = load_reference(Path(source), model_base=model_base, dtype=dtype)
+        model, processor = load_reference(Path(folder), model_base=model_base, dtype=dtype)
     if template is not None:
         processor.template = template
     model.to(device)
@@ -90,19 +100,26 @@ def load_pretrained(
     return model, processor
 
 
-def checkpoint_kind(source: str) -> str:
-    """'bunny' (ours), 'reference' (BAAI Bunny layouts) or 'llm' (a plain causal LM)."""
-    if source in EMBEDDED_LLMS:
+def fetch_model(path_or_name: str | os.PathLike, revision: str | None = None) -> str:
+    """The local folder of a model named by path or hub id (a hub id is fetched into the hub
+    cache, or found there offline); an embedded LLM name is returned unchanged."""
+    name = str(path_or_name)
+    if name in EMBEDDED_LLMS:
+        if revision:
+            raise BunnyError(f"{name!r} is an embedded LLM; a revision ({revision!r}) applies only to hub ids")
+        return name
+    return str(local_or_hub(name, revision, what="model"))
+
+
+def checkpoint_kind(source: str | os.PathLike) -> str:
+    """'bunny' (ours), 'reference' (BAAI Bunny layouts) or 'llm' (a plain causal LM), for an
+    embedded name or a local folder."""
+    if str(source) in EMBEDDED_LLMS:
         return "llm"
     folder = Path(source)
     config_file = folder / "config.json"
     if not config_file.is_file():
-        if folder.exists():
-            raise BunnyError(f"{folder} holds no config.json; not a model checkpoint")
-        raise BunnyError(
-            f"model {source!r} is neither a local folder nor an embedded name "
-            f"({', '.join(sorted(EMBEDDED_LLMS))}); hub ids must be downloaded first"
-        )
+        raise BunnyError(f"{folder} holds no config.json; not a model checkpoint")
     config = json.loads(config_file.read_text())
     if config.get("model_type") == "bunny":
         return "bunny"
@@ -128,4 +145,4 @@ def save_pretrained(model: BunnyForConditionalGeneration, processor: BunnyProces
     return Path(folder)
 
 
-__all__ = ["BunnyConfig", "build_model", "load_pretrained", "save_pretrained", "DEFAULT_TOWER"]
+__all__ = ["BunnyConfig", "build_model", "fetch_model", "load_pretrained", "save_pretrained", "DEFAULT_TOWER"]

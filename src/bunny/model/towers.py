@@ -1,4 +1,4 @@
-"""Vision towers: presets by exact name, any Hugging Face vision model by path, and the
+"""Vision towers: presets by exact name, any Hugging Face vision model by path or hub id, and the
 feature rule (which hidden layer, whether to drop CLS) shared by all of them.
 
 A tower is kept as the Hugging Face module itself (e.g. `SiglipVisionModel`), so its
@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, PreTrainedConfig
 
 from bunny.errors import BunnyError
+from bunny.model.hub import local_or_hub
 from bunny.registry import Registry
 
 
@@ -65,15 +66,17 @@ def preset_vision_config(name: str) -> PreTrainedConfig:
     return AutoConfig.for_model(preset.model_type, **preset.config)
 
 
-def resolve_tower_source(name_or_path: str) -> str:
-    """A preset name maps to its hub id; anything else is a hub id or a local folder."""
-    return TOWER_PRESETS.get(name_or_path).hub_id if name_or_path in TOWER_PRESETS else name_or_path
+def resolve_tower_source(name_or_path: str, revision: str | None = None) -> str:
+    """The local folder of a tower: a preset name maps to its hub id, and a hub id to its
+    cached snapshot (fetched on first use); a local folder is itself."""
+    source = TOWER_PRESETS.get(name_or_path).hub_id if name_or_path in TOWER_PRESETS else name_or_path
+    return str(local_or_hub(source, revision, what="vision tower"))
 
 
-def load_vision_config(name_or_path: str) -> PreTrainedConfig:
+def load_vision_config(name_or_path: str, revision: str | None = None) -> PreTrainedConfig:
     """Vision config of a tower given by preset name, hub id or folder. A full CLIP/SigLIP
     checkpoint (image + text) yields its vision part."""
-    config = AutoConfig.from_pretrained(resolve_tower_source(name_or_path))
+    config = AutoConfig.from_pretrained(resolve_tower_source(name_or_path, revision))
     return getattr(config, "vision_config", None) or config
 
 
@@ -86,10 +89,10 @@ def build_vision_model(vision_config: PreTrainedConfig) -> nn.Module:
     return AutoModel.from_config(vision_config)
 
 
-def load_vision_model(name_or_path: str, dtype=None) -> nn.Module:
+def load_vision_model(name_or_path: str, dtype=None, revision: str | None = None) -> nn.Module:
     """A tower with its pretrained weights (hub id, preset name or local folder)."""
-    source = resolve_tower_source(name_or_path)
-    config = load_vision_config(name_or_path)
+    source = resolve_tower_source(name_or_path, revision)
+    config = load_vision_config(source)
     if config.model_type == "bunny_timm_vision":
         from bunny.model.timm_tower import TimmVisionTower
 
@@ -97,9 +100,9 @@ def load_vision_model(name_or_path: str, dtype=None) -> nn.Module:
     return AutoModel.from_pretrained(source, config=config, dtype=dtype)
 
 
-def load_image_processor(name_or_path: str):
+def load_image_processor(name_or_path: str, revision: str | None = None):
     """The tower's image processor on transformers' PIL backend, as the reference used it."""
-    return AutoImageProcessor.from_pretrained(resolve_tower_source(name_or_path), backend="pil")
+    return AutoImageProcessor.from_pretrained(resolve_tower_source(name_or_path, revision), backend="pil")
 
 
 def select_features(hidden_states: tuple[torch.Tensor, ...], layer: int, select: str) -> torch.Tensor:

@@ -1,14 +1,19 @@
 """`bunny chat` (and the serving commands)."""
 from __future__ import annotations
 
+MODEL_HELP = "bunny checkpoint, reference checkpoint or plain LLM: a local folder, a hub id (ORG/NAME), or smollm2-135m"
+REVISION_HELP = "branch, tag or commit of a --model given by hub id (default: the repo's main branch)"
+MODEL_BASE_HELP = "base LLM (folder or hub id) of a stage-1 / LoRA reference checkpoint"
+
 
 def add_parsers(sub, groups) -> None:
     p = sub.add_parser("chat", help="chat with a model in the terminal (or answer one --prompt)")
-    p.add_argument("--model", required=True, help="checkpoint folder, reference checkpoint, or smollm2-135m")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--revision", help=REVISION_HELP)
     p.add_argument("--image", help="image file to talk about")
     p.add_argument("--prompt", help="answer this one question, print the answer and exit")
     p.add_argument("--template", help="override the checkpoint's template (bunny, phi3, llama, minicpm, plain, native)")
-    p.add_argument("--model-base", help="base LLM for stage-1 / LoRA reference checkpoints")
+    p.add_argument("--model-base", help=MODEL_BASE_HELP)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -24,7 +29,7 @@ def _chat(args) -> int:
     from bunny.serve.chat import run_chat
 
     model, processor = load_pretrained(args.model, device=args.device, model_base=args.model_base,
-                                       template=args.template)
+                                       template=args.template, revision=args.revision)
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)
     return run_chat(model, processor, settings, image=args.image, prompt=args.prompt)
@@ -32,7 +37,8 @@ def _chat(args) -> int:
 
 def add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with dynamic batching and a web demo at /")
-    p.add_argument("--model", required=True, help="checkpoint folder, reference checkpoint, or smollm2-135m")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--revision", help=REVISION_HELP)
     p.add_argument("--served-model-name", help="the model id clients send (default: the --model value's name)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -48,7 +54,7 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--quantize", choices=["int8", "8bit", "4bit"],
                    help="int8: dynamic int8 linear layers (CPU); 8bit/4bit: bitsandbytes (GPU)")
     p.add_argument("--template", help="override the checkpoint's template")
-    p.add_argument("--model-base", help="base LLM for stage-1 / LoRA reference checkpoints")
+    p.add_argument("--model-base", help=MODEL_BASE_HELP)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     p.set_defaults(func=_serve)
@@ -56,11 +62,15 @@ def add_serve_parser(sub) -> None:
 
 def _serve(args) -> int:
     import os
+    from pathlib import Path
 
+    from bunny.model.loading import fetch_model
     from bunny.serve.server import serve
 
-    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("BUNNY_API_KEY"),
-          served_model_name=args.served_model_name, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+    serve(fetch_model(args.model, args.revision), host=args.host, port=args.port,
+          api_key=args.api_key or os.environ.get("BUNNY_API_KEY"),
+          served_model_name=args.served_model_name or Path(args.model.rstrip("/")).name,
+          max_batch_size=args.max_batch_size, max_queue=args.max_queue,
           max_new_tokens_cap=args.max_new_tokens_cap, max_images=args.max_images,
           max_image_pixels=args.max_image_pixels, max_body_bytes=int(args.max_body_mb * 2**20),
           allow_remote_images=args.allow_remote_images, quantize=args.quantize, template=args.template,

@@ -34,7 +34,11 @@ def add_parsers(sub, groups) -> None:
     p.add_argument("--out", default="outputs/demo", help="output folder (summary.json, loss_curve.png)")
     p.add_argument("--configs", default=None, help="folder holding pretrain.yaml and finetune.yaml "
                    "(default: the shipped src/bunny/assets/configs/demo)")
-    p.add_argument("--tower", default=None, help="vision tower folder (default: the shipped tower)")
+    p.add_argument("--tower", default=None,
+                   help="vision tower: a local folder, a hub id (ORG/NAME) or a preset name "
+                        "(default: the shipped tower)")
+    p.add_argument("--revision", default=None,
+                   help="branch, tag or commit of a --tower given by hub id (default: main)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a demo setting (train_images=800, see src/bunny/assets/configs/demo/demo.yaml) or a stage recipe "
                         "field (finetune.lr=1e-3); repeatable")
@@ -61,9 +65,14 @@ def _mix(args) -> int:
 
 
 def _demo(args) -> int:
+    from bunny.errors import BunnyError
+    from bunny.model.towers import resolve_tower_source
     from bunny.train.demo import run_demo
     from bunny.train.recipe import parse_overrides
 
+    if args.revision and not args.tower:
+        raise BunnyError("--revision applies to a --tower given by hub id; no --tower was given")
+    tower = resolve_tower_source(args.tower, args.revision) if args.tower else None
     tokens = [t for kv in args.overrides for t in ("--set", kv)]
-    summary = run_demo(args.out, configs=args.configs, tower=args.tower, overrides=parse_overrides(tokens))
+    summary = run_demo(args.out, configs=args.configs, tower=tower, overrides=parse_overrides(tokens))
     return 0 if summary else 1
