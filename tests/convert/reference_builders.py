@@ -47,15 +47,16 @@ class Truth:
     tokenizer: object
     image_processor: object
     base: Path | None = None
+    s2_scales: list[int] | None = None  # set for S2 checkpoints (use_s2)
 
 
 def _randn(*shape, gen):
     return torch.randn(*shape, generator=gen) * 0.2
 
 
-def save_tower(root: Path, seed: int = 1, image_size: int = 28) -> tuple[Path, torch.nn.Module]:
+def save_tower(root: Path, seed: int = 1, image_size: int = 28, patch_size: int = 14) -> tuple[Path, torch.nn.Module]:
     """A full SigLIP folder (as the hub's so400m); returns it and its vision model."""
-    vision_config = tiny_vision_config("siglip", image_size=image_size).to_dict()
+    vision_config = tiny_vision_config("siglip", image_size=image_size, patch_size=patch_size).to_dict()
     torch.manual_seed(seed)
     full = SiglipModel(SiglipConfig(vision_config=vision_config, text_config=TINY_SIGLIP_TEXT)).eval()
     folder = root / "siglip-tiny"
@@ -122,6 +123,16 @@ def reference_config(llm, family: str, tower: Path | str, **flags) -> dict:
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
+
+
+def save_shards(folder: Path, state: dict, count: int = 2) -> None:
+    """Safetensors shards and their index, as HF writes large models."""
+    keys = sorted(state)
+    shards = {f"model-{i + 1:05d}-of-{count:05d}.safetensors": keys[i::count] for i in range(count)}
+    for name, names in shards.items():
+        save_file({k: state[k] for k in names}, str(folder / name))
+    write_json(folder / "model.safetensors.index.json",
+               {"metadata": {}, "weight_map": {k: n for n, names in shards.items() for k in names}})
 
 
 def save_base(root: Path, family: str, seed: int):
@@ -197,13 +208,8 @@ def build_merged(root: Path, family: str = "llama", unfreeze: bool = False, fmt:
         tower.load_state_dict(tower_in_ckpt)
     if fmt == "bin":
         torch.save(state, folder / "pytorch_model.bin")
-    else:  # two shards and an index, as HF writes large models
-        keys = sorted(state)
-        shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
-        for name, names in shards.items():
-            save_file({k: state[k] for k in names}, str(folder / name))
-        write_json(folder / "model.safetensors.index.json",
-                   {"metadata": {}, "weight_map": {k: n for n, names in shards.items() for k in names}})
+    else:
+        save_shards(folder, state)
     if hub:  # the published layout ships remote code; it must never run
         cfg = json.loads((folder / "config.json").read_text())
         cfg["auto_map"] = {"AutoModelForCausalLM": f"modeling_{MODEL_TYPE[family].replace('-', '_')}.Model"}

@@ -10,31 +10,9 @@ from bunny.model.modeling import BunnyForConditionalGeneration
 from bunny.testing import make_tiny_bunny, random_image
 
 from reference_builders import llm_state, make_llm, projector_state, reference_config, save_tower, write_json
+from reference_forward import reference_s2
 
 SCALES = [28, 56, 84]  # the reference's 384, 768, 1152 for a 28-pixel tower
-
-
-def _reference_s2(tower, pixels, scales):
-    base = scales[0]
-    per_scale = []
-    for size in scales:
-        n = size // base
-        x = F.interpolate(pixels.float(), size=(size, size), mode="bicubic")
-        rows = []
-        for i in range(n):
-            row = []
-            for j in range(n):
-                crop = x[:, :, i * base:(i + 1) * base, j * base:(j + 1) * base]
-                feats = tower(crop, output_hidden_states=True).hidden_states[-2]  # (B, g*g, C)
-                g = int(feats.shape[1] ** 0.5)
-                row.append(feats.reshape(feats.shape[0], g, g, -1))
-            rows.append(torch.cat(row, dim=2))
-        grid = torch.cat(rows, dim=1)  # (B, n*g, n*g, C)
-        b, side, _, c = grid.shape
-        g = side // n
-        pooled = grid.reshape(b, g, n, g, n, c).mean(dim=(2, 4))  # area pooling = block means
-        per_scale.append(pooled.reshape(b, g * g, c))
-    return torch.cat(per_scale, dim=-1)
 
 
 def test_reference_s2_checkpoint_gives_reference_outputs(tmp_path):
@@ -53,7 +31,7 @@ def test_reference_s2_checkpoint_gives_reference_outputs(tmp_path):
     pixels = processor.image_processor(random_image(3), return_tensors="pt")["pixel_values"]
     assert pixels.shape[-1] == 84  # images arrive at the largest scale
     with torch.no_grad():
-        feats = _reference_s2(tower, pixels, SCALES)  # (1, 4, 72)
+        feats = reference_s2(tower, pixels, SCALES)  # (1, 4, 72)
         expected = F.linear(F.gelu(F.linear(feats, proj["0.weight"], proj["0.bias"])), proj["2.weight"], proj["2.bias"])
         torch.testing.assert_close(model.get_image_features(pixels), expected, rtol=1e-5, atol=1e-5)
 

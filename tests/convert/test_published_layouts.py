@@ -1,0 +1,82 @@
+"""The layouts BAAI published on the hub (Bunny-v1_0-3B, v1_0-4B, v1_1-4B, v1_0-2B-zh,
+Llama-3-8B-V v1.0 and v1.1) load strictly, never run their shipped remote code, and give
+the reference's prompt, ids, pixels and logits (see published_builders for each layout)."""
+import json
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import bunny
+from bunny.convert.reference import convert_reference
+from bunny.errors import BunnyError
+from bunny.model.towers import load_vision_model
+from bunny.testing import random_image
+
+from published_builders import PUBLISHED, build_published
+from reference_forward import MESSAGES, assert_same_tensors, check_prompt_ids_logits
+
+TEMPLATE = {"phi": "bunny", "phi3": "phi3", "qwen2": "bunny", "llama": "llama"}
+
+
+def _shard_keys(folder) -> set[str]:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    keys = set()
+    for shard in set(index["weight_map"].values()):
+        with safe_open(str(folder / shard), "pt") as f:
+            keys |= set(f.keys())
+    assert keys == set(index["weight_map"])
+    return keys
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_layout_gives_reference_outputs(root, name):
+    spec = PUBLISHED[name]
+    truth = build_published(root, name)
+    model, processor = bunny.load_pretrained(truth.folder)
+    assert processor.template == TEMPLATE[spec.family]
+    assert model.config.s2_scales == truth.s2_scales
+    assert_same_tensors(model, truth)  # LLM (vocabulary cut), tower, projector: key by key
+    check_prompt_ids_logits(model, processor, truth, TEMPLATE[spec.family])
+    assert not [m for m in sys.modules if m.startswith(("modeling_bunny", "configuration_bunny", "tokenization_bunny"))]
+
+
+@pytest.mark.parametrize("name", ["Bunny-v1_0-4B", "Bunny-v1_1-4B", "Bunny-Llama-3-8B-V"])
+def test_unfrozen_tower_in_the_checkpoint_wins_over_the_hub_tower(root, name):
+    truth = build_published(root, name)
+    keys = _shard_keys(truth.folder)
+    # The real layout: transformers 4's module tree, with post_layernorm and the pooling head.
+    for key in ("embeddings.patch_embedding.weight", "post_layernorm.weight", "head.probe", "head.mlp.fc2.bias"):
+        assert f"model.vision_tower.vision_tower.vision_model.{key}" in keys
+    model, _ = bunny.load_pretrained(truth.folder)
+    hub_tower = load_vision_model(json.loads((truth.folder / "config.json").read_text())["mm_vision_tower"])
+    ours = model.vision_tower.state_dict()
+    assert set(ours) == set(hub_tower.state_dict())  # nothing dropped: head and post_layernorm included
+    assert not torch.equal(ours["encoder.layers.0.mlp.fc1.weight"], hub_tower.state_dict()["encoder.layers.0.mlp.fc1.weight"])
+    torch.testing.assert_close(ours["head.probe"], truth.tower.state_dict()["head.probe"], rtol=0, atol=0)
+
+
+def test_frozen_tower_comes_from_mm_vision_tower(root):
+    truth = build_published(root, "Bunny-v1_0-3B")
+    model, _ = bunny.load_pretrained(truth.folder)
+    expected = truth.tower.state_dict()  # the hub tower, which the shards also hold unchanged
+    for key, value in model.vision_tower.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_s2_unfrozen_round_trip_through_convert(root):
+    truth = build_published(root, "Bunny-v1_1-4B")
+    model, processor = bunny.load_pretrained(truth.folder)
+    converted, converted_processor = bunny.load_pretrained(convert_reference(truth.folder, root / "converted"))
+    assert converted.config.s2_scales == [384, 768, 1152] and converted_processor.template == "phi3"
+    inputs = processor(text=processor.apply_chat_template(MESSAGES), images=[random_image(4)])
+    with torch.no_grad():
+        torch.testing.assert_close(converted(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_published_tower_path_that_does_not_exist_is_named(root):
+    """Bunny-v1_1-4B's config names a tower path on the authors' machine."""
+    truth = build_published(root, "Bunny-v1_1-4B", tower_ref=PUBLISHED["Bunny-v1_1-4B"].tower)
+    with pytest.raises(BunnyError, match="/share/bunny/models/siglip-so400m-patch14-384"):
+        bunny.load_pretrained(truth.folder)
