@@ -76,7 +76,7 @@ def snapshot(repo_id: str, revision: str | None = None, what: str = "model") -> 
     lists the repo's files), then the weights of that same commit in the repo's preferred
     format. Under HF_HUB_OFFLINE=1 both are served from the cache.
     """
-    from huggingface_hub import get_cached_repo_tree, snapshot_download
+    from huggingface_hub import get_cached_repo_tree, is_offline_mode, snapshot_download
     from huggingface_hub.errors import CachedRepoTreeNotFoundError
 
     label = f"{what} {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
@@ -88,8 +88,10 @@ def snapshot(repo_id: str, revision: str | None = None, what: str = "model") -> 
             files = [f.path for f in get_cached_repo_tree(repo_id, revision=commit)]
         except CachedRepoTreeNotFoundError:  # a cache filled by other tools, read offline
             files = None
+        # Offline, read the cache only: a snapshot missing files of its cached listing is then
+        # refused as incomplete (naming the files) instead of failing on a download attempt.
         folder = Path(snapshot_download(repo_id, revision=commit, allow_patterns=allow_patterns(files),
-                                        library_name="bunny"))
+                                        local_files_only=is_offline_mode(), library_name="bunny"))
     if not (folder / "config.json").is_file():
         raise BunnyError(
             f"{label}: the hub snapshot {folder} holds no config.json; not a model repo bunny can load "
@@ -125,7 +127,8 @@ def _message(exc: BaseException, repo_id: str, revision: str | None, label: str)
     if isinstance(exc, RevisionNotFoundError):
         return f"{label}: the hub repo {repo_id!r} has no revision {revision!r} (branch, tag or commit)"
     if isinstance(exc, IncompleteSnapshotError):
-        return f"{label}: the cached snapshot is incomplete and the hub cannot be reached ({exc})"
+        return (f"{label}: the cached snapshot is incomplete, and downloads are off (HF_HUB_OFFLINE=1) or the "
+                f"hub cannot be reached; fetch it again online. huggingface_hub: {exc}")
     if isinstance(exc, LocalEntryNotFoundError):
         where = f"the hub cache {constants.HF_HUB_CACHE}"
         if constants.is_offline_mode():
