@@ -7,6 +7,7 @@ PEFT, injected in place so the Bunny model keeps its own forward.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -17,13 +18,16 @@ from bunny.errors import BunnyError
 from bunny.train.recipe import Recipe
 
 PROJECTOR_PREFIX = "model.mm_projector."  # the reference's key prefix in mm_projector.bin
+PROJECTOR_FILES = ("mm_projector.safetensors", "mm_projector.bin")  # what stage 1 writes (ours, the reference's)
 
 
 def build_for_recipe(recipe: Recipe):
     """(model, processor) in float32 (mixed precision is applied by the engine)."""
     from bunny.model.loading import DEFAULT_TOWER, build_model, load_pretrained
 
-    if recipe.init_from:
+    if recipe.init_from and stage1_projector_file(recipe.init_from):
+        model, processor = start_from_stage1(Path(recipe.init_from), recipe)
+    elif recipe.init_from:
         model, processor = load_pretrained(recipe.init_from, template=recipe.template)
         model.config.template = recipe.template
     else:
@@ -40,6 +44,72 @@ def build_for_recipe(recipe: Recipe):
     if recipe.projector_weights:
         load_projector(model, recipe.projector_weights)
     return model, processor
+
+
+def stage1_projector_file(source: str | Path) -> Path | None:
+    """The projector file of a stage-1 output folder (projector only: no model weights
+    beside it), ours or the reference's; None for anything else (a whole checkpoint, a hub id)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    weights = [p for p in folder.glob("*.safetensors") if p.name not in PROJECTOR_FILES]
+    if weights or list(folder.glob("pytorch_model*.bin")):
+        return None
+    found = [folder / name for name in PROJECTOR_FILES if (folder / name).is_file()]
+    return found[0] if found else None
+
+
+def start_from_stage1(folder: Path, recipe: Recipe):
+    """Stage 2 from a stage-1 output folder: the LLM and tower stage 1 was trained on (they
+    were frozen, so their own weights) with the folder's projector.
+
+    Ours: the LLM and tower come from the folder's recipe.yaml, the model's settings from its
+    config.json. The reference's (`model_type` bunny-*): its base LLM is the config's
+    `_name_or_path`, as the reference's own loader does for a projector-only folder.
+    """
+    from bunny.model.loading import DEFAULT_TOWER, build_model, load_pretrained
+
+    instead = (f"or start from the LLM and tower with `llm:`, `tower:` and `projector_weights: "
+               f"{stage1_projector_file(folder)}`")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise BunnyError(f"init_from {folder} holds a stage-1 projector but no readable config.json ({exc}); "
+                         f"{instead}") from None
+    if config.get("model_type") != "bunny":  # the reference's stage 1 (bunny-phi, bunny-llama, ...)
+        try:
+            model, processor = load_pretrained(folder, template=recipe.template)
+        except BunnyError as exc:
+            raise BunnyError(f"init_from {folder}: {exc}; {instead}") from None
+        model.config.template = recipe.template
+        return model, processor
+    stage1 = _stage1_recipe(folder, instead)
+    model, processor = build_model(
+        stage1.llm, tower=stage1.tower or DEFAULT_TOWER, projector_type=config.get("projector_type", "mlp2x_gelu"),
+        template=recipe.template, tokenizer_model_max_length=recipe.model_max_length,
+        s2_scales=config.get("s2_scales"), image_token_pool=config.get("image_token_pool", 1),
+    )
+    if stage1.tower_image_size and stage1.tower_image_size != model.config.base_image_size:
+        from bunny.model.interpolate import set_tower_image_size
+
+        set_tower_image_size(model, stage1.tower_image_size, processor)
+    load_projector(model, folder / "mm_projector.safetensors")
+    return model, processor
+
+
+def _stage1_recipe(folder: Path, instead: str) -> Recipe:
+    """The recipe that wrote a stage-1 folder of ours: it names the LLM and tower."""
+    from bunny.train.recipe import load_recipe
+
+    if not (folder / "recipe.yaml").is_file() or not (folder / "mm_projector.safetensors").is_file():
+        raise BunnyError(f"init_from {folder} is a bunny stage-1 folder without recipe.yaml and "
+                         f"mm_projector.safetensors, so the LLM and tower it was trained on are unknown; {instead}")
+    stage1 = load_recipe(folder / "recipe.yaml")
+    if stage1.stage != "pretrain" or stage1.unfreeze_tower:
+        raise BunnyError(f"init_from {folder}: its recipe.yaml is not a projector-only stage 1 (stage "
+                         f"{stage1.stage}, unfreeze_tower {stage1.unfreeze_tower}), so weights other than the "
+                         f"projector changed and are not in the folder; start from its model/ checkpoint, {instead}")
+    return stage1
 
 
 def parse_scales(text: str) -> list[int] | None:

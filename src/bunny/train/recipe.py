@@ -117,6 +117,9 @@ class Recipe:
                 raise BunnyError(f"recipe field {name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise BunnyError(f"recipe field lr must be > 0, got {self.lr}")
+        if self.init_from and Path(self.init_from).resolve() == Path(self.output_dir).resolve():
+            raise BunnyError(f"init_from and output_dir are the same folder ({self.output_dir}): a run writes its "
+                             "recipe.yaml and outputs there; choose another output_dir")
 
     # Resolved defaults that depend on the stage.
     @property
