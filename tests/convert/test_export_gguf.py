@@ -8,8 +8,8 @@ from gguf import GGUFReader
 from bunny.cli import main
 from bunny.convert.export_gguf import export_gguf
 from bunny.errors import BunnyError
-from bunny.model.loading import load_pretrained
-from bunny.testing import save_tiny_bunny
+from bunny.model.loading import load_pretrained, save_pretrained
+from bunny.testing import make_tiny_bunny, save_tiny_bunny
 
 
 def _interleave(w, n_head):
@@ -48,7 +48,7 @@ def test_llm_metadata_and_tokenizer(exported):
     expected = {"llama.block_count": 2, "llama.embedding_length": 32, "llama.feed_forward_length": 64,
                 "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2, "llama.rope.dimension_count": 8,
                 "llama.context_length": 512, "llama.vocab_size": cfg.vocab_size, "general.file_type": 0,
-                "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2",
+                "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",  # GPT-2's byte-level regex
                 "tokenizer.ggml.bos_token_id": processor.tokenizer.bos_token_id,
                 "tokenizer.ggml.eos_token_id": processor.tokenizer.eos_token_id}
     assert {k: f[k] for k in expected} == expected
@@ -59,6 +59,9 @@ def test_llm_metadata_and_tokenizer(exported):
     merges = json.loads(processor.tokenizer.backend_tokenizer.to_str())["model"]["merges"]
     assert f["tokenizer.ggml.merges"] == [" ".join(m) for m in merges]
     assert f["tokenizer.ggml.token_type"][0] == 3 and f["tokenizer.ggml.token_type"][-1] == 1  # control, normal
+    assert f["tokenizer.ggml.add_bos_token"] is False and f["tokenizer.ggml.padding_token_id"] == 3
+    assert f["tokenizer.ggml.eot_token_id"] == processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")  # bunny's sep2
+    assert "tokenizer.chat_template" in f  # rendered by llama.cpp's Jinja in tests/convert/test_llamacpp.py
 
 
 def test_every_llm_tensor(exported):
@@ -92,6 +95,7 @@ def test_every_mmproj_tensor_and_metadata(exported):
                      "clip.vision.embedding_length": 24, "clip.vision.feed_forward_length": 48,
                      "clip.vision.projection_dim": 32, "clip.vision.attention.head_count": 4,
                      "clip.vision.block_count": 2,  # 3 layers, features from hidden_states[-2]
+                     "clip.vision.feature_layer": [2],  # llama.cpp runs all 2 blocks, not block_count - 1
                      "clip.use_gelu": tower == "siglip"}
     assert {k: f[k] for k in expected_meta} == expected_meta
     assert f["clip.vision.attention.layer_norm_epsilon"] == pytest.approx(vc.layer_norm_eps)
@@ -130,11 +134,50 @@ def test_f16_and_cli(tmp_path):
     assert mm["v.patch_embd.weight"][1] == "F16" and mm["mm.0.bias"][1] == "F32"
 
 
-def test_unsupported_llm_and_s2_are_refused_before_writing(tmp_path):
-    qwen = save_tiny_bunny(tmp_path / "q", family="qwen2")
-    with pytest.raises(BunnyError, match="architecture 'qwen2' is not supported"):
-        export_gguf(qwen, tmp_path / "o1")
-    s2 = save_tiny_bunny(tmp_path / "s2", s2_scales=[28, 56])
-    with pytest.raises(BunnyError, match="S2 multi-scale"):
-        export_gguf(s2, tmp_path / "o2")
-    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(s2_scales=[28, 56]), "S2 multi-scale"),
+    (dict(image_token_pool=2), "image_token_pool 2"),
+    (dict(projector_type="linear"), "projector 'linear'"),
+    (dict(family="stablelm", text_overrides=dict(qk_layernorm=True)), "stablelm with qk_layernorm=True"),
+    (dict(text_overrides=dict(hidden_act="gelu")), "llama.cpp's llama uses silu, this llama uses 'gelu'"),
+])
+def test_what_llamacpp_cannot_express_is_refused_before_writing(tmp_path, kwargs, message):
+    src = _tiny_with(tmp_path / "m", **kwargs)
+    with pytest.raises(BunnyError, match=message):
+        export_gguf(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_llm_family_names_the_family_and_the_alternative():
+    from transformers import AutoConfig
+
+    from bunny.convert.gguf_llm import check_llm_exportable
+
+    with pytest.raises(BunnyError, match="LLM family 'gemma' is not supported .*convert_hf_to_gguf.py"):
+        check_llm_exportable(AutoConfig.for_model("gemma"))
+
+
+def test_a_tokenizer_llamacpp_cannot_split_alike_is_refused(tmp_path):
+    from tokenizers import pre_tokenizers
+
+    model, processor = make_tiny_bunny()
+    processor.tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    save_pretrained(model, processor, tmp_path / "m")
+    with pytest.raises(BunnyError, match="no pre-tokenizer known to match it"):
+        export_gguf(tmp_path / "m", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _tiny_with(folder, text_overrides=None, family="llama", **kwargs):
+    """A tiny bunny whose LLM config carries overrides (weights built for them)."""
+    from bunny.model.config import BunnyConfig
+    from bunny.model.modeling import BunnyForConditionalGeneration
+    from bunny.model.processor import BunnyProcessor
+    from bunny.testing import tiny_image_processor, tiny_text_config, tiny_tokenizer, tiny_vision_config
+
+    tokenizer = tiny_tokenizer()
+    text = tiny_text_config(family, len(tokenizer), bos_token_id=1, eos_token_id=2, **(text_overrides or {}))
+    config = BunnyConfig(vision_config=tiny_vision_config("siglip"), text_config=text, **kwargs)
+    torch.manual_seed(0)
+    model = BunnyForConditionalGeneration(config).eval()
+    return save_pretrained(model, BunnyProcessor.from_config(config, tokenizer, tiny_image_processor("siglip")), folder)

@@ -1,12 +1,14 @@
 """The vision tower + projector as a llama.cpp mmproj GGUF (`clip` architecture, LLaVA-style
 `mlp` projector), as llama.cpp's clip/mtmd loader reads it.
 
-Layout of llama.cpp's LLaVA converter (tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py):
-the encoder keeps only the blocks up to the feature layer (hidden_states[-2] -> all blocks
-but the last), so `clip.vision.block_count` is that count and the final post-layernorm is
-left out; a CLIP tower's CLS embedding and pre-layernorm are written and llama.cpp drops
-the CLS token from the features, as bunny's `patch` rule does. Tensor names are the gguf
-package's `v.*` / `mm.*` names (fc1 -> ffn_up, fc2 -> ffn_down).
+Only the blocks up to the feature layer are written (hidden_states[-2] -> all blocks but
+the last), `clip.vision.block_count` is that count k, and `clip.vision.feature_layer = [k]`
+tells llama.cpp's LLaVA graph (tools/mtmd/models/llava.cpp) to run all k blocks and take
+their output: without the key it runs `block_count - 1` blocks, the LLaVA default for files
+that hold the whole tower. The final post-layernorm is left out. A CLIP tower's CLS
+embedding and pre-layernorm are written and llama.cpp drops the CLS token from the features,
+as bunny's `patch` rule does. Tensor names are the gguf package's `v.*` / `mm.*` names
+(fc1 -> ffn_up, fc2 -> ffn_down).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 from bunny.errors import BunnyError
 
 TOWERS = ("siglip_vision_model", "clip_vision_model")
+FEATURE_LAYER_KEY = "clip.vision.feature_layer"  # llama.cpp's key; the gguf package has no constant for it
 # transformers' activation names that llama.cpp's `clip.use_gelu` covers (tanh-approximated
 # GELU); CLIP's quick_gelu is llama.cpp's default when use_gelu is false.
 _GELU = ("gelu", "gelu_pytorch_tanh", "gelu_new")
@@ -106,7 +109,9 @@ def write_mmproj_gguf(model, image_processor, path: Path, outtype: str = "f16", 
     writer.add_uint32(vision.PROJECTION_DIM, cfg.text_config.hidden_size)
     writer.add_uint32(vision.Attention.HEAD_COUNT, vc.num_attention_heads)
     writer.add_float32(vision.Attention.LAYERNORM_EPS, vc.layer_norm_eps)
-    writer.add_uint32(vision.BLOCK_COUNT, feature_block_count(vc, cfg.vision_feature_layer))
+    blocks = feature_block_count(vc, cfg.vision_feature_layer)
+    writer.add_uint32(vision.BLOCK_COUNT, blocks)
+    writer.add_array(FEATURE_LAYER_KEY, [blocks])  # int32 array, as llama.cpp reads it
     writer.add_array(vision.IMAGE_MEAN, [float(x) for x in image_processor.image_mean])
     writer.add_array(vision.IMAGE_STD, [float(x) for x in image_processor.image_std])
     writer.add_bool(vision.USE_GELU, vc.hidden_act in _GELU)
