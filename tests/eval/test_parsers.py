@@ -3,7 +3,7 @@ import pytest
 
 from bunny.eval import mmmu_rules
 from bunny.eval.parsers import (
-    parse_gqa, parse_mmbench, parse_mme, parse_pope, parse_scienceqa, parse_seed,
+    parse_gqa, parse_mmbench, parse_mme, parse_pope, parse_scienceqa_letter, parse_seed,
 )
 
 
@@ -49,19 +49,26 @@ def test_parse_seed_is_exact():
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("B", 1),
-    ("B. Because it floats.", 1),
-    ("The answer is C.", 2),
-    ("Reasoning... The answer is A, since", 0),
-    ("The answer is C", None),       # the official regex needs a character after the letter
+    ("B", "B"),
+    ("  C \n", "C"),                 # stripped, as the generation loop writes it
+    ("B. Because it floats.", "B"),
+    ("A. The answer is B.", "A"),     # the "X. " rule comes first
+    ("The answer is C.", "C"),
+    ("Reasoning... The answer is A, since", "A"),
+    ("The answer is F.", "F"),        # [A-Z]: read, though no option is F
+    ("D", "D"),                       # a letter; whether it names a choice is the scorer's question
+    ("E. x", "E"),
+    ("F", None),                      # exact letters are A-E only
+    ("F. x", None),
+    ("The answer is C", None),        # the official regex needs a character after the letter
     ("The answer is A. The answer is B.", None),  # two matches: ambiguous
-    ("D", None),                     # only 3 choices
     ("b", None),
     ("", None),
     ("AB", None),
+    ("FAILED", None),
 ])
-def test_parse_scienceqa(text, expected):
-    assert parse_scienceqa(text, n_choices=3) == expected
+def test_parse_scienceqa_letter(text, expected):
+    assert parse_scienceqa_letter(text) == expected
 
 
 CHOICES = {"A": "cat", "B": "dog", "C": "bird"}

@@ -68,9 +68,11 @@ def _sqa(i, pred, answer="B"):
     return dict(question_id=i, prediction=pred, answer=answer, choices=["x", "y", "z"])
 
 
-def test_scienceqa_counts_unparseable():
-    records = [_sqa(1, "B"), _sqa(2, "The answer is B."), _sqa(3, "A. x"), _sqa(4, "maybe")]
-    assert score_records("scienceqa", records) == {"accuracy": 50.0, "unparseable": 1}
+def test_scienceqa_counts_unparseable_as_the_reference_marks_failed():
+    records = [_sqa(1, "B"), _sqa(2, "The answer is B."), _sqa(3, "A. x"),
+               _sqa(4, "maybe"), _sqa(5, "The answer is B"), _sqa(6, "FAILED"),  # FAILED in the reference
+               _sqa(7, "D"), _sqa(8, "The answer is F.")]  # parsed, but no such choice
+    assert score_records("scienceqa", records) == {"accuracy": 25.0, "unparseable": 3, "out_of_choices": 2}
 
 
 def test_scienceqa_reference_fallback_is_seeded():
@@ -78,8 +80,16 @@ def test_scienceqa_reference_fallback_is_seeded():
     m = score_records("scienceqa", records, reference_fallback=True, seed=7)
     rng = random.Random(7)
     expected = sum(rng.choice(range(3)) == 1 for _ in range(50)) * 2.0
-    assert m == {"accuracy": pytest.approx(expected), "unparseable": 50, "fallback_seed": 7}
+    assert m == {"accuracy": pytest.approx(expected), "unparseable": 50, "out_of_choices": 0, "fallback_seed": 7}
     assert score_records("scienceqa", records)["accuracy"] == 0.0
+
+
+def test_scienceqa_reference_fallback_draws_for_out_of_choices_letters_too():
+    records = [_sqa(i, "D") for i in range(50)]  # LLaVA's original drew for any letter outside the choices
+    m = score_records("scienceqa", records, reference_fallback=True, seed=3)
+    rng = random.Random(3)
+    assert m["accuracy"] == pytest.approx(sum(rng.choice(range(3)) == 1 for _ in range(50)) * 2.0)
+    assert (m["unparseable"], m["out_of_choices"]) == (0, 50)
 
 
 def _mmb(index, pred, answer, a="cat", b="dog", c="bird"):

@@ -50,24 +50,22 @@ def parse_seed(text: str) -> str:
 _SQA_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
 
 
-def parse_scienceqa(text: str, n_choices: int) -> int | None:
-    """ScienceQA (Bunny eval_science_qa.py): index of the chosen option, or None.
+def parse_scienceqa_letter(text: str) -> str | None:
+    """ScienceQA (Bunny eval_science_qa.py): the letter the official rules read, or None
+    where they read none (the script's "FAILED").
 
-    Accepted: exactly a letter A-E; "X. ..." ; exactly one "The answer is X?" where ? is
-    any character (the official regex has an unescaped '.', so "The answer is B" at the
-    very end of the text does not match). The letter must name one of the choices.
+    In order: exactly a letter A-E; "X. ..." with X in A-E; exactly one match of
+    `The answer is ([A-Z]).` (any capital, and the unescaped '.' is any character, so
+    "The answer is B" at the very end of the text does not match). The letter may name no
+    choice ("D" with three choices, "The answer is F."): that is an answer, and a wrong one.
     """
     t = text.strip()
     if t in OPTION_LETTERS:
-        letter = t
-    elif len(t) >= 3 and t[0] in OPTION_LETTERS and t[1:3] == ". ":
-        letter = t[0]
-    else:
-        found = _SQA_ANSWER_IS.findall(t)
-        letter = found[0] if len(found) == 1 else ""
-    if letter in OPTION_LETTERS[:n_choices]:
-        return OPTION_LETTERS.index(letter)
-    return None
+        return t
+    if len(t) >= 3 and t[0] in OPTION_LETTERS and t[1:3] == ". ":
+        return t[0]
+    found = _SQA_ANSWER_IS.findall(t)
+    return found[0] if len(found) == 1 else None
 
 
 # --- MMBench: VLMEvalKit can_infer (the 2024 version the MMBench server used) ---

@@ -11,7 +11,7 @@ from collections import defaultdict
 from bunny.errors import BunnyError
 from bunny.eval import mmmu_rules
 from bunny.eval.parsers import (
-    parse_gqa, parse_mmbench, parse_mme, parse_pope, parse_scienceqa, parse_seed,
+    OPTION_LETTERS, parse_gqa, parse_mmbench, parse_mme, parse_pope, parse_scienceqa_letter, parse_seed,
 )
 from bunny.eval.vqa_normalize import normalize_vqa_answer, vqa_accuracy
 
@@ -101,22 +101,25 @@ def score_seed(records: list[dict]) -> dict:
 
 def score_scienceqa(records: list[dict], reference_fallback: bool = False,
                     seed: int = 0) -> dict:
-    """Accuracy (in %) and the number of answers the official rule could not parse.
+    """Accuracy (in %), `unparseable`: answers the official rules read no letter from (what
+    eval_science_qa.py marks FAILED), and `out_of_choices`: a letter read that names no
+    choice. Both count wrong.
 
-    Bunny's script counts those wrong; LLaVA's original drew a random choice instead,
-    which `reference_fallback=True` reproduces with `random.Random(seed)`.
+    LLaVA's original script drew a random choice for either instead, which
+    `reference_fallback=True` reproduces with `random.Random(seed)`.
     """
     rng = random.Random(seed)
-    correct = unparseable = 0
+    correct = unparseable = out_of_choices = 0
     for r in records:
         n = len(r["choices"])
-        idx = parse_scienceqa(r["prediction"], n)
-        if idx is None:
-            unparseable += 1
-            if reference_fallback:
-                idx = rng.choice(range(n))
+        letter = parse_scienceqa_letter(r["prediction"])
+        idx = OPTION_LETTERS.index(letter) if letter in OPTION_LETTERS[:n] else None
+        unparseable += letter is None
+        out_of_choices += letter is not None and idx is None
+        if idx is None and reference_fallback:
+            idx = rng.choice(range(n))
         correct += idx is not None and chr(ord("A") + idx) == r["answer"]
-    return {"accuracy": _pct(correct, len(records)), "unparseable": unparseable}
+    return {"accuracy": _pct(correct, len(records)), "unparseable": unparseable, "out_of_choices": out_of_choices}
 
 
 def mmbench_choices(record: dict) -> dict[str, str]:
