@@ -176,3 +176,22 @@ def test_chat_cli_answers_by_hub_id_offline(tmp_path, hub_cache):
     assert by_id.stdout == by_path.stdout and by_id.stdout.strip()
     missing = run("--model", "someone/not-cached")
     assert missing.returncode == 2 and "bunny: error: model 'someone/not-cached' is not in the hub cache" in missing.stderr
+
+
+def test_serve_and_export_clis_fetch_the_revision_they_are_given(tmp_path, hub_cache, monkeypatch):
+    import bunny.convert.export_llava
+    import bunny.serve.server
+    from bunny.cli import main
+
+    commit = hub_cache.publish("someone/tiny-bunny", save_tiny_bunny(tmp_path / "v2"), revision="v2")
+    snapshot = str(hub_cache.root / "models--someone--tiny-bunny" / "snapshots" / commit)
+    seen = {}
+    monkeypatch.setattr(bunny.serve.server, "serve", lambda model, **kw: seen.update(serve=(model, kw)))
+    monkeypatch.setattr(bunny.convert.export_llava, "export_llava_hf", lambda model, out, **kw: seen.update(llava=model))
+    assert main(["serve", "--model", "someone/tiny-bunny", "--revision", "v2"]) == 0
+    assert seen["serve"][0] == snapshot and seen["serve"][1]["served_model_name"] == "tiny-bunny"
+    assert main(["export", "llava-hf", "someone/tiny-bunny", str(tmp_path / "out"), "--revision", "v2"]) == 0
+    assert seen["llava"] == snapshot
+    seen.clear()
+    assert main(["serve", "--model", "someone/tiny-bunny"]) == 2  # main is not cached: refused, nothing served
+    assert seen == {}

@@ -60,10 +60,8 @@ def _score(args) -> int:
 
 def _run(args) -> int:
     from bunny.eval.run import run_benchmark
-    from bunny.model.loading import fetch_model
 
-    result = run_benchmark(args.benchmark, fetch_model(args.model, args.revision), data=args.data,
-                           split=args.split,
+    result = run_benchmark(args.benchmark, args.model, revision=args.revision, data=args.data, split=args.split,
                            limit=args.limit, batch_size=args.batch_size, out=args.out,
                            max_new_tokens=args.max_new_tokens,
                            reference_fallback=args.reference_fallback, seed=args.seed,

@@ -34,7 +34,7 @@ HUB_SOURCES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "mmmu": ("MMMU/MMMU", "validation", ("*validation-*.parquet",)),
 }
 # Settings that must match when a run resumes an existing predictions file.
-_RESUME_KEYS = ("benchmark", "model", "split", "max_new_tokens")
+_RESUME_KEYS = ("benchmark", "model", "revision", "split", "max_new_tokens")
 
 
 @dataclass
@@ -99,8 +99,9 @@ def load_samples(benchmark: str, path: Path, split: str | None) -> list[dict]:
 def run_benchmark(benchmark: str, model: str, data: str | None = None, split: str | None = None,
                   limit: int | None = None, batch_size: int = 1, out: str | Path = "outputs/eval",
                   max_new_tokens: int | None = None, reference_fallback: bool = False, seed: int = 0,
-                  device: str = "cpu", progress: bool = True, loaded=None, share_prefix: bool = False) -> RunResult:
-    """Evaluate `model` (a checkpoint folder or embedded name) on `benchmark`.
+                  device: str = "cpu", progress: bool = True, loaded=None, share_prefix: bool = False,
+                  revision: str | None = None) -> RunResult:
+    """Evaluate `model` (a checkpoint folder, hub id at `revision`, or embedded name) on `benchmark`.
 
     `loaded` = (model, processor) skips loading (Python callers, tests, benchmarks);
     `model` then only names it in the outputs.
@@ -125,14 +126,14 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
     out.mkdir(parents=True, exist_ok=True)
     stem = out / (f"{benchmark}-{split}" if split else benchmark)
     new_tokens = max_new_tokens or MAX_NEW_TOKENS[benchmark]
-    settings = {"benchmark": benchmark, "model": str(model), "split": split, "data": str(data or path),
-                "max_new_tokens": new_tokens}
+    settings = {"benchmark": benchmark, "model": str(model), "revision": revision, "split": split,
+                "data": str(data or path), "max_new_tokens": new_tokens}
     _check_resume(stem.with_name(stem.name + ".run.json"), settings)
 
     if loaded is None:
         from bunny.model.loading import load_pretrained
 
-        loaded = load_pretrained(model, device=device)
+        loaded = load_pretrained(model, device=device, revision=revision)
     net, processor = loaded
     predictions = stem.with_name(stem.name + ".predictions.jsonl")
     generated = count_pending(predictions, samples)
