@@ -37,11 +37,16 @@ def reference_pixels(truth, image, pad: bool = True) -> torch.Tensor:
     return truth.image_processor(image, return_tensors="pt")["pixel_values"]
 
 
-def reference_ids(truth, prefix: str, suffix: str) -> list[int]:
-    """tokenizer_image_token by hand: text before and after <image>, one BOS kept, -200 between."""
-    before, after = truth.tokenizer(prefix).input_ids, truth.tokenizer(suffix).input_ids
-    offset = 1 if truth.tokenizer.bos_token_id is not None and after[:1] == [truth.tokenizer.bos_token_id] else 0
-    return before + [-200] + after[offset:]
+def reference_ids(truth, prompt: str) -> list[int]:
+    """tokenizer_image_token: each text chunk around <image> tokenized on its own; when the
+    first chunk starts with the BOS, that one BOS is kept and every chunk loses its first
+    token; -200 between chunks."""
+    chunks = [truth.tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
+    offset = 1 if chunks[0] and chunks[0][0] == truth.tokenizer.bos_token_id else 0
+    ids = chunks[0][:offset]
+    for i, chunk in enumerate(chunks):
+        ids += ([-200] if i else []) + chunk[offset:]
+    return ids
 
 
 def reference_s2(tower, pixels: torch.Tensor, scales: list[int]) -> torch.Tensor:
@@ -109,11 +114,10 @@ def check_prompt_ids_logits(model, processor, truth, template: str, atol: float 
     text = processor.apply_chat_template(MESSAGES)
     if template == "plain":
         assert text == f"<image>\n{QUESTION}\n"
-        prefix, suffix = "", f"\n{QUESTION}\n"
     else:
         assert text == f"{DEFAULT_SYSTEM} USER: <image>\n{QUESTION} ASSISTANT:"
-        prefix, suffix = f"{DEFAULT_SYSTEM} USER: ", f"\n{QUESTION} ASSISTANT:"
-    ids = reference_ids(truth, prefix, suffix)
+    ids = reference_ids(truth, text)
+    assert ids.count(-200) == 1 and (ids[0] == truth.tokenizer.bos_token_id) == truth.tokenizer.add_bos_token
     assert processor.reference_input_ids(text) == ids
     inputs = processor(text=text, images=[image])
     pixels = reference_pixels(truth, image, pad=template != "plain")  # stage 1 uses `square`
