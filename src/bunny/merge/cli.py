@@ -13,7 +13,9 @@ def add_parsers(sub, groups) -> None:
     p.add_argument("adapter", help="adapter folder, a training run folder holding adapter/, or a reference LoRA folder")
     p.add_argument("--out", required=True, help="output bunny checkpoint folder (written atomically)")
     p.add_argument("--base", default=None,
-                   help="base model the adapter was trained on (default: the run's recipe.yaml init_from / llm + tower)")
+                   help="base model the adapter was trained on, a folder or hub id "
+                        "(default: the run's recipe.yaml init_from / llm + tower)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a --base given by hub id (default: main)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weight dtype (default: the base's)")
     p.set_defaults(func=_run_lora)
 
@@ -29,10 +31,15 @@ def add_parsers(sub, groups) -> None:
 def _run_lora(args) -> int:
     import torch
 
+    from bunny.errors import BunnyError
     from bunny.merge.lora import merge_lora_adapter
+    from bunny.model.loading import fetch_model
 
+    if args.revision and not args.base:
+        raise BunnyError("--revision applies to a --base given by hub id; no --base was given")
+    base = fetch_model(args.base, args.revision) if args.base else None
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    print(f"wrote {merge_lora_adapter(args.adapter, args.out, base=args.base, dtype=dtype)}")
+    print(f"wrote {merge_lora_adapter(args.adapter, args.out, base=base, dtype=dtype)}")
     return 0
 
 
