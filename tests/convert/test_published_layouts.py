@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 import bunny
-from bunny.convert.reference import convert_reference
+from bunny.convert.reference import convert_reference, load_reference
 from bunny.errors import BunnyError
 from bunny.model.towers import load_vision_model
 from bunny.testing import random_image
@@ -75,8 +75,12 @@ def test_s2_unfrozen_round_trip_through_convert(root):
         torch.testing.assert_close(converted(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
 
 
-def test_published_tower_path_that_does_not_exist_is_named(root):
-    """Bunny-v1_1-4B's config names a tower path on the authors' machine."""
+def test_published_tower_path_that_does_not_exist_is_named_and_can_be_replaced(root):
+    """Bunny-v1_1-4B's config names a tower folder on the authors' machine."""
     truth = build_published(root, "Bunny-v1_1-4B", tower_ref=PUBLISHED["Bunny-v1_1-4B"].tower)
     with pytest.raises(BunnyError, match="/share/bunny/models/siglip-so400m-patch14-384"):
         bunny.load_pretrained(truth.folder)
+    model, processor = load_reference(truth.folder, vision_tower=str(root / "siglip-tiny"))
+    assert model.config.vision_tower == str(root / "siglip-tiny")
+    assert_same_tensors(model, truth)  # the unfrozen tower's weights are still the checkpoint's
+    check_prompt_ids_logits(model, processor, truth, "phi3")

@@ -44,14 +44,20 @@ TOWER_ROOT = "vision_model."
 
 
 def load_reference(
-    folder: str | os.PathLike, model_base: str | None = None, dtype: torch.dtype | None = None
+    folder: str | os.PathLike, model_base: str | None = None, dtype: torch.dtype | None = None,
+    vision_tower: str | None = None,
 ) -> tuple[BunnyForConditionalGeneration, BunnyProcessor]:
     """`(model, processor)` for a reference checkpoint folder of any layout.
 
     dtype: float32 by default (the exact reference for a float32 implementation; the
     reference itself loads in float16).
+    vision_tower: the tower to use in place of the config's `mm_vision_tower` (a folder,
+    preset or hub id), for a config naming one that cannot be found (Bunny-v1_1-4B names a
+    folder on its authors' machine). An unfrozen tower's weights still come from the checkpoint.
     """
     ckpt = read_reference(Path(folder))
+    if vision_tower:
+        ckpt.config["mm_vision_tower"] = vision_tower
     dtype = dtype or torch.float32
     text_config = ckpt.text_config()  # fails early, and clearly, for MiniCPM
     if ckpt.layout == MERGED:
@@ -97,10 +103,11 @@ def load_reference(
 
 
 def convert_reference(
-    src: str | os.PathLike, out: str | os.PathLike, model_base: str | None = None, dtype: torch.dtype | None = None
+    src: str | os.PathLike, out: str | os.PathLike, model_base: str | None = None, dtype: torch.dtype | None = None,
+    vision_tower: str | None = None,
 ) -> Path:
     """Write a reference checkpoint as a bunny checkpoint (loadable by `load_pretrained`)."""
-    model, processor = load_reference(src, model_base=model_base, dtype=dtype)
+    model, processor = load_reference(src, model_base=model_base, dtype=dtype, vision_tower=vision_tower)
     return save_pretrained(model, processor, out)
 
 
