@@ -29,7 +29,7 @@ class Recipe:
     tower: str = ""  # vision tower (registry name, hub id or folder); "" = the shipped tower
     projector_type: str = "mlp2x_gelu"
     template: str = "bunny"  # the model's chat template (stage 2 trains with it)
-    init_from: str = ""  # a bunny checkpoint folder to start from instead of llm + tower
+    init_from: str = ""  # a checkpoint, or a stage-1 output folder, to start from instead of llm + tower
     projector_weights: str = ""  # stage-1 projector file (mm_projector.safetensors or .bin)
     # Run the tower at this resolution by interpolating its position embeddings (the paper's
     # SigLIP 384 -> 448, 1024 tokens); 0 = the tower's own size. Saved in the model config.
