@@ -107,3 +107,16 @@ def test_our_stage1_folder_without_its_recipe_points_at_projector_weights(tmp_pa
 def test_init_from_its_own_output_folder_is_an_error(tmp_path, data):
     with pytest.raises(BunnyError, match="init_from and output_dir are the same folder"):
         tiny_recipe(tmp_path, data, init_from=str(tmp_path / "run"), output_dir=str(tmp_path / "run"))
+
+
+def test_reference_stage1_folder_with_an_unknown_base_points_at_projector_weights(tmp_path, parts, data):
+    _, tower_dir, llm = parts
+    folder = tmp_path / "reference-stage1"
+    folder.mkdir()
+    config = llm.config.to_dict() | dict(model_type="bunny-llama", _name_or_path=str(tmp_path / "gone"),
+                                         mm_vision_tower=str(tower_dir), mm_hidden_size=24)
+    (folder / "config.json").write_text(json.dumps(config))
+    torch.save({"model.mm_projector.0.weight": torch.zeros(32, 24)}, folder / "mm_projector.bin")
+    recipe = tiny_recipe(tmp_path, data, init_from=str(folder), output_dir=str(tmp_path / "stage2"))
+    with pytest.raises(BunnyError, match=r"gone.*projector_weights: .*mm_projector\.bin"):
+        build_for_recipe(recipe)
