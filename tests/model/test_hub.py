@@ -24,8 +24,9 @@ PUBLISHED_FILES = [
     "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "pytorch_model.bin",
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "added_tokens.json", "chat_template.jinja", "training_args.bin", "model-q4_k_m.gguf", "onnx/model.onnx",
-    "flax_model.msgpack", "tf_model.h5", "vocab.json", "merges.txt", "qwen.tiktoken",
+    "flax_model.msgpack", "tf_model.h5", "vocab.json", "merges.txt", "qwen.tiktoken", "consolidated.safetensors",
 ]
+SHARDS = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
 NEEDED = {
     "config.json", "generation_config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
     "model-00002-of-00002.safetensors", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
@@ -44,9 +45,15 @@ def _assert_same_model(a, b):
     torch.testing.assert_close(_logits(model_a, proc_a), _logits(model_b, proc_b), rtol=0, atol=0)
 
 
-def test_allow_patterns_fetch_configs_tokenizers_and_one_weight_format():
-    chosen = set(filter_repo_objects(PUBLISHED_FILES, allow_patterns=allow_patterns(PUBLISHED_FILES)))
-    assert chosen == NEEDED  # no remote code, no pickled twin of the safetensors, no other formats
+def test_allow_patterns_fetch_configs_tokenizers_and_the_indexed_shards():
+    chosen = set(filter_repo_objects(PUBLISHED_FILES, allow_patterns=allow_patterns(PUBLISHED_FILES, SHARDS)))
+    # No remote code, no pickled twin, no unindexed copy of the weights, no other formats.
+    assert chosen == NEEDED
+
+
+def test_allow_patterns_without_an_index_take_every_safetensors_file():
+    files = ["config.json", "model.safetensors", "pytorch_model.bin", "modeling_x.py", "model.gguf"]
+    assert set(filter_repo_objects(files, allow_patterns=allow_patterns(files))) == {"config.json", "model.safetensors"}
 
 
 def test_allow_patterns_take_bin_weights_when_the_repo_has_no_safetensors():

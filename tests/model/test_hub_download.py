@@ -17,7 +17,7 @@ import torch
 
 from bunny.errors import BunnyError
 from bunny.model.loading import load_pretrained
-from bunny.testing import random_image, save_tiny_bunny
+from bunny.testing import make_tiny_bunny, random_image
 
 COMMIT = "a" * 40
 CLIENT = """
@@ -92,11 +92,15 @@ class FakeHub(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_hub(tmp_path, hub_cache):
-    folder = save_tiny_bunny(tmp_path / "ckpt", seed=7)
+    model, processor = make_tiny_bunny(seed=7)
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder, max_shard_size="100KB")  # shards and an index, as large models are
+    processor.save_pretrained(folder)
+    assert (folder / "model.safetensors.index.json").is_file()
     files = {p.name: p.read_bytes() for p in folder.iterdir()}
     extras = {"modeling_bunny.py": b"raise RuntimeError('remote code must never run')\n",
-              "pytorch_model.bin": b"a pickled twin of model.safetensors", "model-q4.gguf": b"GGUF",
-              "onnx/model.onnx": b"onnx", "README.md": b"# tiny bunny\n"}
+              "pytorch_model.bin": b"a pickled twin of the shards", "consolidated.safetensors": b"an unindexed copy",
+              "model-q4.gguf": b"GGUF", "onnx/model.onnx": b"onnx", "README.md": b"# tiny bunny\n"}
     FakeHub.repos = {"org/tiny-bunny": files | extras, "org/gated": dict(files)}
     FakeHub.gated = {"org/gated"}
     FakeHub.downloads = []
@@ -128,7 +132,7 @@ def test_download_fetches_only_what_a_checkpoint_needs_then_serves_offline(fake_
     snapshot = Path(path)
     assert snapshot == hub_cache.root / "models--org--tiny-bunny" / "snapshots" / COMMIT
     needed = {p.name for p in folder.iterdir()}
-    assert sorted(FakeHub.downloads) == sorted(needed)  # no .py, no pickled twin, no gguf/onnx, no README
+    assert len(needed) > 5 and sorted(FakeHub.downloads) == sorted(needed)  # only configs, tokenizer, indexed shards
     assert {p.name for p in snapshot.iterdir()} == needed
     # Offline (this process: HF_HUB_OFFLINE=1), from the cache the download filled.
     torch.testing.assert_close(_logits(*load_pretrained("org/tiny-bunny")), _logits(*load_pretrained(folder)),
@@ -140,8 +144,9 @@ def test_download_fetches_only_what_a_checkpoint_needs_then_serves_offline(fake_
 def test_a_half_downloaded_snapshot_is_not_used(fake_hub):
     folder, endpoint, hub_cache = fake_hub
     [path] = _client(endpoint, hub_cache.root, [["org/tiny-bunny", None]])
-    (Path(path) / "model.safetensors").unlink()  # as if the download stopped before the weights
-    with pytest.raises(BunnyError, match=r"model 'org/tiny-bunny': the cached snapshot is incomplete.*model.safetensors"
+    last = sorted(Path(path).glob("model-*.safetensors"))[-1]
+    last.unlink()  # as if the download stopped before the last shard
+    with pytest.raises(BunnyError, match=rf"model 'org/tiny-bunny': the cached snapshot is incomplete.*{last.name}"
                        ):
         load_pretrained("org/tiny-bunny")
 

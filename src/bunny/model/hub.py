@@ -10,6 +10,7 @@ later with `torch.load(weights_only=True)`); never remote code (`*.py`) or other
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,22 +22,38 @@ from bunny.errors import BunnyError
 # the tokenizers' non-JSON vocabularies (sentencepiece, tiktoken, BPE merges, WordPiece).
 METADATA_PATTERNS = ("*.json", "*.jinja", "tokenizer.model", "spiece.model", "*.tiktoken", "merges.txt", "vocab.*")
 SAFETENSORS_PATTERNS = ("*.safetensors",)
-# The reference's tensor files, which have no safetensors twin.
-REFERENCE_BIN_PATTERNS = ("mm_projector.bin", "non_lora_trainables.bin")
+# Tensor files that sit beside the model's weights: a PEFT adapter, a stage-1 projector
+# (ours, or the reference's, which has no safetensors twin) and the reference's LoRA extras.
+SIDE_PATTERNS = ("adapter_model.safetensors", "mm_projector.safetensors", "mm_projector.bin", "non_lora_trainables.bin")
 # Pickled weights, fetched only when the repo has no safetensors twin of them.
 MODEL_BIN_PATTERN = "pytorch_model*.bin"
 ADAPTER_BIN_PATTERN = "adapter_model.bin"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-def allow_patterns(repo_files: list[str] | None) -> list[str]:
-    """The files to fetch, given the repo's file list (None: unknown, e.g. offline)."""
-    patterns = [*METADATA_PATTERNS, *SAFETENSORS_PATTERNS, *REFERENCE_BIN_PATTERNS]
+def allow_patterns(repo_files: list[str] | None, shards: list[str] | None = None) -> list[str]:
+    """The files to fetch, given the repo's file list (None: unknown, e.g. offline) and the
+    shards its safetensors index names (None: no index). With an index only its shards are
+    weights, so a repo's other copies (e.g. a `consolidated.safetensors`) are not fetched."""
+    weights = [*shards, *SIDE_PATTERNS] if shards is not None else [*SAFETENSORS_PATTERNS, *SIDE_PATTERNS]
+    patterns = [*METADATA_PATTERNS, *weights]
     files = repo_files or []
-    if repo_files is None or not any(fnmatch.fnmatch(f, "model*.safetensors") for f in files):
+    if shards is None and (repo_files is None or not any(fnmatch.fnmatch(f, "model*.safetensors") for f in files)):
         patterns.append(MODEL_BIN_PATTERN)
     if repo_files is None or "adapter_model.safetensors" not in files:
         patterns.append(ADAPTER_BIN_PATTERN)
     return patterns
+
+
+def index_shards(folder: Path) -> list[str] | None:
+    """The shard files a snapshot's safetensors index names; None without an index."""
+    index = folder / SAFETENSORS_INDEX
+    if not index.is_file():
+        return None
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise BunnyError(f"{index} is not a valid shard index ({exc!r})") from None
 
 
 def is_hub_id(name: str) -> bool:
@@ -90,7 +107,8 @@ def snapshot(repo_id: str, revision: str | None = None, what: str = "model") -> 
             files = None
         # Offline, read the cache only: a snapshot missing files of its cached listing is then
         # refused as incomplete (naming the files) instead of failing on a download attempt.
-        folder = Path(snapshot_download(repo_id, revision=commit, allow_patterns=allow_patterns(files),
+        patterns = allow_patterns(files, index_shards(first))
+        folder = Path(snapshot_download(repo_id, revision=commit, allow_patterns=patterns,
                                         local_files_only=is_offline_mode(), library_name="bunny"))
     if not (folder / "config.json").is_file():
         raise BunnyError(
