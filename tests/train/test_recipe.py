@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from bunny.errors import BunnyError
+from bunny.train.demo import DEMO_CONFIGS
 from bunny.train.recipe import load_recipe, parse_overrides
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -44,8 +45,11 @@ def _stage_of(path: Path) -> str:
     return "pretrain" if "pretrain" in path.name else "finetune"
 
 
-@pytest.mark.parametrize("path", sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("mix",)
-                                        and p.name != "demo.yaml"), ids=lambda p: str(p.relative_to(CONFIGS)))
+SHIPPED_RECIPES = sorted(p for p in [*CONFIGS.rglob("*.yaml"), *DEMO_CONFIGS.glob("*.yaml")]
+                         if p.parent.name not in ("mix",) and p.name != "demo.yaml")
+
+
+@pytest.mark.parametrize("path", SHIPPED_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_recipes_load(path):
     stage = _stage_of(path)
     recipe = load_recipe(path, stage=stage)
@@ -57,4 +61,4 @@ def test_image_cache_only_where_data_is_small():
     # preprocessed image would hold terabytes. Only the demo (400 small images, two epochs) turns it on.
     for path in sorted((CONFIGS / "bunny").glob("*.yaml")):
         assert load_recipe(path, stage=_stage_of(path)).cache_images is False, path.name
-    assert load_recipe(CONFIGS / "demo" / "finetune.yaml", stage="finetune").cache_images is True
+    assert load_recipe(DEMO_CONFIGS / "finetune.yaml", stage="finetune").cache_images is True
