@@ -12,9 +12,15 @@ model card's 1152x1152 resolution says).
 
 Every published folder holds: config.json (the LLM's transformers-4 config plus the Bunny
 keys, `auto_map` naming the shipped remote code), generation_config.json, the tokenizer,
-two safetensors shards with an index holding the LLM, `model.mm_projector.*` and the whole
-tower (`model.vision_tower.vision_tower.vision_model.*`, frozen or not), and the shipped
-`configuration_bunny_*.py` / `modeling_bunny_*.py`, which raise if anything imports them.
+safetensors (shards with an index; v1_0-2B-zh one model.safetensors) holding the LLM,
+`model.mm_projector.*` and the tower (`model.vision_tower.vision_tower.vision_model.*`), and
+the shipped `configuration_bunny_*.py` / `modeling_bunny_*.py`, which raise if anything
+imports them. The tower in the files is whole (27 layers, post_layernorm, pooling head) in
+the models with an unfrozen tower; v1_0-3B and v1_0-2B-zh hold their frozen tower without
+its last encoder layer and head. That is what the published sizes say: v1_0-4B's index is
+72.6 kB and Llama-3-8B-V's 80.2 kB, as with a whole tower (72.58 / 80.19 computed), v1_0-3B's
+88.7 kB as without those keys (88.73; 91.96 with them), and v1_0-2B-zh's 4.48 GB file holds
+~30M parameters fewer than a whole tower would.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from bunny.testing import tiny_image_processor, tiny_tokenizer
@@ -65,13 +72,15 @@ class Published:
     max_length: int  # tokenizer_model_max_length
     tower: str = "google/siglip-so400m-patch14-384"  # the published mm_vision_tower
     extra_code: tuple[str, ...] = ()  # other remote-code files the folder ships
+    truncated_tower: bool = False  # the files lack the tower's last encoder layer and head
+    one_file: bool = False  # model.safetensors instead of shards + index
 
 
 PUBLISHED = {
-    "Bunny-v1_0-3B": Published("phi", None, None, 2e-05, 2048),
+    "Bunny-v1_0-3B": Published("phi", None, None, 2e-05, 2048, truncated_tower=True),
     "Bunny-v1_0-4B": Published("phi3", True, None, 2e-05, 4096),
     "Bunny-v1_1-4B": Published("phi3", True, True, 2e-05, 4096, tower="/share/bunny/models/siglip-so400m-patch14-384"),
-    "Bunny-v1_0-2B-zh": Published("qwen2", None, None, 2e-05, 2048,
+    "Bunny-v1_0-2B-zh": Published("qwen2", None, None, 2e-05, 2048, truncated_tower=True, one_file=True,
                                   extra_code=("tokenization_bunny_qwen2.py", "tokenization_bunny_qwen2_fast.py")),
     "Bunny-Llama-3-8B-V": Published("llama", True, None, 1e-05, 2048),
     "Bunny-v1_1-Llama-3-8B-V": Published("llama", True, True, 1e-05, 2048),
@@ -124,10 +133,16 @@ def build_published(root: Path, name: str, tower_ref: str | None = None) -> Trut
                | {"_from_model_config": True, "transformers_version": "4.40.0"})
     tokenizer.save_pretrained(folder)
     proj = projector_state(12, mm_hidden=mm_hidden)
-    # The published shards hold the whole tower: the trained one when unfrozen, else the hub's own.
+    # The files hold the trained tower when unfrozen, else the hub's own (maybe truncated).
     in_ckpt = perturbed(tower, 13) if spec.unfreeze else {k: v.clone() for k, v in tower.state_dict().items()}
+    if spec.truncated_tower:
+        dropped = ("head.", f"encoder.layers.{tower.config.num_hidden_layers - 1}.")
+        in_ckpt = {k: v for k, v in in_ckpt.items() if not k.startswith(dropped)}
     state = llm_state(llm) | {"model.mm_projector." + k: v for k, v in proj.items()} | tower_keys(in_ckpt)
-    save_shards(folder, state)
+    if spec.one_file:
+        save_file(state, str(folder / "model.safetensors"))
+    else:
+        save_shards(folder, state)
     for file in (f"configuration_{MODEL_TYPE[spec.family].replace('-', '_')}.py",
                  f"modeling_{MODEL_TYPE[spec.family].replace('-', '_')}.py", *spec.extra_code):
         (folder / file).write_text(f"raise RuntimeError('remote code {file} must never run')\n")
