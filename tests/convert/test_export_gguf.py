@@ -31,17 +31,17 @@ def _tensors(reader):
     return {t.name: (np.asarray(t.data), t.tensor_type.name) for t in reader.tensors}
 
 
-@pytest.fixture(scope="module", params=["siglip", "clip"])
-def exported(request, tmp_path_factory):
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
-    src = save_tiny_bunny(root / "m", tower=request.param, seed=4)
+    src = save_tiny_bunny(root / "m", seed=4)
     llm, mmproj = export_gguf(src, root / "gguf", outtype="f32")
     model, processor = load_pretrained(src)
-    return request.param, model, processor, GGUFReader(str(llm)), GGUFReader(str(mmproj))
+    return model, processor, GGUFReader(str(llm)), GGUFReader(str(mmproj))
 
 
 def test_llm_metadata_and_tokenizer(exported):
-    _, model, processor, llm, _ = exported
+    model, processor, llm, _ = exported
     f = _fields(llm)
     cfg = model.config.text_config
     assert f["general.architecture"] == "llama"
@@ -65,7 +65,7 @@ def test_llm_metadata_and_tokenizer(exported):
 
 
 def test_every_llm_tensor(exported):
-    _, model, _, llm, _ = exported
+    model, _, llm, _ = exported
     state = model.language_model.state_dict()
     expected = {"token_embd.weight": state["model.embed_tokens.weight"], "output_norm.weight": state["model.norm.weight"],
                 "output.weight": state["lm_head.weight"]}
@@ -87,7 +87,7 @@ def test_every_llm_tensor(exported):
 
 
 def test_every_mmproj_tensor_and_metadata(exported):
-    tower, model, processor, _, mmproj = exported
+    model, processor, _, mmproj = exported
     f = _fields(mmproj)
     vc = model.config.vision_config
     expected_meta = {"general.architecture": "clip", "clip.has_vision_encoder": True, "clip.has_llava_projector": True,
@@ -96,19 +96,15 @@ def test_every_mmproj_tensor_and_metadata(exported):
                      "clip.vision.projection_dim": 32, "clip.vision.attention.head_count": 4,
                      "clip.vision.block_count": 2,  # 3 layers, features from hidden_states[-2]
                      "clip.vision.feature_layer": [2],  # llama.cpp runs all 2 blocks, not block_count - 1
-                     "clip.use_gelu": tower == "siglip"}
+                     "clip.use_gelu": True}
     assert {k: f[k] for k in expected_meta} == expected_meta
     assert f["clip.vision.attention.layer_norm_epsilon"] == pytest.approx(vc.layer_norm_eps)
     np.testing.assert_allclose(f["clip.vision.image_mean"], processor.image_processor.image_mean)
     np.testing.assert_allclose(f["clip.vision.image_std"], processor.image_processor.image_std)
     s = model.vision_tower.state_dict()
     expected = {"v.patch_embd.weight": s["embeddings.patch_embedding.weight"],
-                "v.position_embd.weight": s["embeddings.position_embedding.weight"]}
-    if tower == "siglip":
-        expected["v.patch_embd.bias"] = s["embeddings.patch_embedding.bias"]
-    else:
-        expected["v.class_embd"] = s["embeddings.class_embedding"]
-        expected |= {f"v.pre_ln.{p}": s[f"pre_layrnorm.{p}"] for p in ("weight", "bias")}
+                "v.position_embd.weight": s["embeddings.position_embedding.weight"],
+                "v.patch_embd.bias": s["embeddings.patch_embedding.bias"]}
     block = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2",
              "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
@@ -138,6 +134,7 @@ def test_f16_and_cli(tmp_path):
     (dict(s2_scales=[28, 56]), "S2 multi-scale"),
     (dict(image_token_pool=2), "image_token_pool 2"),
     (dict(projector_type="linear"), "projector 'linear'"),
+    (dict(tower="clip"), "a CLIP tower .*shifted by one patch"),
     (dict(family="stablelm", text_overrides=dict(qk_layernorm=True)), "stablelm with qk_layernorm=True"),
     (dict(text_overrides=dict(hidden_act="gelu")), "llama.cpp's llama uses silu, this llama uses 'gelu'"),
 ])
@@ -168,7 +165,7 @@ def test_a_tokenizer_llamacpp_cannot_split_alike_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _tiny_with(folder, text_overrides=None, family="llama", **kwargs):
+def _tiny_with(folder, text_overrides=None, family="llama", tower="siglip", **kwargs):
     """A tiny bunny whose LLM config carries overrides (weights built for them)."""
     from bunny.model.config import BunnyConfig
     from bunny.model.modeling import BunnyForConditionalGeneration
@@ -177,7 +174,7 @@ def _tiny_with(folder, text_overrides=None, family="llama", **kwargs):
 
     tokenizer = tiny_tokenizer()
     text = tiny_text_config(family, len(tokenizer), bos_token_id=1, eos_token_id=2, **(text_overrides or {}))
-    config = BunnyConfig(vision_config=tiny_vision_config("siglip"), text_config=text, **kwargs)
+    config = BunnyConfig(vision_config=tiny_vision_config(tower), text_config=text, **kwargs)
     torch.manual_seed(0)
     model = BunnyForConditionalGeneration(config).eval()
-    return save_pretrained(model, BunnyProcessor.from_config(config, tokenizer, tiny_image_processor("siglip")), folder)
+    return save_pretrained(model, BunnyProcessor.from_config(config, tokenizer, tiny_image_processor(tower)), folder)

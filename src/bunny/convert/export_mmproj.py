@@ -5,10 +5,13 @@ Only the blocks up to the feature layer are written (hidden_states[-2] -> all bl
 the last), `clip.vision.block_count` is that count k, and `clip.vision.feature_layer = [k]`
 tells llama.cpp's LLaVA graph (tools/mtmd/models/llava.cpp) to run all k blocks and take
 their output: without the key it runs `block_count - 1` blocks, the LLaVA default for files
-that hold the whole tower. The final post-layernorm is left out. A CLIP tower's CLS
-embedding and pre-layernorm are written and llama.cpp drops the CLS token from the features,
-as bunny's `patch` rule does. Tensor names are the gguf package's `v.*` / `mm.*` names
-(fc1 -> ffn_up, fc2 -> ffn_down).
+that hold the whole tower. The final post-layernorm is left out. Tensor names are the gguf
+package's `v.*` / `mm.*` names (fc1 -> ffn_up, fc2 -> ffn_down).
+
+CLIP towers are refused: llama.cpp's LLaVA graph appends CLIP's class token after the
+patches, gives the tokens positions in that order and then drops the first token as if it
+were the class token, so its features are not the tower's (the patch tokens come out
+shifted by one, with the class token last).
 """
 from __future__ import annotations
 
@@ -18,11 +21,10 @@ import numpy as np
 
 from bunny.errors import BunnyError
 
-TOWERS = ("siglip_vision_model", "clip_vision_model")
+TOWERS = ("siglip_vision_model",)
 FEATURE_LAYER_KEY = "clip.vision.feature_layer"  # llama.cpp's key; the gguf package has no constant for it
-# transformers' activation names that llama.cpp's `clip.use_gelu` covers (tanh-approximated
-# GELU); CLIP's quick_gelu is llama.cpp's default when use_gelu is false.
-_GELU = ("gelu", "gelu_pytorch_tanh", "gelu_new")
+# transformers' activation names that llama.cpp's `clip.use_gelu` computes (tanh-approximated GELU).
+_GELU = ("gelu_pytorch_tanh", "gelu_new")
 _BLOCK = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
           "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2",
           "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
@@ -36,12 +38,18 @@ def check_mmproj_exportable(config) -> None:
         reasons.append(f"projector {config.projector_type!r} (only mlp2x_gelu maps to llama.cpp's 'mlp')")
     if getattr(config, "image_token_pool", 1) > 1:
         reasons.append(f"image_token_pool {config.image_token_pool} (llama.cpp's 'mlp' projects every patch token)")
-    if config.vision_config.model_type not in TOWERS:
-        reasons.append(f"tower type {config.vision_config.model_type!r} (supported: {', '.join(TOWERS)})")
-    if config.vision_config.model_type == "siglip_vision_model" and config.vision_feature_select != "full":
-        reasons.append("SigLIP with vision_feature_select 'patch' (llama.cpp keeps every SigLIP token)")
-    if config.vision_config.model_type == "clip_vision_model" and config.vision_feature_select != "patch":
-        reasons.append("CLIP with vision_feature_select 'full' (llama.cpp drops CLIP's CLS token)")
+    kind = config.vision_config.model_type
+    if kind == "clip_vision_model":
+        reasons.append("a CLIP tower (llama.cpp's LLaVA graph puts CLIP's class token after the patches and then "
+                       "drops the first token, so the image features would be shifted by one patch)")
+    elif kind not in TOWERS:
+        reasons.append(f"tower type {kind!r} (supported: {', '.join(TOWERS)})")
+    else:
+        if config.vision_feature_select != "full":
+            reasons.append("SigLIP with vision_feature_select 'patch' (llama.cpp keeps every SigLIP token)")
+        if config.vision_config.hidden_act not in _GELU:
+            reasons.append(f"tower activation {config.vision_config.hidden_act!r} (llama.cpp's SigLIP runs "
+                           "tanh-approximated GELU)")
     if reasons:
         raise BunnyError("cannot export the vision tower to a GGUF mmproj: " + "; ".join(reasons))
 
@@ -70,11 +78,6 @@ def mmproj_tensors(model, outtype: str) -> dict[str, np.ndarray]:
            "v.position_embd.weight": _np(state["embeddings.position_embedding.weight"], outtype)}
     if "embeddings.patch_embedding.bias" in state:
         out["v.patch_embd.bias"] = _np(state["embeddings.patch_embedding.bias"], outtype)
-    if "embeddings.class_embedding" in state:
-        out["v.class_embd"] = _np(state["embeddings.class_embedding"], outtype)
-    for part in ("weight", "bias"):
-        if f"pre_layrnorm.{part}" in state:  # CLIP's (sic) name
-            out[f"v.pre_ln.{part}"] = _np(state[f"pre_layrnorm.{part}"], outtype)
     for i in range(blocks):
         for hf, ours in _BLOCK.items():
             for part in ("weight", "bias"):
@@ -114,7 +117,7 @@ def write_mmproj_gguf(model, image_processor, path: Path, outtype: str = "f16", 
     writer.add_array(FEATURE_LAYER_KEY, [blocks])  # int32 array, as llama.cpp reads it
     writer.add_array(vision.IMAGE_MEAN, [float(x) for x in image_processor.image_mean])
     writer.add_array(vision.IMAGE_STD, [float(x) for x in image_processor.image_std])
-    writer.add_bool(vision.USE_GELU, vc.hidden_act in _GELU)
+    writer.add_bool(vision.USE_GELU, True)  # checked above: a tanh-approximated GELU
     for key, array in tensors.items():
         writer.add_tensor(key, array)
     writer.write_header_to_file()
