@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 import bunny
+from bunny.cli import main
 from bunny.convert.reference import convert_reference, load_reference
 from bunny.errors import BunnyError
 from bunny.model.towers import load_vision_model
@@ -87,4 +88,10 @@ def test_published_tower_path_that_does_not_exist_is_named_and_can_be_replaced(r
     model, processor = load_reference(truth.folder, vision_tower=str(root / "siglip-tiny"))
     assert model.config.vision_tower == str(root / "siglip-tiny")
     assert_same_tensors(model, truth)  # the unfrozen tower's weights are still the checkpoint's
-    check_prompt_ids_logits(model, processor, truth, "phi3")
+    _, logits = check_prompt_ids_logits(model, processor, truth, "phi3")
+
+    assert main(["convert", "reference", str(truth.folder), str(root / "out"), "--vision-tower", str(root / "siglip-tiny")]) == 0
+    converted, converted_processor = bunny.load_pretrained(root / "out")
+    inputs = converted_processor(text=converted_processor.apply_chat_template(MESSAGES), images=[random_image(3)])
+    with torch.no_grad():
+        torch.testing.assert_close(converted(**inputs).logits, logits, rtol=0, atol=0)

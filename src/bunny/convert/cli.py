@@ -20,6 +20,9 @@ def add_parsers(sub, groups) -> None:
     p.add_argument("--model-base", default=None,
                    help="base LLM (folder or hub id) of stage-1 and LoRA checkpoints "
                         "(default: the config's _name_or_path)")
+    p.add_argument("--vision-tower", default=None,
+                   help="tower (folder, preset or hub id) in place of the config's mm_vision_tower, for one that "
+                        "cannot be found (Bunny-v1_1-4B names a folder on its authors' machine)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype of the output (default float32)")
     p.set_defaults(func=_run_reference)
     add_export_parsers(sub, groups)
@@ -32,7 +35,7 @@ def _run_reference(args) -> int:
     from bunny.model.loading import fetch_model
 
     out = convert_reference(fetch_model(args.src, args.revision), args.out, model_base=args.model_base,
-                            dtype=getattr(torch, args.dtype))
+                            dtype=getattr(torch, args.dtype), vision_tower=args.vision_tower)
     print(f"wrote {out}")
     return 0
 
