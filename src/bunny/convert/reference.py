@@ -152,7 +152,11 @@ def _load_tokenizer(source: str):
 
 
 def _load_tower(ckpt: ReferenceCheckpoint, tower_state: dict, source: str, dtype):
-    tower = ckpt.tower_source()
+    try:
+        tower = ckpt.tower_source()
+    except BunnyError as exc:
+        raise BunnyError(f"{exc}; to name a tower in its place, convert with `bunny convert reference SRC OUT "
+                         "--vision-tower TOWER` (or pass vision_tower= to load_reference)") from None
     try:
         if not ckpt.unfreeze_vision_tower:
             # A frozen tower is the pretrained one; copies of it in the checkpoint are ignored, as the reference does.
