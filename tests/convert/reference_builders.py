@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, SiglipConfig, SiglipModel, SiglipVisionModel
+from transformers import (
+    AutoModelForCausalLM, CLIPConfig, CLIPModel, CLIPVisionModel, SiglipConfig, SiglipModel, SiglipVisionModel,
+)
 
 from bunny.testing import tiny_image_processor, tiny_text_config, tiny_tokenizer, tiny_vision_config
 
@@ -65,6 +67,20 @@ def save_tower(root: Path, seed: int = 1, image_size: int = 28, patch_size: int 
     tower = SiglipVisionModel(full.config.vision_config).eval()
     tower.load_state_dict(full.vision_model.state_dict())
     assert tower.config.vision_use_head and any(k.startswith("head.") for k in tower.state_dict())
+    return folder, tower
+
+
+def save_clip_tower(root: Path, seed: int = 1) -> tuple[Path, torch.nn.Module]:
+    """A full CLIP folder (as openai/clip-vit-large-patch14-336); returns it and its vision model."""
+    torch.manual_seed(seed)
+    config = CLIPConfig(vision_config=tiny_vision_config("clip").to_dict(), text_config=TINY_SIGLIP_TEXT,
+                        projection_dim=16)
+    full = CLIPModel(config).eval()
+    folder = root / "clip-tiny"
+    full.save_pretrained(folder)
+    tiny_image_processor("clip").save_pretrained(folder)
+    tower = CLIPVisionModel(full.config.vision_config).eval()
+    tower.load_state_dict(full.vision_model.state_dict())
     return folder, tower
 
 
@@ -189,8 +205,8 @@ def build_lora(root: Path, family: str = "llama", unfreeze: bool = False) -> Tru
 
 
 def build_merged(root: Path, family: str = "llama", unfreeze: bool = False, fmt: str = "safetensors",
-                 hub: bool = False, relative_tower: bool = False) -> Truth:
-    tower_dir, tower = save_tower(root)
+                 hub: bool = False, relative_tower: bool = False, tower_kind: str = "siglip") -> Truth:
+    tower_dir, tower = save_clip_tower(root) if tower_kind == "clip" else save_tower(root)
     llm, tokenizer = make_llm(family, seed=8)
     folder = root / "bunny-merged"
     folder.mkdir()
@@ -216,4 +232,4 @@ def build_merged(root: Path, family: str = "llama", unfreeze: bool = False, fmt:
         write_json(folder / "config.json", cfg)
         (folder / f"modeling_{MODEL_TYPE[family].replace('-', '_')}.py").write_text(
             "raise RuntimeError('remote code must never run')\n")
-    return Truth(folder, cut_vocab(llm, len(tokenizer)), tower, proj, tokenizer, tiny_image_processor("siglip"))
+    return Truth(folder, cut_vocab(llm, len(tokenizer)), tower, proj, tokenizer, tiny_image_processor(tower_kind))

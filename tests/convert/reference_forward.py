@@ -80,6 +80,8 @@ def reference_image_features(truth, pixel_values: torch.Tensor) -> torch.Tensor:
         features = reference_s2(truth.tower, pixel_values, truth.s2_scales)
     else:
         features = truth.tower(pixel_values, output_hidden_states=True).hidden_states[-2]
+    if truth.tower.config.model_type == "clip_vision_model":
+        features = features[:, 1:]  # the reference's CLIP tower drops CLS (select_feature "patch")
     p = truth.projector
     return F.linear(F.gelu(F.linear(features, p["0.weight"], p["0.bias"])), p["2.weight"], p["2.bias"])
 

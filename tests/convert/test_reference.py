@@ -31,6 +31,14 @@ def test_merged_bin_unfrozen_tower_and_relative_tower_path(root, monkeypatch):
     check_prompt_ids_logits(model, processor, truth, "phi3")
 
 
+def test_merged_unfrozen_clip_tower_in_the_reference_layout(root):
+    """CLIPVisionModel, too, held its layers under `vision_model.` in transformers 4."""
+    truth = build_merged(root, "llama", unfreeze=True, tower_kind="clip")
+    model, processor = bunny.load_pretrained(truth.folder)
+    assert_same_tensors(model, truth)  # pre_layrnorm, post_layernorm and all
+    check_prompt_ids_logits(model, processor, truth, "llama")
+
+
 def test_hub_layout_never_runs_remote_code(root):
     truth = build_merged(root, "llama", hub=True)
     model, processor = bunny.load_pretrained(truth.folder)  # the shipped modeling file raises if imported
