@@ -1,6 +1,14 @@
+"""Atomic writes: a target is either its old content or its complete new content, never a
+half-written file; temporaries are removed whenever the writing process survives."""
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 
-from bunny.atomic import atomic_folder
+from bunny.atomic import atomic_file, atomic_files, atomic_folder, atomic_update, atomic_write
+from bunny.errors import BunnyError
 
 
 def test_replaces_target_only_on_success(tmp_path):
@@ -17,3 +25,84 @@ def test_replaces_target_only_on_success(tmp_path):
         (tmp / "b.txt").write_text("two")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary leftovers
+
+
+def test_atomic_file_writes_in_place_of_the_old_file(tmp_path):
+    target = tmp_path / "sub" / "data.json"  # a missing folder is created
+    assert atomic_write(target, "old\n") == target
+    with atomic_file(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.startswith(".data.json.") and not tmp.exists()
+        tmp.write_text("new\n")
+        assert target.read_text() == "old\n"  # nothing visible before the block ends
+    assert target.read_text() == "new\n"
+    atomic_write(target, b"\x00\x01")
+    assert target.read_bytes() == b"\x00\x01"
+    assert os.listdir(target.parent) == ["data.json"]
+
+
+def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "data.json"
+    target.write_text("old\n")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_file(target) as tmp:
+            tmp.write_text("ne")
+            raise RuntimeError("disk full")
+    assert target.read_text() == "old\n"
+    assert os.listdir(tmp_path) == ["data.json"]
+
+
+def test_several_files_appear_together_or_not_at_all(tmp_path):
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_text("old a")
+    with pytest.raises(RuntimeError):
+        with atomic_files(a, b) as (ta, tb):
+            ta.write_text("new a")
+            raise RuntimeError("failed before b was written")
+    assert a.read_text() == "old a" and not b.exists()
+    assert os.listdir(tmp_path) == ["a.bin"]
+    with atomic_files(a, b) as (ta, tb):
+        ta.write_text("new a")
+        tb.write_text("new b")
+    assert (a.read_text(), b.read_text()) == ("new a", "new b")
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "b.bin"]
+
+
+def test_killed_writer_leaves_the_old_file(tmp_path):
+    """SIGKILL mid-write: no cleanup can run, so a hidden temporary stays, but the target
+    keeps its old content in full."""
+    target = tmp_path / "data.json"
+    target.write_text("old\n")
+    script = (
+        "import os, signal, sys\n"
+        "from bunny.atomic import atomic_file\n"
+        "with atomic_file(sys.argv[1]) as tmp:\n"
+        "    tmp.write_text('half of the new')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True)
+    assert result.returncode == -signal.SIGKILL
+    assert target.read_text() == "old\n"
+    leftovers = sorted(set(os.listdir(tmp_path)) - {"data.json"})
+    assert len(leftovers) == 1 and leftovers[0].startswith(".data.json.") and leftovers[0].endswith(".tmp")
+
+
+def test_atomic_update_replaces_written_files_and_keeps_the_others(tmp_path):
+    folder = tmp_path / "tower"
+    folder.mkdir()
+    (folder / "README.md").write_text("kept")
+    (folder / "config.json").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_update(folder) as tmp:
+            (tmp / "config.json").write_text("half")
+            raise RuntimeError("killed")
+    assert sorted(os.listdir(folder)) == ["README.md", "config.json"]
+    assert (folder / "config.json").read_text() == "old"
+    with atomic_update(folder) as tmp:
+        (tmp / "config.json").write_text("new")
+        (tmp / "model.safetensors").write_text("weights")
+    assert sorted(os.listdir(folder)) == ["README.md", "config.json", "model.safetensors"]
+    assert (folder / "config.json").read_text() == "new" and (folder / "README.md").read_text() == "kept"
+    with pytest.raises(BunnyError, match="replaces files only; sub is a folder"):
+        with atomic_update(folder) as tmp:
+            (tmp / "sub").mkdir()
+    assert sorted(os.listdir(folder)) == ["README.md", "config.json", "model.safetensors"]

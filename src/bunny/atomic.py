@@ -1,12 +1,89 @@
-"""Atomic writes of whole folders: a half-written checkpoint must never look complete."""
+"""Atomic writes: a half-written file or checkpoint must never look complete.
+
+Every write goes to a temporary name beside its target (same folder, so the same file
+system) and is renamed over the target with `os.replace` only when it is complete. A write
+that fails removes its temporaries and leaves the targets as they were; a process killed
+mid-write leaves the targets as they were and a hidden `.NAME.*.tmp` beside them.
+
+- `atomic_file(path)` / `atomic_files(*paths)`: write one or several files (several are
+  renamed into place together, after the block, in the order given).
+- `atomic_write(path, data)`: a whole str (UTF-8) or bytes payload.
+- `atomic_update(folder)`: files written by a library that saves into a folder (e.g.
+  `save_pretrained`) replace their namesakes in `folder`; its other files stay.
+- `atomic_folder(path)`: a whole folder replaced at once (checkpoints, exports).
+"""
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from bunny.errors import BunnyError
+
+
+def _temporary_name(target: Path) -> Path:
+    # Unique per process and call, so concurrent writers never share a temporary; not created
+    # here, so the writer creates it with the usual permissions.
+    return target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+@contextmanager
+def atomic_files(*targets: str | os.PathLike) -> Iterator[list[Path]]:
+    """Yield one temporary path per target (in the target's folder, created if missing) to
+    write; when the block ends without an error each temporary replaces its target. On an
+    error every temporary is removed and every target is left as it was."""
+    paths = [Path(t) for t in targets]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    temporaries = [_temporary_name(p) for p in paths]
+    try:
+        yield temporaries
+        for tmp, path in zip(temporaries, paths):
+            os.replace(tmp, path)
+    finally:
+        for tmp in temporaries:
+            tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write; it replaces `target` when the block ends without an error."""
+    with atomic_files(target) as (tmp,):
+        yield tmp
+
+
+def atomic_write(target: str | os.PathLike, data: str | bytes) -> Path:
+    """Write `data` (str as UTF-8, or bytes) to `target` atomically; returns the target."""
+    with atomic_file(target) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+    return Path(target)
+
+
+@contextmanager
+def atomic_update(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder inside `folder` to write files into; when the block ends
+    without an error each of them replaces its namesake in `folder` (one rename per file);
+    files of `folder` not written stay. On an error `folder` is left as it was."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".update-", suffix=".tmp", dir=folder))
+    try:
+        yield tmp
+        written = sorted(tmp.iterdir())
+        folders = [p.name for p in written if p.is_dir()]
+        if folders:
+            raise BunnyError(f"atomic_update({folder}) replaces files only; {', '.join(folders)} is a folder")
+        for item in written:
+            os.replace(item, folder / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager

@@ -16,13 +16,13 @@ mixture plus OUT.report.json with counts per source.
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
 
+from bunny.atomic import atomic_write
 from bunny.data.llava import read_records
 from bunny.errors import BunnyError
 
@@ -142,8 +142,6 @@ def build_mixture(recipe_path: str | Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     for path, text in ((out, json.dumps(mixture, ensure_ascii=False)),
                        (out.with_name(out.stem + ".report.json"), json.dumps(report, indent=1))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, text + "\n")
     report["output"] = str(out)
     return report

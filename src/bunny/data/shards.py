@@ -25,7 +25,6 @@ from __future__ import annotations
 import glob
 import io
 import json
-import os
 import re
 import tarfile
 import threading
@@ -33,6 +32,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from bunny.atomic import atomic_files
 from bunny.data.llava import Conversation, LoadReport, collect_conversations, parse_record
 from bunny.errors import BunnyError
 from bunny.model.images import ImageRef
@@ -451,21 +451,13 @@ def write_shards(data_path, out, fmt: str, samples_per_shard: int, image_root=No
         raise BunnyError(f"{out} already holds {len(existing)} {suffix} file(s) ({existing[0]}, ...); "
                          "choose an empty folder or remove them")
     chunks = [convs[i:i + samples_per_shard] for i in range(0, len(convs), samples_per_shard)]
-    written: list[tuple[Path, Path]] = []  # (temporary, final)
-    try:
-        for n, chunk in enumerate(chunks):
-            final = out / f"{prefix}-{n:05d}{suffix}"
-            tmp = out / f".{final.name}.tmp-{os.getpid()}"
-            written.append((tmp, final))
+    finals = [out / f"{prefix}-{n:05d}{suffix}" for n in range(len(chunks))]
+    with atomic_files(*finals) as temporaries:  # every shard appears only once all are written
+        for n, (chunk, tmp) in enumerate(zip(chunks, temporaries)):
             if fmt == "parquet":
                 _write_parquet(tmp, chunk, rows_per_group)
             else:
                 _write_tar(tmp, chunk, n * samples_per_shard)
-        for tmp, final in written:
-            os.replace(tmp, final)
-    finally:
-        for tmp, _ in written:
-            tmp.unlink(missing_ok=True)
     return {"format": fmt, "shards": len(chunks), "samples": len(convs),
             "images": sum(len(c.images) for c in convs), "skipped": len(report.skipped_missing),
             "out": str(out)}

@@ -19,6 +19,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+from bunny.atomic import atomic_write
 from bunny.data.synthetic import (COLOURS, POSITIONS, SHAPES, caption,
                                   colour_only_guess_accuracy, draw_example,
                                   extra_yes_no_qas, shape_only_guess_accuracy)
@@ -32,20 +33,10 @@ CAPTION_INSTRUCTION = "Describe the image."
 GENERATOR_VERSION = 2  # bump when a change alters images or questions for a given seed
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def _save_png(image, path: Path) -> None:
     buf = io.BytesIO()
     image.save(buf, format="PNG")  # no timestamps or metadata: same scene, same bytes
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def stage1_sample(sample_id: str, image: str, text: str) -> dict:
@@ -128,13 +119,13 @@ def synthesize(out_dir: str | os.PathLike, n_train: int, n_eval: int, seed: int 
                 "category": qa["category"], "colour": qa.get("colour"), "shape": qa.get("shape"),
                 "scene": scene.to_list()})
 
-    _atomic_write_text(out / "stage1.json", json.dumps(stage1, indent=1) + "\n")
-    _atomic_write_text(out / "stage2.json", json.dumps(stage2, indent=1) + "\n")
-    _atomic_write_text(out / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write(out / "stage1.json", json.dumps(stage1, indent=1) + "\n")
+    atomic_write(out / "stage2.json", json.dumps(stage2, indent=1) + "\n")
+    atomic_write(out / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     meta = _meta(seed, n_train, n_eval, max_turns, suffix, records)
     meta["yes_no_per_image"] = yes_no_per_image
     meta["train_hard_share"] = train_hard_share
-    _atomic_write_text(out / "meta.json", json.dumps(meta, indent=1) + "\n")
+    atomic_write(out / "meta.json", json.dumps(meta, indent=1) + "\n")
     return meta
 
 

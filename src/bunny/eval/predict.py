@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from bunny.atomic import atomic_write
 from bunny.errors import BunnyError
 from bunny.eval.datasets import decode_image, prediction_record
 from bunny.eval.prompts import MAX_NEW_TOKENS, build_prompt
@@ -114,10 +115,7 @@ def append_records(path: Path, records: list[dict]) -> None:
 
 
 def rewrite_in_order(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
-                   encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 # -- generation -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from bunny.atomic import atomic_write
 from bunny.errors import BunnyError
 from bunny.train.recipe import load_recipe
 
@@ -189,9 +190,7 @@ def shuffle_turns(path: Path, seed: int) -> None:
         rng.shuffle(pairs)
         r["conversations"] = [turn for k, (q, a) in enumerate(pairs) for turn in (
             {"from": "human", "value": (prefix if k == 0 else "") + q}, {"from": "gpt", "value": a})]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(records, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(records, indent=1) + "\n")
 
 
 def ask_fresh(model, processor, seed: int, out: Path) -> dict:

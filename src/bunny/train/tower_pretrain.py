@@ -21,7 +21,6 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
+from bunny.atomic import atomic_update
 from bunny.data.synthetic import (COLOURS, MAX_OBJECTS, PAIRS, POSITIONS, SHAPES,
                                   draw_example)
 from bunny.data.synthetic_render import (IMAGE_SIZE, PATCH_SIZE, patch_attribute_labels,
@@ -227,20 +227,15 @@ def _train(out_dir, seed, steps, batch_size, lr, config, eval_images, progress) 
 
 
 def _save(out_dir, model: SiglipVisionModel, heads: nn.Module, report: dict) -> None:
-    """Write into a hidden temporary folder, then move each file into place, so a killed
-    run never leaves a half-written tower where a good one was."""
+    """Write the tower's files atomically (other files of the folder, e.g. its README, stay),
+    so a killed run never leaves a half-written tower where a good one was."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    tmp = out / ".tmp-save"
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
-    image_processor().save_pretrained(tmp)
-    save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, tmp / "probe_heads.safetensors")
-    # Every 10th loss keeps the file small; the full curve is in the returned report.
-    saved = {**report, "losses": None, "loss_every_10_steps": report["losses"][::10]}
-    text = json.dumps({k: v for k, v in saved.items() if v is not None}, indent=1)
-    (tmp / "pretrain_report.json").write_text(text + "\n")
-    for f in tmp.iterdir():
-        os.replace(f, out / f.name)
-    tmp.rmdir()
+    with atomic_update(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        image_processor().save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, tmp / "probe_heads.safetensors")
+        # Every 10th loss keeps the file small; the full curve is in the returned report.
+        saved = {**report, "losses": None, "loss_every_10_steps": report["losses"][::10]}
+        text = json.dumps({k: v for k, v in saved.items() if v is not None}, indent=1)
+        (tmp / "pretrain_report.json").write_text(text + "\n")
