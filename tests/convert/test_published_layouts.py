@@ -12,6 +12,7 @@ import bunny
 from bunny.cli import main
 from bunny.convert.reference import convert_reference, load_reference
 from bunny.errors import BunnyError
+from bunny.model.loading import save_pretrained
 from bunny.model.towers import load_vision_model
 from bunny.testing import random_image
 
@@ -95,3 +96,20 @@ def test_published_tower_path_that_does_not_exist_is_named_and_can_be_replaced(r
     inputs = converted_processor(text=converted_processor.apply_chat_template(MESSAGES), images=[random_image(3)])
     with torch.no_grad():
         torch.testing.assert_close(converted(**inputs).logits, logits, rtol=0, atol=0)
+
+
+def test_vision_tower_in_place_of_a_missing_one_through_load_pretrained_and_chat(root, capsys):
+    truth = build_published(root, "Bunny-v1_1-4B", tower_ref=PUBLISHED["Bunny-v1_1-4B"].tower)
+    tower = str(root / "siglip-tiny")
+    model, processor = bunny.load_pretrained(truth.folder, vision_tower=tower)
+    direct, _ = load_reference(truth.folder, vision_tower=tower)
+    inputs = processor(text=processor.apply_chat_template(MESSAGES), images=[random_image(3)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, direct(**inputs).logits, rtol=0, atol=0)
+    assert main(["chat", "--model", str(truth.folder), "--vision-tower", tower, "--prompt", "hi",
+                 "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip()
+    # A bunny checkpoint carries its own tower: replacing it is refused, not ignored.
+    save_pretrained(model, processor, root / "ours")
+    with pytest.raises(BunnyError, match="vision_tower.*bunny checkpoint"):
+        bunny.load_pretrained(root / "ours", vision_tower=tower)

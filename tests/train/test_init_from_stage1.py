@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import SiglipVisionModel
 
 from bunny.errors import BunnyError
+from bunny.model.loading import load_pretrained
 from bunny.testing import tiny_image_processor, tiny_llm, tiny_vision_config
 from bunny.train.parts import build_for_recipe
 from bunny.train.trainer import train
@@ -58,6 +59,9 @@ def test_stage2_starts_from_our_stage1_folder(tmp_path, parts, data, captions):
                          output_dir=str(tmp_path / "stage1"), max_steps=2)
     train(stage1)
     projector = load_file(str(tmp_path / "stage1" / "mm_projector.safetensors"))
+    # Opened as a model (bunny chat --model ...), a stage-1 folder says what it is and what to do.
+    with pytest.raises(BunnyError, match=r"stage-1 output.*init_from.*projector_weights"):
+        load_pretrained(tmp_path / "stage1")
 
     stage2 = tiny_recipe(tmp_path, data, init_from=str(tmp_path / "stage1"), output_dir=str(tmp_path / "stage2"),
                          max_steps=1)

@@ -73,6 +73,7 @@ def load_pretrained(
     model_base: str | None = None,
     template: str | None = None,
     revision: str | None = None,
+    vision_tower: str | None = None,
 ) -> tuple[BunnyForConditionalGeneration, BunnyProcessor]:
     """`(model, processor)` for a bunny checkpoint, any reference layout, or a plain LLM,
     given by local folder, hub id (fetched into the hub cache, at `revision` when given)
@@ -81,10 +82,15 @@ def load_pretrained(
     A plain LLM (e.g. the embedded `smollm2-135m`) is composed with the shipped tower and a
     new projector (`config.projector_trained` is False: fine for text, not for images).
     `model_base` is the base LLM of a reference stage-1 or LoRA folder (folder or hub id).
-    `template` overrides the checkpoint's own template.
+    `vision_tower` replaces a reference checkpoint's `mm_vision_tower` (folder, preset or hub
+    id) where that names a folder that does not exist here (Bunny-v1_1-4B names one on its
+    authors' machine). `template` overrides the checkpoint's own template.
     """
     folder = fetch_model(path_or_name, revision)
     kind = checkpoint_kind(folder)
+    if vision_tower and kind != "reference":
+        raise BunnyError(f"vision_tower ({vision_tower!r}) replaces a reference checkpoint's mm_vision_tower; "
+                         f"{path_or_name} is a {kind} checkpoint, whose tower is its own")
     if kind == "bunny":
         model, processor = _load_bunny(Path(folder), dtype)
     elif kind == "llm":
@@ -92,7 +98,7 @@ def load_pretrained(
     else:
         from bunny.convert.reference import load_reference
 
-        model, processor = load_reference(Path(folder), model_base=model_base, dtype=dtype)
+        model, processor = load_reference(Path(folder), model_base=model_base, dtype=dtype, vision_tower=vision_tower)
     if template is not None:
         processor.template = template
     model.to(device)
@@ -129,6 +135,14 @@ def checkpoint_kind(source: str | os.PathLike) -> str:
 
 
 def _load_bunny(folder: Path, dtype) -> tuple[BunnyForConditionalGeneration, BunnyProcessor]:
+    if not any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        if (folder / "mm_projector.safetensors").is_file():
+            raise BunnyError(
+                f"{folder} is a stage-1 output: it holds only the projector (mm_projector.safetensors), not a "
+                f"whole model; train stage 2 from it (recipe `init_from: {folder}`), or compose a model with "
+                "build_model(llm, tower) and the recipe field `projector_weights`"
+            )
+        raise BunnyError(f"{folder} holds a bunny config.json but no model weights (model.safetensors)")
     model, info = BunnyForConditionalGeneration.from_pretrained(folder, dtype=dtype, output_loading_info=True)
     problems = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:

@@ -4,6 +4,8 @@ from __future__ import annotations
 MODEL_HELP = "bunny checkpoint, reference checkpoint or plain LLM: a local folder, a hub id (ORG/NAME), or smollm2-135m"
 REVISION_HELP = "branch, tag or commit of a --model given by hub id (default: the repo's main branch)"
 MODEL_BASE_HELP = "base LLM (folder or hub id) of a stage-1 / LoRA reference checkpoint"
+VISION_TOWER_HELP = ("tower (folder, preset or hub id) in place of a reference checkpoint's mm_vision_tower, "
+                     "for one that names a folder not on this machine (Bunny-v1_1-4B)")
 
 
 def add_parsers(sub, groups) -> None:
@@ -14,6 +16,7 @@ def add_parsers(sub, groups) -> None:
     p.add_argument("--prompt", help="answer this one question, print the answer and exit")
     p.add_argument("--template", help="override the checkpoint's template (bunny, phi3, llama, minicpm, plain, native)")
     p.add_argument("--model-base", help=MODEL_BASE_HELP)
+    p.add_argument("--vision-tower", help=VISION_TOWER_HELP)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -29,7 +32,8 @@ def _chat(args) -> int:
     from bunny.serve.chat import run_chat
 
     model, processor = load_pretrained(args.model, device=args.device, model_base=args.model_base,
-                                       template=args.template, revision=args.revision)
+                                       template=args.template, revision=args.revision,
+                                       vision_tower=args.vision_tower)
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)
     return run_chat(model, processor, settings, image=args.image, prompt=args.prompt)
@@ -55,6 +59,7 @@ def add_serve_parser(sub) -> None:
                    help="int8: dynamic int8 linear layers (CPU); 8bit/4bit: bitsandbytes (GPU)")
     p.add_argument("--template", help="override the checkpoint's template")
     p.add_argument("--model-base", help=MODEL_BASE_HELP)
+    p.add_argument("--vision-tower", help=VISION_TOWER_HELP)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     p.set_defaults(func=_serve)
@@ -74,5 +79,5 @@ def _serve(args) -> int:
           max_new_tokens_cap=args.max_new_tokens_cap, max_images=args.max_images,
           max_image_pixels=args.max_image_pixels, max_body_bytes=int(args.max_body_mb * 2**20),
           allow_remote_images=args.allow_remote_images, quantize=args.quantize, template=args.template,
-          model_base=args.model_base, device=args.device, dtype=args.dtype)
+          model_base=args.model_base, vision_tower=args.vision_tower, device=args.device, dtype=args.dtype)
     return 0

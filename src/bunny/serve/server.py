@@ -17,7 +17,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           served_model_name: str | None = None, max_batch_size: int = 8, max_queue: int = 64,
           max_new_tokens_cap: int = 1024, max_images: int = 4, max_image_pixels: int = 4096 * 4096,
           max_body_bytes: int = 20 * 2**20, allow_remote_images: bool = False, quantize: str | None = None,
-          template: str | None = None, model_base: str | None = None, device: str = "cpu",
+          template: str | None = None, model_base: str | None = None, vision_tower: str | None = None,
+          device: str = "cpu",
           dtype: str | None = None) -> None:
     import uvicorn
 
@@ -34,7 +35,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     if quantize in ("8bit", "4bit") and not torch.cuda.is_available():
         raise BunnyError(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes); on the CPU use --quantize int8")
     loaded, processor = load_pretrained(model, device=load_device, dtype=torch_dtype, model_base=model_base,
-                                        template=template)
+                                        template=template, vision_tower=vision_tower)
     if quantize:
         quantize_model(loaded, quantize, device)
     settings = ServerSettings(
