@@ -164,6 +164,7 @@ def base_from_recipe(run_dir: Path) -> tuple[str, dict] | None:
         return recipe["init_from"], {"init_from": recipe["init_from"]}
     return f"{recipe.get('llm')} + {recipe.get('tower') or 'the shipped tower'}", {
         "llm": recipe.get("llm"), "tower": recipe.get("tower") or None,
+        "llm_revision": recipe.get("llm_revision") or None, "tower_revision": recipe.get("tower_revision") or None,
         "projector_type": recipe.get("projector_type", "mlp2x_gelu"), "template": recipe.get("template", "bunny"),
         "tokenizer_model_max_length": recipe.get("model_max_length", 2048)}
 

@@ -32,6 +32,8 @@ def build_for_recipe(recipe: Recipe):
         model.config.template = recipe.template
     else:
         model, processor = build_model(recipe.llm, tower=recipe.tower or DEFAULT_TOWER,
+                                       llm_revision=recipe.llm_revision or None,
+                                       tower_revision=recipe.tower_revision or None,
                                        projector_type=recipe.projector_type, template=recipe.template,
                                        tokenizer_model_max_length=recipe.model_max_length,
                                        s2_scales=parse_scales(recipe.s2_scales),
@@ -86,6 +88,7 @@ def start_from_stage1(folder: Path, recipe: Recipe):
     stage1 = _stage1_recipe(folder, instead)
     model, processor = build_model(
         stage1.llm, tower=stage1.tower or DEFAULT_TOWER, projector_type=config.get("projector_type", "mlp2x_gelu"),
+        llm_revision=stage1.llm_revision or None, tower_revision=stage1.tower_revision or None,
         template=recipe.template, tokenizer_model_max_length=recipe.model_max_length,
         s2_scales=config.get("s2_scales"), image_token_pool=config.get("image_token_pool", 1),
     )

@@ -27,6 +27,8 @@ class Recipe:
     # -- model -----------------------------------------------------------------------------
     llm: str = "smollm2-135m"  # embedded name, hub id or local folder of a causal LM
     tower: str = ""  # vision tower (registry name, hub id or folder); "" = the shipped tower
+    llm_revision: str = ""  # branch, tag or commit of an `llm` given by hub id ("" = main)
+    tower_revision: str = ""  # the same for a `tower` given by hub id
     projector_type: str = "mlp2x_gelu"
     template: str = "bunny"  # the model's chat template (stage 2 trains with it)
     init_from: str = ""  # a checkpoint, or a stage-1 output folder, to start from instead of llm + tower
