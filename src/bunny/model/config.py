@@ -117,3 +117,8 @@ class BunnyConfig(PreTrainedConfig):
 def _check_choice(field: str, value, choices) -> None:
     if value not in choices:
         raise BunnyError(f"BunnyConfig.{field}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+
+
+# `AutoConfig.from_pretrained` of a bunny checkpoint (model_type "bunny") builds a BunnyConfig;
+# modeling.py and processor.py register the model and processor classes for it.
+AutoConfig.register("bunny", BunnyConfig)

@@ -12,7 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationMixin,
+                          PreTrainedModel)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from bunny.errors import BunnyError
@@ -212,6 +213,9 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-AutoConfig.register("bunny", BunnyConfig)
-AutoModel.register(BunnyConfig, BunnyForConditionalGeneration)
-AutoModelForCausalLM.register(BunnyConfig, BunnyForConditionalGeneration)
+# transformers' Auto classes open a bunny checkpoint once this module is imported (config.py
+# registers the config; processor.py, imported here, the processor). Never through remote code.
+import bunny.model.processor  # noqa: E402,F401  (registers BunnyProcessor with AutoProcessor)
+
+for _auto in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
+    _auto.register(BunnyConfig, BunnyForConditionalGeneration)

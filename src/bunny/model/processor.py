@@ -1,10 +1,19 @@
 """`BunnyProcessor`: chat templates, tokenisation with image placeholders, image preprocessing.
 
-Follows Hugging Face conventions: `apply_chat_template(messages, ...)` returns prompt text
-and `processor(text=..., images=..., return_tensors="pt")` returns model inputs. Each
-`<image>` in the text becomes `image_seq_length` placeholder ids, tokenised around the
-placeholder exactly as the reference's `tokenizer_image_token` does (the text between
-images is tokenised piece by piece, one BOS kept at the start).
+A transformers `ProcessorMixin` (tokenizer + image processor), registered with
+`AutoProcessor` for `BunnyConfig`: after importing bunny's model code,
+`AutoProcessor.from_pretrained(checkpoint)` opens a bunny checkpoint (docs/model.md).
+`apply_chat_template(messages, ...)` returns prompt text and
+`processor(text=..., images=..., return_tensors="pt")` returns model inputs. Each `<image>`
+in the text becomes `image_seq_length` placeholder ids, tokenised around the placeholder
+exactly as the reference's `tokenizer_image_token` does (the text between images is
+tokenised piece by piece, one BOS kept at the start).
+
+Saved files: the tokenizer's, the image processor's `preprocessor_config.json` and
+`bunny_processor.json` (the settings below). The image processor is always loaded on
+transformers' PIL backend, as the reference preprocessed images; that is why loading reads
+these files itself rather than through ProcessorMixin's `processor_config.json`, which
+does not record the backend.
 """
 from __future__ import annotations
 
@@ -13,17 +22,19 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
 
 from bunny.errors import BunnyError
+from bunny.model.config import BunnyConfig
 from bunny.model.images import preprocess_images
 from bunny.model.templates import IMAGE_PLACEHOLDER, get_template
 
 PROCESSOR_FILE = "bunny_processor.json"
 REFERENCE_IMAGE_ID = -200  # the reference's single placeholder id per image
+SETTINGS = ("image_seq_length", "image_token_index", "template", "image_mode", "model_max_length", "padding_side")
 
 
-class BunnyProcessor:
+class BunnyProcessor(ProcessorMixin):
     def __init__(
         self,
         tokenizer,
@@ -36,8 +47,7 @@ class BunnyProcessor:
         padding_side: str = "right",
     ):
         get_template(template)
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
+        super().__init__(tokenizer, image_processor)
         self.image_seq_length = image_seq_length
         self.image_token_index = image_token_index
         self.template = template
@@ -170,29 +180,41 @@ class BunnyProcessor:
 
     # -- persistence ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {
-            "image_seq_length": self.image_seq_length,
-            "image_token_index": self.image_token_index,
-            "template": self.template,
-            "image_mode": self.image_mode,
-            "model_max_length": self.model_max_length,
-            "padding_side": self.padding_side,
-        }
+        """The settings saved in bunny_processor.json (the tokenizer and image processor have
+        their own files)."""
+        return {name: getattr(self, name) for name in SETTINGS}
 
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        folder = Path(folder)
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> list[str]:
+        """Tokenizer files, preprocessor_config.json and bunny_processor.json; returns their paths."""
+        if kwargs:
+            raise BunnyError(f"BunnyProcessor.save_pretrained: unsupported option(s) {', '.join(sorted(kwargs))}")
+        folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(folder)
-        self.image_processor.save_pretrained(folder)
+        files = [str(p) for p in self.tokenizer.save_pretrained(folder)]
+        files += [str(p) for p in self.image_processor.save_pretrained(folder)]
         (folder / PROCESSOR_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return files + [str(folder / PROCESSOR_FILE)]
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, **overrides) -> "BunnyProcessor":
-        folder = Path(folder)
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, revision: str | None = None,
+                        trust_remote_code: bool | None = None, **kwargs) -> "BunnyProcessor":
+        """The processor of a bunny checkpoint (local folder or hub id, fetched into the hub
+        cache at `revision`). Keyword arguments named in SETTINGS override the saved settings
+        (e.g. `template=`). `trust_remote_code` is accepted as AutoProcessor passes it and changes
+        nothing: no code from the checkpoint's folder is ever run."""
+        from bunny.model.hub import local_or_hub
+
+        kwargs.pop("_from_auto", None)  # set by AutoProcessor.from_pretrained; nothing to do here
+        unknown = sorted(set(kwargs) - set(SETTINGS))
+        if unknown:
+            raise BunnyError(f"BunnyProcessor.from_pretrained: unsupported option(s) {', '.join(unknown)}; "
+                             f"valid settings: {', '.join(SETTINGS)} (hub ids use the standard cache and "
+                             "HF_TOKEN / HF_HUB_OFFLINE, docs/model.md)")
+        folder = local_or_hub(pretrained_model_name_or_path, revision, what="processor")
         settings_file = folder / PROCESSOR_FILE
         if not settings_file.is_file():
             raise BunnyError(f"{folder} holds no {PROCESSOR_FILE}; is it a bunny checkpoint?")
-        settings = json.loads(settings_file.read_text()) | overrides
+        settings = json.loads(settings_file.read_text()) | kwargs
         tokenizer = AutoTokenizer.from_pretrained(folder)
         image_processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
         return cls(tokenizer, image_processor, **settings)
@@ -257,3 +279,6 @@ def pad_rows(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tenso
         ids[i, span] = torch.tensor(row, dtype=torch.long)
         mask[i, span] = 1
     return ids, mask
+
+
+AutoProcessor.register(BunnyConfig, BunnyProcessor)
