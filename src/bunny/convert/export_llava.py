@@ -1,15 +1,23 @@
 """`bunny export llava-hf MODEL OUT`: a folder that transformers' `LlavaForConditionalGeneration`
-and `LlavaProcessor` load (and so vLLM, SGLang, TGI serve), with bunny's logits.
+and `LlavaProcessor` load (and so `pipeline("image-text-to-text")`, vLLM, SGLang, TGI), with
+bunny's logits and bunny's greedy answers.
 
-Weights come from `to_llava_hf` (bunny.convert.llava_hf). Llava looks its image token up in
-the vocabulary, so the tokenizer gains a special `<image>` token whose id is the one the
-model reserves for images (the LLM's vocabulary size). The image processor is bunny's; the
-`pad` image mode (padding to a square with the mean colour) is bunny's own step and is not
-part of LlavaProcessor: pad non-square images before calling it to get identical inputs.
+What makes the folder answer as bunny does, besides the weights (`bunny.convert.llava_hf`):
+- tokenizer: a special `<image>` token at the id the model reserves for images (the LLM's
+  vocabulary size), which `LlavaProcessor` expands to `image_seq_length` ids.
+- image processor: `LlavaImageProcessor` with the tower's resize, rescale and normalisation,
+  and `do_pad` for bunny's `pad` mode (centred on a square of the mean colour `int(m * 255)`,
+  as the reference's expand2square). Checked at export time on a non-square image against
+  bunny's own preprocessing.
+- chat template: a Jinja template rendering exactly bunny's prompt text for the model's
+  template (content parts joined by newlines, `<image>` per image part).
+- generation config: greedy, stopping on every token bunny stops on (EOS and the template's
+  separator), with the image token suppressed (its head row is zero, so its logit is 0).
 """
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -19,6 +27,97 @@ from bunny.atomic import atomic_folder
 from bunny.errors import BunnyError
 
 IMAGE_TOKEN = "<image>"
+# Image processor settings carried from the tower's processor to LlavaImageProcessor.
+_IMAGE_KEYS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+               "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+
+
+def llava_image_processor(image_processor, image_mode: str):
+    """transformers' LlavaImageProcessor (PIL backend) doing what bunny's preprocessing does."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    if image_mode not in ("pad", "square"):
+        raise BunnyError(f"cannot export to llava-hf: image mode {image_mode!r} (valid: pad, square)")
+    settings = image_processor.to_dict()
+    kwargs = {k: settings[k] for k in _IMAGE_KEYS if settings.get(k) is not None}
+    kwargs.setdefault("do_center_crop", False)  # SigLIP processors resize to the exact size, no crop
+    return LlavaImageProcessorPil(**kwargs, do_pad=image_mode == "pad")
+
+
+def check_same_pixels(llava_image_processor, image_processor, image_mode: str) -> None:
+    """Bunny's pixels and LlavaImageProcessor's for a non-square image: equal, or the export fails."""
+    from PIL import Image
+
+    from bunny.model.images import preprocess_images
+
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (45, 70, 3), generator=g, dtype=torch.uint8).numpy()
+    image = Image.fromarray(pixels, "RGB")
+    ours = preprocess_images([image], image_processor, image_mode)
+    theirs = llava_image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    if ours.shape != theirs.shape or not torch.equal(ours, theirs.to(ours.dtype)):
+        raise BunnyError(f"cannot export to llava-hf: LlavaImageProcessor does not reproduce the tower's "
+                         f"{type(image_processor).__name__} in mode {image_mode!r}")
+
+
+def _literal(text: str) -> str:
+    return json.dumps(text, ensure_ascii=True)  # also a valid Jinja string literal
+
+
+# Turns a message's content (a string, or parts of type image / text) into bunny's text:
+# parts joined by newlines, each image part as <image> (bunny.model.processor.content_to_text).
+_CONTENT_TEXT = (
+    "{%- macro content_text(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- else -%}{%- for part in content -%}{%- if not loop.first -%}{{ '\\n' }}{%- endif -%}"
+    "{%- if part['type'] == 'image' -%}" + IMAGE_TOKEN +
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- else -%}{{ raise_exception('content parts must be of type image or text') }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+)
+
+
+def chat_template(template_name: str, tokenizer) -> str:
+    """A Jinja chat template rendering what `BunnyProcessor.apply_chat_template` renders."""
+    from bunny.model.templates import PlainTemplate, get_template
+
+    template = get_template(template_name)
+    if template is None:  # `native`: the tokenizer's own template, on flattened content
+        own = tokenizer.chat_template
+        if not isinstance(own, str):
+            raise BunnyError("cannot export to llava-hf: the model's template is 'native' but its tokenizer "
+                             "has no (single) chat template")
+        return (_CONTENT_TEXT + "{%- set ns = namespace(messages=[]) -%}"
+                "{%- for message in messages -%}"
+                "{%- set ns.messages = ns.messages + [{'role': message['role'], "
+                "'content': content_text(message['content'])}] -%}"
+                "{%- endfor -%}{%- set messages = ns.messages -%}" + own)
+    if isinstance(template, PlainTemplate):
+        return (_CONTENT_TEXT +
+                "{%- if messages | length != 1 or messages[0]['role'] != 'user' -%}"
+                "{{ raise_exception('template plain renders a single user message') }}{%- endif -%}"
+                "{{ content_text(messages[0]['content']) }}{{ '\\n' }}")
+    user, assistant = template.roles
+    return (
+        _CONTENT_TEXT +
+        "{%- set ns = namespace(system=" + _literal(template.system) + ", start=0) -%}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set ns.system = content_text(messages[0]['content']) -%}{%- set ns.start = 1 -%}{%- endif -%}"
+        "{{ ns.system }}{{ " + _literal(template.sep) + " }}"
+        "{%- for message in messages[ns.start:] -%}"
+        "{%- if message['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') -%}"
+        "{{ raise_exception('roles must alternate user/assistant starting with user, "
+        "after an optional first system message') }}{%- endif -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{{ " + _literal(user + ": ") + " }}{{ content_text(message['content']) }}{{ " + _literal(template.sep) + " }}"
+        "{%- else -%}"
+        "{{ " + _literal(assistant + ": ") + " }}{{ content_text(message['content']) }}{{ " +
+        _literal(template.sep2) + " }}"
+        "{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt and messages[-1]['role'] == 'user' -%}{{ " + _literal(assistant + ":") +
+        " }}{%- endif -%}"
+    )
 
 
 def llava_processor(model, processor):
@@ -31,16 +130,35 @@ def llava_processor(model, processor):
         raise BunnyError(f"cannot export to llava-hf: the tokenizer has {len(tokenizer)} tokens but the LLM "
                          f"{vocab} embeddings; the image token must take id {vocab}")
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != cfg.image_token_index:
-        raise BunnyError(f"cannot export to llava-hf: {IMAGE_TOKEN} got id {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}, "
+    got = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if got != cfg.image_token_index:
+        raise BunnyError(f"cannot export to llava-hf: {IMAGE_TOKEN} got id {got}, "
                          f"the model expects {cfg.image_token_index}")
+    image_processor = llava_image_processor(processor.image_processor, processor.image_mode)
+    check_same_pixels(image_processor, processor.image_processor, processor.image_mode)
     has_cls = cfg.vision_config.model_type == "clip_vision_model"
     return LlavaProcessor(
-        image_processor=copy.deepcopy(processor.image_processor), tokenizer=tokenizer,
+        image_processor=image_processor, tokenizer=tokenizer,
         patch_size=cfg.vision_config.patch_size,
         vision_feature_select_strategy="default" if cfg.vision_feature_select == "patch" else "full",
         image_token=IMAGE_TOKEN, num_additional_image_tokens=int(has_cls),
+        chat_template=chat_template(processor.template, processor.tokenizer),
     )
+
+
+def generation_config(model, processor):
+    """Greedy decoding that stops where bunny's `generate` stops."""
+    from transformers import GenerationConfig
+
+    tokenizer = processor.tokenizer
+    for stop in processor.stop_strings:
+        if len(tokenizer(stop, add_special_tokens=False).input_ids) != 1:
+            raise BunnyError(f"cannot export to llava-hf: the template's stop string {stop!r} is not one token of "
+                             f"this tokenizer, and the engines stop on token ids")
+    stops = processor.stop_token_ids()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    return GenerationConfig(do_sample=False, eos_token_id=stops, pad_token_id=pad,
+                            bos_token_id=tokenizer.bos_token_id, suppress_tokens=[model.config.image_token_index])
 
 
 def export_llava_hf(model_path: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
@@ -50,6 +168,7 @@ def export_llava_hf(model_path: str | os.PathLike, out: str | os.PathLike, dtype
     model, processor = load_pretrained(model_path, dtype=dtype)
     check_exportable(model.config)  # S2, other projectors, timm towers: say why before converting
     llava = to_llava_hf(model)
+    llava.generation_config = generation_config(model, processor)
     llava_proc = llava_processor(model, processor)
     with atomic_folder(out) as tmp:
         llava.save_pretrained(tmp)

@@ -1,10 +1,10 @@
 """Bunny -> transformers' `LlavaForConditionalGeneration` with the same weights.
 
-vLLM, SGLang and TGI serve the llava-hf layout. Llava looks the image token up in the
-LLM's embedding table, so the vocabulary grows by one row for it (never generated: its
-lm_head row is zero and logits for it are -inf-free but unused; callers compare the
-first `vocab_size` columns). Only single-scale towers with an `mlp2x_gelu` projector
-have a Llava equivalent.
+vLLM and SGLang serve the llava-hf layout. Llava looks the image token up in the LLM's
+embedding table, so the vocabulary grows by one row for it: its embedding and lm_head rows
+are zero (its logit is 0), the exported generation config suppresses it, and callers
+compare the first `vocab_size` logit columns. Only single-scale towers with an
+`mlp2x_gelu` projector have a Llava equivalent.
 """
 from __future__ import annotations
 
