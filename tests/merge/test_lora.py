@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from bunny.errors import BunnyError
 from bunny.merge.lora import merge_lora_adapter
@@ -124,3 +124,36 @@ def test_dora_refused(stage2, tmp_path):
     (dora / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(BunnyError, match="use_dora"):
         merge_lora_adapter(dora, tmp_path / "x", base="unused")
+
+
+def test_training_conversion_and_merge_fold_alike(stage2, tmp_path):
+    """The end of stage-2 training (train.parts.merge_lora), a reference LoRA folder
+    (convert.lora.merge_lora) and `bunny merge lora` share one fold: the same LLM weights."""
+    from peft.tuners.lora import LoraLayer
+
+    from bunny.convert.lora import merge_lora as convert_merge
+    from bunny.train.parts import merge_lora as train_merge
+
+    base, run, trained = stage2
+    merged, _ = load_pretrained(merge_lora_adapter(run / "adapter", tmp_path / "merged", base=str(base)))
+    after_training = copy.deepcopy(trained)
+    train_merge(after_training)
+    assert not any(isinstance(m, LoraLayer) for m in after_training.modules())
+    converted = convert_merge(load_pretrained(base)[0].language_model, run / "adapter")
+    expected = merged.language_model.state_dict()
+    for llm in (after_training.language_model, converted):
+        state = llm.state_dict()
+        assert set(state) == set(expected)
+        assert all(torch.equal(state[k], expected[k]) for k in expected)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text("{not json")
+    with pytest.raises(BunnyError, match="cannot read the LoRA adapter config .*bad/adapter_config.json"):
+        convert_merge(converted, bad)
+    (bad / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    with pytest.raises(BunnyError, match="has no lora_alpha"):
+        convert_merge(converted, bad)
+    (bad / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+    save_file({"base_model.model.lm_head.weight": expected["lm_head.weight"]}, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(BunnyError, match="holds no LoRA A/B weights"):
+        convert_merge(converted, bad)

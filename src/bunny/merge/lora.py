@@ -9,7 +9,9 @@ Layouts accepted as ADAPTER (see docs/merge-export.md):
 - a reference (BAAI Bunny) LoRA folder (`config.json` with `mm_vision_tower`,
   `non_lora_trainables.bin`): converted by bunny.convert.reference, which merges it.
 
-The fold is done here rather than through PEFT so that every adapter key is checked against
+`fold_lora` is bunny's one LoRA fold: `bunny merge lora`, the reference's LoRA folders
+(bunny.convert.lora) and the end of stage-2 training (bunny.train.parts.merge_lora) all use
+it. It is done here rather than through PEFT so that every adapter key is checked against
 the base (PEFT only warns about keys that do not fit) and an adapter trained on another base
 fails with the modules and shapes at fault. tests/merge/test_lora.py checks equality with
 PEFT's `merge_and_unload`.
@@ -46,26 +48,32 @@ def is_reference_lora(folder: Path) -> bool:
     return config.is_file() and "mm_vision_tower" in json.loads(config.read_text())
 
 
-def _load_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def read_lora(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter config, LoRA tensors with PEFT's prefix removed) of a PEFT adapter folder.
+    `.bin` files are read with torch.load(weights_only=True): tensors only, no code."""
+    from bunny.convert.weights import load_tensor_file
 
-        return load_file(str(path))
-    try:  # tensors only: a pickle in a downloaded adapter must not run code
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is bad input
-        raise BunnyError(f"cannot read {path}: {exc}") from None
+    config_file = folder / ADAPTER_CONFIG
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise BunnyError(f"cannot read the LoRA adapter config {config_file}: {exc}") from None
+    missing = [k for k in ("r", "lora_alpha") if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise BunnyError(f"the LoRA adapter config {config_file} has no {' or '.join(missing)}")
+    files = [folder / n for n in ADAPTER_WEIGHTS if (folder / n).is_file()]
+    if not files:
+        raise BunnyError(f"{folder} has {ADAPTER_CONFIG} but no {' or '.join(ADAPTER_WEIGHTS)}")
+    return config, {k.removeprefix(PEFT_PREFIX): v for k, v in load_tensor_file(files[0]).items()}
 
 
 def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(adapter config, LoRA tensors with PEFT's prefix removed, non-LoRA trainables)."""
-    config = json.loads((folder / ADAPTER_CONFIG).read_text())
-    files = [folder / n for n in ADAPTER_WEIGHTS if (folder / n).is_file()]
-    if not files:
-        raise BunnyError(f"{folder} has {ADAPTER_CONFIG} but no {' or '.join(ADAPTER_WEIGHTS)}")
-    lora = {k.removeprefix(PEFT_PREFIX): v for k, v in _load_file(files[0]).items()}
+    from bunny.convert.weights import load_tensor_file
+
+    config, lora = read_lora(folder)
     extra_files = [folder / n for n in NON_LORA if (folder / n).is_file()]
-    extra = _load_file(extra_files[0]) if extra_files else {}
+    extra = load_tensor_file(extra_files[0]) if extra_files else {}
     return config, lora, extra
 
 
@@ -88,14 +96,15 @@ def check_supported(config: dict, folder: Path) -> None:
         raise BunnyError(f"{folder}: adapter type {config.get('peft_type')!r} is not LoRA")
     unsupported = [name for name in ("use_dora", "fan_in_fan_out") if config.get(name)]
     if unsupported:
-        raise BunnyError(f"{folder}: LoRA options {', '.join(unsupported)} are not supported by bunny merge lora")
+        raise BunnyError(f"{folder}: LoRA options {', '.join(unsupported)} are not supported (bunny folds plain LoRA only)")
 
 
 @torch.no_grad()
-def fold_lora(model, config: dict, lora: dict[str, torch.Tensor], source: str = "the adapter") -> int:
-    """W += scale * B @ A for every adapted nn.Linear of `model.language_model`; other adapter
-    tensors (biases trained with bias='all') replace the base's. Returns the number of layers."""
-    llm = model.language_model
+def fold_lora(llm, config: dict, lora: dict[str, torch.Tensor], source: str = "the adapter") -> int:
+    """W += scale * B @ A for every adapted nn.Linear of the causal LM `llm` (keys as its
+    module names, PEFT's prefix removed; scale from `config`, PEFT's adapter_config fields);
+    other adapter tensors (biases trained with bias='all') replace the base's. Every key is
+    checked against `llm` first. Returns the number of layers folded."""
     modules = dict(llm.named_modules())
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     plain = {}
@@ -107,6 +116,8 @@ def fold_lora(model, config: dict, lora: dict[str, torch.Tensor], source: str = 
             raise BunnyError(f"{source}: tensor {key} is not a LoRA A/B weight of a linear layer (unsupported)")
         else:
             plain[key] = value
+    if not pairs:
+        raise BunnyError(f"{source} holds no LoRA A/B weights (keys ending in lora_A.weight / lora_B.weight)")
     problems = []
     for name, ab in sorted(pairs.items()):
         module = modules.get(name)
@@ -202,7 +213,7 @@ def merge_lora_adapter(adapter: str | os.PathLike, out: str | os.PathLike, base:
     check_supported(config, folder)
     run_dir = folder.parent  # a training run's output folder: recipe.yaml beside adapter/
     model, processor = load_base(base, folder, run_dir, dtype)
-    fold_lora(model, config, lora, source=str(folder))
+    fold_lora(model.language_model, config, lora, source=str(folder))
     load_non_lora(model, extra, str(folder))
     model.config.projector_trained = True
     return save_pretrained(model, processor, out)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from bunny.atomic import atomic_files
 from bunny.errors import BunnyError
 from bunny.train.recipe import Recipe
 
@@ -155,11 +156,9 @@ def save_projector(model, folder: str | Path) -> list[Path]:
     state = {PROJECTOR_PREFIX + k: v.detach().float().cpu().contiguous()
              for k, v in model.mm_projector.state_dict().items()}
     out = [folder / "mm_projector.safetensors", folder / "mm_projector.bin"]
-    tmp = [p.with_name(f".{p.name}.tmp") for p in out]
-    save_file(state, str(tmp[0]))
-    torch.save(state, tmp[1])
-    for t, p in zip(tmp, out):
-        t.replace(p)
+    with atomic_files(*out) as (safetensors_tmp, bin_tmp):
+        save_file(state, str(safetensors_tmp))
+        torch.save(state, bin_tmp)
     return out
 
 
@@ -224,16 +223,22 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def merge_lora(model) -> None:
-    """Fold every LoRA adapter into its base weight (W += alpha/r * B @ A) and remove it,
-    leaving a plain model that loads without PEFT."""
+    """Fold the trained LoRA into the LLM's weights (W += alpha/r * B @ A, bunny's one fold:
+    bunny.merge.lora.fold_lora) and remove the adapter layers, leaving a plain model that
+    loads without PEFT."""
+    from peft import get_peft_model_state_dict
     from peft.tuners.lora import LoraLayer
 
-    for name, module in list(model.named_modules()):
+    from bunny.merge.lora import fold_lora
+
+    llm = model.language_model
+    lora = get_peft_model_state_dict(llm)  # keys as in the adapter files, named after the LLM's modules
+    for name, module in list(llm.named_modules()):
         if isinstance(module, LoraLayer):
-            module.merge()
             parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
+            parent = llm.get_submodule(parent_name) if parent_name else llm
             setattr(parent, child, module.get_base_layer())
+    fold_lora(llm, model._bunny_lora_config.to_dict(), lora, source="the trained LoRA")
 
 
 def save_adapter(model, folder: str | Path) -> None:
