@@ -1,8 +1,7 @@
-"""Shared helpers: write a LAION-layout folder, and a straightforward in-memory oracle of
-the spec (dense similarity matrix, BFS, full sorts) to compare the engines against."""
+"""Shared helpers: write a LAION-layout folder, clusters of the benchmark's kinds, and the
+reference path (`bunny.select.reference`) to compare the engines against."""
 from __future__ import annotations
 
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -111,47 +110,8 @@ def make_input(tmp_path):
 
 
 def oracle(root: Path, centroids, threshold=0.86, clip=(0.4, 0.6), cent=(0.15, 0.35), n=None, seed=0):
-    """The spec, straightforwardly: all rows in memory, full matrices, sorts."""
-    from bunny.select import rules
-    from bunny.select.assign import exact_sq_dist
+    """The spec, straightforwardly (`bunny.select.reference`): all rows in memory, dense
+    products, union-find, full sorts."""
+    from bunny.select import reference
 
-    imgs = sorted((root / "img_emb").glob("*.npy"))
-    txts = sorted((root / "text_emb").glob("*.npy"))
-    x = np.concatenate([np.load(p).astype(np.float32) for p in imgs])
-    t = np.concatenate([np.load(p).astype(np.float32) for p in txts])
-    gid = np.arange(len(x))
-    cl = exact_sq_dist(x, centroids).argmin(axis=1)
-    surv = []
-    for c in range(len(centroids)):
-        idx = np.flatnonzero(cl == c)
-        xs = x[idx]
-        sim = xs.astype(np.float64) @ xs.astype(np.float64).T
-        adj = sim > threshold
-        seen = np.zeros(len(idx), bool)
-        dist = rules.centroid_distance(xs, centroids[c])
-        for s in range(len(idx)):
-            if seen[s]:
-                continue
-            comp, q = [], deque([s])
-            seen[s] = True
-            while q:
-                u = q.popleft()
-                comp.append(u)
-                for v in np.flatnonzero(adj[u] & ~seen):
-                    seen[v] = True
-                    q.append(v)
-            comp.sort(key=lambda m: (dist[m], idx[m]))
-            surv.append(idx[comp[len(comp) // 2]])
-    surv = np.array(sorted(surv))
-    score = rules.row_dots(x[surv], t[surv])
-    o = np.lexsort((surv, -score.astype(np.float64)))
-    a, b = rules.window(len(surv), *clip)
-    s2 = np.sort(surv[o[a:b]])
-    cos = np.array([rules.centroid_cosine(x[g:g + 1], centroids[cl[g]])[0] for g in s2])
-    o = np.lexsort((s2, -cos.astype(np.float64)))
-    a, b = rules.window(len(s2), *cent)
-    s3 = np.sort(s2[o[a:b]])
-    h = rules.draw_hash(s3, seed)
-    o = np.lexsort((s3, h))
-    s4 = np.sort(s3[o[: (len(s3) if n is None else n)]])
-    return {"dedup": surv, "clip": s2, "centroid": s3, "selected": s4, "cluster": cl}
+    return reference.select(root, centroids, threshold, clip, cent, n, seed)

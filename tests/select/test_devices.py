@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from bunny.select import rules
+from bunny.select import bound, rules
 from bunny.select.assign import Assigner
 from bunny.select.engine import SelectConfig, select
 from selhelp import assert_exact_at_every_rank, edge_set, unit
@@ -72,11 +72,11 @@ def test_torch_assignment_equals_faiss(device):
 
 
 def test_pruned_kernel_equals_full_product():
-    assert_exact_at_every_rank(lambda x, t, r: rules.bounded_edges(x, t, rules.bound_plan(x, t, rank=r), block=128))
+    assert_exact_at_every_rank(lambda x, t, r: bound.bounded_edges(x, t, bound.bound_plan(x, t, rank=r), block=128))
 
 
 def test_bound_slack_covers_float32_rounding():
-    pair, raise_ = rules._bound_slack(256, 768)
+    pair, raise_ = bound._bound_slack(256, 768)
     assert 1e-4 < pair < 1e-2 and 0 < raise_ < 1e-2
 
 

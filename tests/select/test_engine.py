@@ -1,11 +1,11 @@
-"""The embedded engine end to end against the straightforward oracle, resume, workers."""
+"""The embedded engine end to end against the reference path (`bunny.select.reference`), resume, workers."""
 import json
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from bunny.select import forked, kernel
+from bunny.select import kernel, processes
 from bunny.select.engine import SelectConfig, select
 from selhelp import oracle, unit, write_layout
 
@@ -98,8 +98,8 @@ def test_resume_after_kill(make_input, tmp_path, monkeypatch):
 
     monkeypatch.setattr(kernel, "run_cluster", dying)
     # the kill counts calls in this process: step 1 in threads (a dead worker process:
-    # test_forked.py)
-    monkeypatch.setattr(forked, "available", lambda: False)
+    # test_processes.py)
+    monkeypatch.setattr(processes, "available", lambda: False)
     with pytest.raises(KeyboardInterrupt):
         run(inp, tmp_path / "out", k=5, seed=3, n=30)
     monkeypatch.setattr(kernel, "run_cluster", real)

@@ -1,19 +1,32 @@
-"""The Ray engine on a local Ray gives exactly the embedded engine's output (one module,
-one Ray start: Ray startup is slow)."""
-import pyarrow.parquet as pq
+"""The Ray engine gives exactly the embedded engine's output: on a local Ray, on a joined
+two-node cluster (`ray.cluster_utils.Cluster`, one CPU per node) through the command line with
+the input named by URL, when a node dies mid-run (its task is retried on the other), and on
+--resume after tasks failed for good. Bad addresses and bad input fail clearly."""
+import os
+import threading
+import time
 
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from bunny.errors import BunnyError
+from bunny.select import engine
 from bunny.select.engine import SelectConfig, select
+from bunny.select.ray_engine import RayMap
 
 FILES = ["selected.parquet", "stages/dedup.parquet", "stages/clip.parquet", "stages/centroid.parquet"]
 
 
-def test_ray_equals_embedded(make_input, tmp_path, monkeypatch):
-    """Both ways of assigning on Ray: on the driver during Ray's start (small inputs) and as
-    Ray tasks; one Ray instance for both runs (the engine leaves a Ray it did not start)."""
-    import ray as ray_mod
+def same_files(a, b):
+    for f in FILES:
+        assert pq.read_table(a / f).equals(pq.read_table(b / f)), f
 
-    from bunny.select import engine
-    from bunny.select.ray_engine import RayMap
+
+def test_ray_equals_embedded(make_input, tmp_path, monkeypatch):
+    """Both ways of assigning on Ray: on the driver while Ray starts (small inputs) and as Ray
+    tasks; the second run uses the Ray this process is already connected to and leaves it."""
+    import ray
 
     inp = make_input(shard_sizes=(150, 100, 110), seed=9)
     local = select(SelectConfig(input=str(inp), out=str(tmp_path / "l"), k=5, seed=2, n=8, progress=False))
@@ -21,31 +34,29 @@ def test_ray_equals_embedded(make_input, tmp_path, monkeypatch):
     call = RayMap.__call__
     monkeypatch.setattr(RayMap, "__call__", lambda self, fn, args, desc, *a, **k: stages.append(desc) or
                         call(self, fn, args, desc, *a, **k))
-    ray_mod.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    cfg = dict(input=str(inp), centroids=str(tmp_path / "l/centroids.npy"), seed=2, n=8, engine="ray", workers=2,
+               cluster_batch=2, progress=False)
+    fused = select(SelectConfig(out=str(tmp_path / "r1"), **cfg))  # starts a local Ray and stops it
+    assert stages == ["step 1 (dedup)"] and fused["rows_after"] == local["rows_after"]
+    same_files(tmp_path / "l", tmp_path / "r1")
+    assert not ray.is_initialized()
+    monkeypatch.setattr(engine, "FUSED_RAY_MAX_WORK", 0)
+    stages.clear()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        for fused in (True, False):
-            monkeypatch.setattr(engine, "FUSED_RAY_MAX_WORK", 1 << 26 if fused else 0)
-            stages.clear()
-            out = tmp_path / f"r{fused}"
-            ray = select(SelectConfig(input=str(inp), out=str(out), centroids=str(tmp_path / "l/centroids.npy"),
-                                      seed=2, n=8, engine="ray", workers=2, cluster_batch=2, progress=False))
-            assert stages == (["step 1 (dedup)"] if fused else ["assign", "step 1 (dedup)"])
-            assert ray["rows_after"] == local["rows_after"]
-            for f in FILES:
-                assert pq.read_table(tmp_path / "l" / f).equals(pq.read_table(out / f)), f
-            assert ray_mod.is_initialized()  # not ours to stop
+        tasks = select(SelectConfig(out=str(tmp_path / "r2"), **cfg))
+        assert stages == ["assign", "step 1 (dedup)"] and tasks["rows_after"] == local["rows_after"]
+        same_files(tmp_path / "l", tmp_path / "r2")
+        assert ray.is_initialized()  # not ours to stop
     finally:
-        ray_mod.shutdown()
+        ray.shutdown()
 
 
 def test_ray_bad_input_fails_before_any_output_and_stops_ray(tmp_path):
-    """Ray starts while the value check runs (engine._ray_during_check): a bad row still
-    fails with the shard and row named, nothing is written, and the local Ray is shut down."""
-    import numpy as np
-    import pytest
-    import ray as ray_mod
+    """Ray starts while the value check runs: a bad row still fails with the shard and row
+    named, nothing is written, and the local Ray is shut down."""
+    import ray
 
-    from bunny.errors import BunnyError
     from selhelp import unit, write_layout
 
     rng = np.random.default_rng(0)
@@ -56,93 +67,135 @@ def test_ray_bad_input_fails_before_any_output_and_stops_ray(tmp_path):
     with pytest.raises(BunnyError, match=r"shard 1 img_emb row 5 \(gid 11\): NaN or infinite"):
         select(SelectConfig(input=str(inp), out=str(tmp_path / "o"), k=2, engine="ray", workers=2, progress=False))
     assert not (tmp_path / "o").exists()
-    assert not ray_mod.is_initialized()
+    assert not ray.is_initialized()
 
 
-def test_ray_joins_a_running_cluster_and_leaves_it_running(make_input, tmp_path):
-    """--address: the run joins a Ray started outside it (here `ray start --head`), gives the
-    embedded engine's output, and only disconnects: the cluster is still there afterwards."""
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_address_that_does_not_answer_is_a_clear_error(make_input, tmp_path):
+    import socket
 
-    import ray as ray_mod
+    inp = make_input()
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address, message in ((f"127.0.0.1:{port}", "no Ray cluster answers there"), ("nohost", "expected HOST:PORT")):
+        with pytest.raises(BunnyError, match=f"--address.*{message}"):
+            select(SelectConfig(input=str(inp), out=str(tmp_path / "o"), k=2, engine="ray", address=address,
+                                progress=False))
+        assert not (tmp_path / "o").exists()
 
-    ray_cli = str(Path(sys.executable).with_name("ray"))
-    inp = make_input(shard_sizes=(120, 90), seed=4)
-    local = select(SelectConfig(input=str(inp), out=str(tmp_path / "l"), k=3, seed=1, n=6, progress=False))
-    subprocess.run([ray_cli, "start", "--head", "--num-cpus=2", "--include-dashboard=false",
-                    "--disable-usage-stats"], check=True, capture_output=True)
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A Ray cluster of two nodes with one CPU each, started outside the runs under test."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+def _alive_cpus(address) -> float:
+    import ray
+
+    ray.init(address=address, log_to_driver=False)
     try:
-        joined = select(SelectConfig(input=str(inp), out=str(tmp_path / "j"), centroids=str(tmp_path / "l/centroids.npy"),
-                                     seed=1, n=6, engine="ray", address="auto", workers=2, progress=False))
-        assert joined["rows_after"] == local["rows_after"]
-        for f in FILES:
-            assert pq.read_table(tmp_path / "l" / f).equals(pq.read_table(tmp_path / "j" / f)), f
-        assert not ray_mod.is_initialized()  # disconnected
-        ray_mod.init(address="auto", log_to_driver=False)  # the cluster is still running
-        assert ray_mod.cluster_resources().get("CPU") == 2
-        ray_mod.shutdown()
+        return sum(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], capture_output=True)
+        ray.shutdown()
 
 
-def test_engine_starts_a_lean_local_ray(make_input, tmp_path, monkeypatch):
-    """Without --address the engine starts its own Ray: GCS, raylet and workers only (no API
-    server, autoscaler monitor or log monitor), workers with the kernel's modules preloaded
-    and lean serialization add-ons, the value check in a forked child;
-    the output is the embedded engine's, Ray's methods are restored and Ray is stopped."""
-    import ray as ray_mod
+def test_cli_on_two_nodes_with_a_url_input_equals_embedded_and_leaves_the_cluster(make_input, tmp_path,
+                                                                                monkeypatch, two_nodes):
+    from bunny.cli import main
 
-    from bunny.select import ray_local
-    from bunny.select.ray_engine import RayMap
+    monkeypatch.setenv("BUNNY_SELECT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(engine, "FUSED_RAY_MAX_WORK", 0)  # assignment as Ray tasks too
+    inp = make_input(shard_sizes=(160, 120, 140), seed=5)
+    local = select(SelectConfig(input=str(inp), out=str(tmp_path / "l"), k=6, seed=4, n=12, progress=False))
+    args = ["data", "select", "--input", f"file://{inp}", "--out", str(tmp_path / "r"), "--centroids",
+            str(tmp_path / "l/centroids.npy"), "--seed", "4", "--n", "12", "--engine", "ray", "--address",
+            two_nodes.address, "--workers", "2", "--no-progress"]
+    assert main(args) == 0
+    same_files(tmp_path / "l", tmp_path / "r")
+    assert sorted(p.name.split("_", 1)[1] for p in (tmp_path / "cache").glob("*_img_emb_*.npy")) == [
+        "img_emb_0000.npy", "img_emb_0001.npy", "img_emb_0002.npy"]  # read by the workers, through fsspec
+    assert _alive_cpus(two_nodes.address) == 2  # the cluster we joined is still running
 
-    inp = make_input(shard_sizes=(130, 90), seed=6)
-    local = select(SelectConfig(input=str(inp), out=str(tmp_path / "l"), k=4, seed=3, n=7, progress=False))
-    seen = {}
-    call = RayMap.__call__
 
-    def preloaded():  # defined here: pickled by value (the workers cannot import this test module)
-        import sys
+def _task_on_node(node_id: str, marker: str, run_clusters):
+    """A step-1 task that, on `node_id`, signals through `marker` and then waits to be killed
+    (defined here: Ray pickles it by value)."""
 
-        from bunny.select.ray_local import PRELOAD
+    def task(*args):
+        import pathlib
+        import time
 
-        from ray.util import serialization_addons
+        import ray
 
-        # the lean add-ons were in place before the task's arguments were read: no pydantic
-        return (all(m in sys.modules for m in PRELOAD) and serialization_addons.apply.bunny_lean
-                and "pydantic" not in sys.modules and "starlette" not in sys.modules)
+        if ray.get_runtime_context().get_node_id() == node_id:
+            pathlib.Path(marker).touch()
+            time.sleep(120)
+        return run_clusters(*args)
 
-    def spy(self, fn, args, desc, *a, **k):
-        if not seen:
-            seen["lean"] = self.lean
-            seen["processes"] = set(ray_mod._private.worker._global_node.all_processes)
-            seen["preloaded"] = ray_mod.get(ray_mod.remote(preloaded).remote())
-        return call(self, fn, args, desc, *a, **k)
+    return task
 
-    monkeypatch.setattr(RayMap, "__call__", spy)
-    from bunny.select import forked
 
-    forks = []
-    fork_init = forked.ForkCall.__init__
-    monkeypatch.setattr(forked.ForkCall, "__init__", lambda self, fn, *a, **k: forks.append(k) or
-                        fork_init(self, fn, *a, **k))
-    from ray.util import serialization_addons
+def test_a_node_dying_mid_run_is_retried_on_the_other(make_input, tmp_path, monkeypatch, two_nodes):
+    inp = make_input(shard_sizes=(160, 120, 140), seed=7)
+    local = select(SelectConfig(input=str(inp), out=str(tmp_path / "l"), k=6, seed=1, n=10, progress=False))
+    node = two_nodes.list_all_nodes()[-1]  # the second (not the head)
+    marker = tmp_path / "started"
+    monkeypatch.setattr(engine, "run_clusters", _task_on_node(node.node_id, str(marker), engine.run_clusters))
+    result = {}
 
-    addons = serialization_addons.apply
-    node_methods = {m: getattr(ray_mod._private.node.Node, m) for m in ray_local.SKIPPED}
-    get_node = ray_mod._private.services.get_node
-    out = select(SelectConfig(input=str(inp), out=str(tmp_path / "r"), centroids=str(tmp_path / "l/centroids.npy"),
-                              seed=3, n=7, engine="ray", workers=2, progress=False))
-    assert out["rows_after"] == local["rows_after"]
-    for f in FILES:
-        assert pq.read_table(tmp_path / "l" / f).equals(pq.read_table(tmp_path / "r" / f)), f
-    assert sorted(seen["lean"]) == sorted([*ray_local.SKIPPED, "get_node"])  # every patch applied on this Ray
-    assert {"gcs_server", "raylet"} <= seen["processes"]
-    assert not seen["processes"] & {"dashboard", "monitor", "log_monitor"}
-    assert seen["preloaded"]
-    assert not ray_mod.is_initialized()
-    assert {m: getattr(ray_mod._private.node.Node, m) for m in ray_local.SKIPPED} == node_methods
-    assert ray_mod._private.services.get_node is get_node
-    assert serialization_addons.apply is addons  # the driver's lean add-ons restored on close
-    assert forks == [{"desc": "value check", "nice": 10}]  # the check ran in a forked child
+    def run():
+        try:
+            result["report"] = select(SelectConfig(input=str(inp), out=str(tmp_path / "r"), seed=1, n=10,
+                                                   centroids=str(tmp_path / "l/centroids.npy"), engine="ray",
+                                                   address=two_nodes.address, workers=2, cluster_batch=1,
+                                                   progress=False))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            result["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), result
+    two_nodes.remove_node(node, allow_graceful=False)
+    t.join(timeout=240)
+    assert "error" not in result, result.get("error")
+    assert result["report"]["rows_after"] == local["rows_after"]
+    same_files(tmp_path / "l", tmp_path / "r")
+    two_nodes.add_node(num_cpus=1)  # back to two nodes for the other tests
+    two_nodes.wait_for_nodes()
+
+
+def _crashing(cluster_id: int, run_clusters):
+    def task(layout, work, ids, centroids, p):
+        import os
+
+        if cluster_id in [int(c) for c in ids]:
+            os._exit(3)  # the worker process dies, every time
+        return run_clusters(layout, work, ids, centroids, p)
+
+    return task
+
+
+def test_tasks_that_keep_dying_fail_naming_resume_and_resume_gives_the_output(make_input, tmp_path, monkeypatch,
+                                                                            two_nodes):
+    inp = make_input(shard_sizes=(150, 130), seed=8)
+    local = select(SelectConfig(input=str(inp), out=str(tmp_path / "l"), k=5, seed=3, n=9, progress=False))
+    cfg = dict(input=str(inp), out=str(tmp_path / "r"), seed=3, n=9, centroids=str(tmp_path / "l/centroids.npy"),
+               engine="ray", address=two_nodes.address, workers=2, cluster_batch=1, progress=False)
+    real = engine.run_clusters
+    monkeypatch.setattr(engine, "run_clusters", _crashing(2, real))
+    with pytest.raises(BunnyError, match="worker or node died.*--resume"):
+        select(SelectConfig(**cfg))
+    assert os.listdir(tmp_path / "r/_work/clusters")  # the clusters finished are kept
+    monkeypatch.setattr(engine, "run_clusters", real)
+    select(SelectConfig(**cfg, resume=True))
+    same_files(tmp_path / "l", tmp_path / "r")

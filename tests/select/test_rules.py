@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from bunny.select import rules
+from bunny.select import bound, rules
 from bunny.select.assign import Assigner
 from bunny.select.windows import Window, key_at
 
@@ -153,7 +153,7 @@ def test_tiles_cover_the_upper_triangle_exactly_once(block):
     want = sorted(zip(*(a[sim[iu] > 0.86] for a in iu)))
     assert 100 < len(want) < len(iu[0]) // 2
     for edges in (rules.dense_edges(x, 0.86, block=block),
-                  rules.bounded_edges(x, 0.86, rules.bound_plan(x, 0.86, rank=5), block=block)):
+                  bound.bounded_edges(x, 0.86, bound.bound_plan(x, 0.86, rank=5), block=block)):
         got = [(int(i), int(j)) for a, b in edges for i, j in zip(a, b)]
         assert sorted(got) == want and len(set(got)) == len(got)
 

@@ -8,7 +8,8 @@ def add_parsers(sub, groups) -> None:
     data = get_group(sub, groups, "data", help="Data: coreset selection, embedding, mixtures.")
 
     p = data.add_parser("select", help="Coreset selection from LAION-layout CLIP embeddings.")
-    p.add_argument("--input", required=True, help="folder with img_emb/, text_emb/, metadata/")
+    p.add_argument("--input", required=True,
+                   help="folder with img_emb/, text_emb/, metadata/: a path or an fsspec URL (s3://..., gs://...)")
     p.add_argument("--out", required=True, help="output folder (must be empty, see --overwrite/--resume)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--centroids", help="(k, d) .npy of centroids to assign to")
@@ -28,10 +29,11 @@ def add_parsers(sub, groups) -> None:
                         "on a GPU; same ids), torch-cpu (the torch code on the CPU)")
     p.add_argument("--products", choices=["int8", "float32"], default="int8",
                    help="step 1 on the CPU: products of the pruning bound (int8, default, or float32); same ids")
-    p.add_argument("--address", help="ray: address of a running cluster (default: start a local one)")
+    p.add_argument("--address", help="ray: address of a running cluster to join (HOST:PORT or auto; default: "
+                                      "start a local one); the cluster keeps running after the run")
     p.add_argument("--no-fork", action="store_true",
-                   help="no forked worker processes: step 1 (local engine) and the value check beside Ray's "
-                        "start (ray) run in threads (slower; for a caller whose other threads must not be forked)")
+                   help="local engine: step 1 in threads instead of forked worker processes (for a caller whose "
+                        "other threads must not be forked)")
     p.add_argument("--renormalize", action="store_true", help="L2-normalise rows as they are read")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

@@ -2,8 +2,8 @@
 
 Stages: validate input -> centroids -> assign shards -> step 1 per cluster -> steps 2-4
 and outputs. The engines differ only in how the per-shard and per-cluster tasks are run
-(`LocalMap`'s threads here, with step 1 in forked processes on Linux: `forked.ForkMap`;
-`RayMap` in ray_engine.py); everything that decides a result is shared.
+(`LocalMap`'s threads here, with step 1 in worker processes on Linux:
+`processes.ProcessMap`; `RayMap` in ray_engine.py); everything that decides a result is shared.
 Work state lives in OUT/_work; every file there is written atomically, so `--resume`
 continues a killed run, skipping finished shards and clusters.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from bunny.errors import BunnyError
 from bunny.select import assign as assign_mod
-from bunny.select import forked, rules
+from bunny.select import processes, rules
 from bunny.select.kernel import (KernelParams, assign_shard, atomic_npy, blas_threads, remove_stale_temps,
                                  run_clusters, write_assignment)
 from bunny.select.layout import check_values, open_layout
@@ -51,7 +50,7 @@ class SelectConfig:
     device: str = "cpu"  # "cuda[:N]": assignment and similarity with torch on a GPU; "torch-cpu"
     products: str = "int8"  # device cpu: products of step 1's pruning bound, "int8" or "float32" (same ids)
     workers: int = 0  # tasks at once; 0: one per available core
-    fork: bool = True  # local engine on Linux: step 1 in forked worker processes (False: threads; forked.py)
+    fork: bool = True  # local engine on Linux: step 1 in worker processes (False: threads; processes.py)
     address: str | None = None  # ray: join this cluster instead of starting a local one
     renormalize: bool = False
     overwrite: bool = False
@@ -132,9 +131,9 @@ def _prepare_out(cfg: SelectConfig, clear: bool) -> Path:
 # Rows are assigned during the value check (one pass over the image rows instead of two)
 # when the centroids are known before it and the labels, 4 bytes a row, stay small;
 # otherwise (k-means, GPU, larger inputs) assignment is a pass of its own. On Ray the check
-# runs on the driver while Ray starts (~1.5 s on 2 cores), so the driver assigns only when
-# that is little work (rows x centroids below FUSED_RAY_MAX_WORK: well under a second);
-# larger assignments are Ray tasks, spread over the cluster.
+# runs on the driver while Ray starts, so the driver assigns only when that is little work
+# (rows x centroids below FUSED_RAY_MAX_WORK); larger assignments are Ray tasks, spread over
+# the cluster.
 FUSED_ASSIGN_MAX_ROWS = 1 << 26
 FUSED_RAY_MAX_WORK = 1 << 26
 
@@ -207,7 +206,7 @@ def select(cfg: SelectConfig) -> dict:
     # the check's worker threads share the cores (also on Ray's driver): faiss gets C // W in each
     assigner = assign_mod.Assigner(known, per_worker) if fuse else None
     if ray:
-        mapper, labels = _ray_during_check(layout, workers, cfg.address, show, assigner, cfg.fork)
+        mapper, labels = _ray_during_check(layout, workers, cfg.address, show, assigner)
     else:
         with blas_threads(threads):
             labels = _check(layout, workers, show, assigner)
@@ -259,9 +258,9 @@ def select(cfg: SelectConfig) -> dict:
 
 
 def _step1_map(mapper, ray: bool, cfg: SelectConfig, workers: int):
-    """Step 1's map: Ray's, else forked processes where they are safe (`forked`), else threads."""
-    if cfg.fork and not ray and workers > 1 and cfg.device == "cpu" and forked.available():
-        return forked.ForkMap(workers)
+    """Step 1's map: Ray's, else worker processes where they are safe (`processes`), else threads."""
+    if cfg.fork and not ray and workers > 1 and cfg.device == "cpu" and processes.available():
+        return processes.ProcessMap(workers)
     return mapper
 
 
@@ -304,29 +303,16 @@ def _check(layout, workers: int, show: bool, assigner=None) -> list | None:
         bar.close()
 
 
-# The forked check's niceness: its 2 threads and the driver's `import ray` / `ray.init` (the
-# start of Ray's chain of processes) shared 2 cores; ranked below them the check still ends
-# well before Ray's workers are up. 250k rows on 2 cores, 6 alternating runs each: Ray's
-# whole run 5.93 s (nice 0) -> 5.75 s (nice 10; 19: 5.78 s).
-CHECK_NICE = 10
-
-
-def _ray_during_check(layout, workers: int, address: str | None, show: bool, assigner=None, fork: bool = True):
-    """(RayMap, labels), Ray started while the value check (and the assignment, with an
-    `assigner`) runs beside it: Ray's start-up (~1.2 s on a 2-core machine) is a chain of
-    processes, each started when the one before is up, and leaves CPU time for the check.
-    The check runs in a forked child where
-    that is safe (`_fork_check`), else in a thread. A failed check shuts Ray down again and
-    raises the check's error."""
+def _ray_during_check(layout, workers: int, address: str | None, show: bool, assigner=None):
+    """(RayMap, labels), Ray started (or joined) while the value check (and the assignment,
+    with an `assigner`) runs in a thread beside it: Ray's start-up is a chain of processes,
+    each started when the one before is up, and leaves CPU time for the check. A failed check
+    shuts Ray down again and raises the check's error; a bad input is reported before a Ray
+    that cannot start."""
     from bunny.select.ray_engine import RayMap
 
-    if _fork_check(fork, assigner):
-        check = forked.ForkCall(_check, layout, workers, show, assigner, desc="value check", nice=CHECK_NICE)
-        pool = None
-    else:
-        pool = ThreadPoolExecutor(1)
+    with ThreadPoolExecutor(1) as pool:
         check = pool.submit(_check, layout, workers, show, assigner)
-    try:
         try:
             mapper = RayMap(workers, address)
         except BaseException:
@@ -337,22 +323,7 @@ def _ray_during_check(layout, workers: int, address: str | None, show: bool, ass
         except BaseException:
             mapper.close()
             raise
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
     return mapper, labels
-
-
-def _fork_check(fork: bool, assigner) -> bool:
-    """Whether Ray's value check runs in a forked child (`forked.ForkCall`): in a thread it
-    shares the driver's GIL with `import ray` and `ray.init`. Not with --no-fork, not where
-    the fused assignment's faiss searches use several OpenMP threads (forked.py), and not
-    in a process already connected to Ray (its threads hold gRPC state a fork copies
-    half-way)."""
-    if not (fork and forked.available()) or (assigner is not None and assigner.threads > 1):
-        return False
-    ray = sys.modules.get("ray")
-    return ray is None or not ray.is_initialized()
 
 
 def _batches(sizes: np.ndarray, cfg: SelectConfig, workers: int) -> list[np.ndarray]:

@@ -3,7 +3,7 @@ and quantised, so that each pair costs int8 multiply-adds (`ort_ops`, VNNI: ~3.5
 float32's rate on one core, docs/benchmarks.md) instead of float32 ones.
 
 For rows x, y of a cluster with a float32 centre mu (the mean of sampled rows), x~ = x - mu,
-and a basis (orthonormal up to a measured defect, `rules._bound_slack`) whose first r
+and a basis (orthonormal up to a measured defect, `bound._bound_slack`) whose first r
 columns give coordinates z and residual norms b (b >= |x~_B|, as in `rules`):
 
     x.y = mu.x + mu.y - |mu|^2 + x~.y~,      x~.y~ <= z_x.z_y + b_x b_y + F
@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from bunny.select import rules
+from bunny.select import bound, rules
 
 # int8 multiply-adds per float32 one at equal time: onnxruntime's MatMulInteger (VNNI)
 # against numpy's float32 GEMM, one thread: ~237 vs 62-73 GMAC/s measured. Only steers the plan.
@@ -38,9 +38,9 @@ _INT32_SAFE = 2 ** 30  # |q.q| + |P| + |T| stays below this: no int32 overflow i
 
 
 @dataclass(frozen=True)
-class Int8Plan(rules.Plan):
-    """A `rules.Plan` of the int8 path: centred (mu is set), its basis holding room to grow
-    (m >= r columns); phi bounds ||basis^T basis - I||_2 (`rules._bound_slack`)."""
+class Int8Plan(bound.Plan):
+    """A `bound.Plan` of the int8 path: centred (mu is set), its basis holding room to grow
+    (m >= r columns); phi bounds ||basis^T basis - I||_2 (`bound._bound_slack`)."""
 
     @property
     def vec(self) -> np.ndarray:
@@ -63,10 +63,10 @@ _GROW_MIN_PAIRS = 1 << 20
 def plan(x: np.ndarray, threshold: float, rank: int | None = None) -> Int8Plan | None:
     """The centred basis and rank for `edges`, or None when the full float32 product is
     expected to be cheaper (only the speed depends on this choice; `rank` forces r).
-    An eigenbasis' first r columns are rotated (`lapack.rotate`): the int8 scale is set by
+    An eigenbasis' first r columns are rotated (`bound.rotate_leading`): the int8 scale is set by
     the largest coordinate, which rotating lowers."""
     d = x.shape[1]
-    got = rules.plan_rank(x, threshold, centre=True, col_cost=1.0 / INT8_GAIN, r_max=3 * d // 4,
+    got = bound.plan_rank(x, threshold, centre=True, col_cost=1.0 / INT8_GAIN, r_max=3 * d // 4,
                           r_step=32, quantised=True, rank=rank, keep=3 * d // 4, axes=True)
     if got is None:
         return None
@@ -75,12 +75,12 @@ def plan(x: np.ndarray, threshold: float, rank: int | None = None) -> Int8Plan |
 
 def _float_slack(r: int, d: int, xt_sq_max: float, mu_norm: float, x_norm_max: float, phi: float = 0.0) -> float:
     """Upper bound of every float32 rounding in x.y's bound, for any pair: the
-    Cauchy-Schwarz part (`rules._bound_slack`, on the rounded centred rows x~' = fl(x - mu)),
+    Cauchy-Schwarz part (`bound._bound_slack`, on the rounded centred rows x~' = fl(x - mu)),
     the centring (|x~' - x~| <= u |x~| per row: 3u |x~|^2 per pair) and the float32 mu.x
     (gamma_d |mu| |x| per row, two rows), with a factor 2 of headroom on the last two."""
     u = 2.0 ** -24
     gamma_d = d * u / (1 - d * u)
-    pair, _ = rules._bound_slack(r, d, phi)
+    pair, _ = bound._bound_slack(r, d, phi)
     return pair * xt_sq_max + 2.0 * (3 * u * xt_sq_max + 2 * gamma_d * mu_norm * x_norm_max)
 
 
@@ -110,7 +110,7 @@ def _rows(x: np.ndarray, p: Int8Plan, chunk: int = 1024):
     cache, and its coordinates are written straight into z."""
     n, d = x.shape
     r = p.r
-    _, b_raise = rules._bound_slack(r, d, p.phi)
+    _, b_raise = bound._bound_slack(r, d, p.phi)
     mu2 = float(np.dot(p.mu.astype(np.float64), p.mu.astype(np.float64)))
     z = np.empty((n, r), np.float32)
     b, a, nt = np.empty(n), np.empty(n), np.empty(n)
@@ -124,7 +124,7 @@ def _rows(x: np.ndarray, p: Int8Plan, chunk: int = 1024):
             zs = np.take(xt, p.axes[:r], axis=1, out=z[s:s + chunk])
         z_max = max(z_max, float(zs.max()), -float(zs.min()))
         nn = np.einsum("ij,ij->i", xt, xt).astype(np.float64)
-        b[s:s + chunk] = rules.residual_norms(nn, zs, b_raise)
+        b[s:s + chunk] = bound.residual_norms(nn, zs, b_raise)
         a[s:s + chunk] = (xs @ p.mu).astype(np.float64) - mu2
         nt[s:s + chunk] = nn
         x_sq_max = max(x_sq_max, float(np.einsum("ij,ij->i", xs, xs).max()))
@@ -218,7 +218,7 @@ def edges(x: np.ndarray, threshold: float, p: Int8Plan, block: int = 0, threads:
     qmax = ort_ops.qmax()
     lr = quantise(x, threshold, p, qmax)
     if lr is None:  # the float32 bound on the same basis (any orthonormal basis gives a valid bound)
-        yield from rules.bounded_edges(x, threshold, (np.ascontiguousarray(p.vec), p.r, p.phi), block)
+        yield from bound.bounded_edges(x, threshold, (np.ascontiguousarray(p.vec), p.r, p.phi), block)
         return
     left, ucols = lr[0], _as_uint8(lr[1])
     rows = block or rules.TILE_ROWS

@@ -4,7 +4,8 @@
 
 Shards are numbered from 0 without gaps; the global id of a row is its offset in the
 concatenation of all shards. Nothing here loads a whole shard: embeddings stay
-memory-mapped and only the rows asked for are read (as float32).
+memory-mapped and only the rows asked for are read (as float32). The folder may be a URL
+(fsspec, `storage.py`): the check streams its shards, tasks map local copies.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bunny.errors import BunnyError
+from bunny.select import storage
 from bunny.select.ort_ops import to_float32
 
 _KINDS = {"img": ("img_emb", "img_emb_", ".npy"),
@@ -29,16 +31,16 @@ NORM_TOL = 1e-2  # |1 - ||x||| above this is "not unit norm" (float16 storage is
 @dataclass(frozen=True)
 class Shard:
     index: int
-    img: Path
-    txt: Path
-    meta: Path
+    img: str  # paths or URLs
+    txt: str
+    meta: str
     rows: int
     offset: int  # gid of the shard's first row
 
 
 @dataclass(frozen=True)
 class Layout:
-    root: Path
+    root: str  # a path or a URL
     shards: tuple[Shard, ...]
     dim: int
     renormalize: bool = False
@@ -56,6 +58,12 @@ class Layout:
 
     def txt(self, shard: int) -> np.ndarray:
         return open_npy(self.shards[shard].txt)
+
+    def stream(self, shard: int, kind: str):
+        """The shard's "img_emb" or "text_emb" rows for one pass of row ranges: memory-mapped,
+        or for a URL read range by range (`storage.StreamedNpy`) without a local copy."""
+        name = self.shards[shard].img if kind == "img_emb" else self.shards[shard].txt
+        return storage.StreamedNpy(name) if storage.is_url(name) else open_npy(name)
 
     def rows_f32(self, arr: np.ndarray, rows) -> np.ndarray:
         """Read `rows` of a memory-mapped (N, d) array as float32, renormalised if asked.
@@ -123,7 +131,8 @@ class Layout:
 
         # ParquetFile, not pq.read_table: the latter goes through pyarrow.dataset, whose first
         # use in a process costs ~0.2 s (a 25th of a 200k-row selection)
-        col = pq.ParquetFile(self.shards[shard].meta).read(columns=["key"]).column("key")
+        with storage.open_binary(self.shards[shard].meta) as f:
+            col = pq.ParquetFile(f).read(columns=["key"]).column("key")
         # cast only what is not a string already: the first cast in a process costs ~0.03 s
         # (pyarrow's compute functions are set up on first use)
         chunks = [c if c.type == pa.string() else c.cast(pa.string()) for c in col.chunks]
@@ -136,8 +145,11 @@ _MAPS: dict = {}
 _MAPS_LOCK = threading.Lock()
 
 
-def open_npy(path: Path) -> np.ndarray:
-    """Memory-mapped .npy, opened once per process (and again if the file changed)."""
+def open_npy(path) -> np.ndarray:
+    """Memory-mapped .npy, opened once per process (and again if the file changed); a URL's
+    local copy (`storage.local_copy`)."""
+    if storage.is_url(path):
+        path = storage.local_copy(str(path))
     st = os.stat(path)
     key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
     arr = _MAPS.get(key)
@@ -150,34 +162,41 @@ def open_npy(path: Path) -> np.ndarray:
     return arr
 
 
-def _numbered(folder: Path, prefix: str, suffix: str) -> dict[int, Path]:
+def _numbered(folder: str, prefix: str, suffix: str) -> dict[int, str]:
     found = {}
-    if not folder.is_dir():
-        return found
     pat = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(suffix) + "$")
-    for p in folder.iterdir():
-        m = pat.match(p.name)
+    for name in storage.list_names(folder):
+        m = pat.match(name)
         if m:
-            found[int(m.group(1))] = p
+            found[int(m.group(1))] = storage.join(folder, name)
     return found
 
 
-def _npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype]:
-    arr = np.load(path, mmap_mode="r")
-    return arr.shape, arr.dtype
+def _npy_shape(path: str) -> tuple[tuple[int, ...], np.dtype]:
+    with storage.open_binary(path) as f:
+        shape, dtype, _ = storage.npy_header(f)
+    return shape, dtype
 
 
-def open_layout(root: str | Path, renormalize: bool = False) -> Layout:
-    """Discover and check the shards of a LAION embedding folder (shapes, counts, names).
+def _parquet_meta(path: str) -> tuple[int, list[str]]:
+    """(row count, column names) of a parquet file, from its footer."""
+    import pyarrow.parquet as pq
+
+    with storage.open_binary(path) as f:
+        pf = pq.ParquetFile(f)
+        return pf.metadata.num_rows, pf.schema_arrow.names
+
+
+def open_layout(root, renormalize: bool = False) -> Layout:
+    """Discover and check the shards of a LAION embedding folder, a path or a URL (shapes,
+    counts, names).
 
     Raises BunnyError naming the shard at fault. Values (NaN, norms) are checked by
     `check_values`, which streams the data."""
-    import pyarrow.parquet as pq
-
-    root = Path(root)
-    if not root.is_dir():
+    root = str(root) if storage.is_url(root) else str(Path(root))
+    if not storage.is_dir(root):
         raise BunnyError(f"input folder {root} does not exist")
-    found = {k: _numbered(root / f, pre, suf) for k, (f, pre, suf) in _KINDS.items()}
+    found = {k: _numbered(storage.join(root, f), pre, suf) for k, (f, pre, suf) in _KINDS.items()}
     if not found["img"]:
         raise BunnyError(f"{root}: no image shards img_emb/img_emb_NNNN.npy")
     numbers = sorted(set().union(*[set(v) for v in found.values()]))
@@ -195,7 +214,7 @@ def open_layout(root: str | Path, renormalize: bool = False) -> Layout:
         for name, shape, dt in (("img_emb", ishape, idt), ("text_emb", tshape, tdt)):
             if len(shape) != 2 or dt not in (np.float16, np.float32):
                 raise BunnyError(f"shard {n} {name}: expected a (N, d) float16/float32 array, got {shape} {dt}")
-        mrows = pq.ParquetFile(found["meta"][n]).metadata.num_rows
+        mrows, names = _parquet_meta(found["meta"][n])
         if not ishape[0] == tshape[0] == mrows:
             raise BunnyError(f"shard {n}: row counts differ: img_emb {ishape[0]}, text_emb {tshape[0]}, "
                              f"metadata {mrows}")
@@ -205,7 +224,6 @@ def open_layout(root: str | Path, renormalize: bool = False) -> Layout:
             dim = ishape[1]
         elif ishape[1] != dim:
             raise BunnyError(f"shard {n}: dim {ishape[1]} differs from shard 0's dim {dim}")
-        names = pq.ParquetFile(found["meta"][n]).schema_arrow.names
         if "key" not in names:
             raise BunnyError(f"shard {n} metadata: no `key` column (columns: {names})")
         shards.append(Shard(n, found["img"][n], found["txt"][n], found["meta"][n], ishape[0], offset))
@@ -218,7 +236,7 @@ def _check_part(layout: Layout, s: Shard, kind: str, block: int, assign=None):
     image or text rows. `assign` (image rows only): float32 rows -> (n,) int32 nearest
     centroids, applied to each checked block as `rows_f32` reads it (renormalised if
     asked), so the assignment needs no second pass over the shard; labels is None without."""
-    arr = layout.img(s.index) if kind == "img_emb" else layout.txt(s.index)
+    arr = layout.stream(s.index, kind)
     bad, first = 0, None
     labels = np.empty(s.rows, np.int32) if assign is not None else None
     for a in range(0, s.rows, block):

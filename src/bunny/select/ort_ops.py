@@ -1,5 +1,5 @@
-"""Two CPU kernels from onnxruntime (MLAS), which imports in ~0.03 s (torch's int8 product
-needs a ~1.3 s import, a fifth of a 200k-row selection's time):
+"""Two CPU kernels from onnxruntime (MLAS), which imports far faster than torch (whose int8
+product would need its ~1.3 s import):
 
 - `to_float32`: float16 -> float32 (F16C/AVX-512), ~5x numpy's cast; every float16 is a
   float32, so the values are the same bits either way.
@@ -10,7 +10,9 @@ model subtracts the zero point 128 itself, so int8 values enter as u = q + 128. 
 long as the int32 sums cannot overflow (the caller bounds them) and the kernel does not
 saturate: CPUs without VNNI multiply-add uint8 x int8 pairs into int16 (vpmaddubsw), which
 saturates for large values, so `qmax()` checks the kernel once per process on values that
-would saturate and narrows the int8 range to [-63, 63] if they did."""
+would saturate and narrows the int8 range to [-63, 63] if they did.
+
+The two one-node models are files built with the onnx package (`onnx_models`)."""
 from __future__ import annotations
 
 import threading
@@ -18,54 +20,11 @@ import threading
 import numpy as np
 
 from bunny.errors import BunnyError
+from bunny.select import onnx_models
 
-_FLOAT, _UINT8, _INT8, _INT32, _FLOAT16 = 1, 2, 3, 6, 10  # onnx TensorProto.DataType
 _LOCK = threading.Lock()
 _SESSIONS: dict = {}
 _QMAX: list = []
-
-
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, v = v & 0x7F, v >> 7
-        out.append(b | (0x80 if v else 0))
-        if not v:
-            return bytes(out)
-
-
-def _field(num: int, value) -> bytes:
-    """One protobuf field: an int (varint) or bytes (length-delimited)."""
-    if isinstance(value, int):
-        return _varint(num << 3) + _varint(value)
-    return _varint(num << 3 | 2) + _varint(len(value)) + value
-
-
-def _tensor_input(name: bytes, elem: int) -> bytes:
-    """ValueInfoProto {name, type: TypeProto {tensor_type {elem_type, shape: two unknown dims}}}."""
-    shape = _field(1, b"") + _field(1, b"")
-    return _field(1, name) + _field(2, _field(1, _field(1, elem) + _field(2, shape)))
-
-
-def _model(node: bytes, inputs: bytes, output: bytes, initializer: bytes = b"") -> bytes:
-    """An ONNX model (ir_version 8, opset 13) of one node; field numbers as in onnx.proto."""
-    graph = _field(1, node) + _field(2, b"bunny") + (_field(5, initializer) if initializer else b"") + inputs + output
-    return _field(1, 8) + _field(7, graph) + _field(8, _field(1, b"") + _field(2, 13))
-
-
-def model_bytes(kind: str) -> bytes:
-    """"product": Y = MatMulInteger(A uint8, B int8, a_zero_point = 128);
-    "cast": Y = Cast(X float16, to = float32)."""
-    if kind == "product":
-        node = _field(1, b"A") + _field(1, b"B") + _field(1, b"azp") + _field(2, b"Y") + _field(4, b"MatMulInteger")
-        zero_point = _field(2, _UINT8) + _field(8, b"azp") + _field(9, bytes([128]))  # a uint8 scalar
-        inputs = _field(11, _tensor_input(b"A", _UINT8)) + _field(11, _tensor_input(b"B", _INT8))
-        return _model(node, inputs, _field(12, _tensor_input(b"Y", _INT32)), zero_point)
-    if kind == "cast":
-        to = _field(1, b"to") + _field(3, _FLOAT) + _field(20, 2)  # AttributeProto {name, i, type INT}
-        node = _field(1, b"X") + _field(2, b"Y") + _field(4, b"Cast") + _field(5, to)
-        return _model(node, _field(11, _tensor_input(b"X", _FLOAT16)), _field(12, _tensor_input(b"Y", _FLOAT)))
-    raise ValueError(kind)
 
 
 def _session(kind: str, threads: int = 1, required: bool = True):
@@ -86,7 +45,7 @@ def _session(kind: str, threads: int = 1, required: bool = True):
             opts.intra_op_num_threads = max(1, threads)
             opts.inter_op_num_threads = 1
             opts.log_severity_level = 3
-            sess = ort.InferenceSession(model_bytes(kind), opts, providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(str(onnx_models.path(kind)), opts, providers=["CPUExecutionProvider"])
             _SESSIONS[(kind, threads)] = sess
         return sess
 
@@ -122,8 +81,8 @@ def _run_into(sess, inputs: dict, out: np.ndarray) -> None:
 def product(u: np.ndarray, b: np.ndarray, threads: int = 1, out: np.ndarray | None = None) -> np.ndarray:
     """(u - 128) @ b as int32, for u uint8 (m, k), b int8 (k, n), both C-contiguous; into
     `out` (m, n) int32 C-contiguous when given. With `out` onnxruntime writes straight into
-    it: without, it returns a copy made while holding the GIL, which made two worker
-    threads ~1.4x as fast as one instead of ~1.75x."""
+    it: without, it returns a copy, made while holding the GIL (worker threads then wait
+    for each other)."""
     sess = _session("product", threads)
     if out is None:
         return sess.run(None, {"A": u, "B": b})[0]

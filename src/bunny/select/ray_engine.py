@@ -1,12 +1,18 @@
 """The Ray engine: the same shard and cluster tasks as the embedded engine, run as Ray
-tasks. Tasks read the shards from the shared filesystem and write their results
-atomically to OUT/_work, so the driver only schedules; steps 2-4 run on the driver
-(they stream small survivor files). Without an address a lean local Ray is started (`ray_local.py`)."""
+tasks. Tasks read the shards themselves (a shared filesystem, or URLs through fsspec) and
+write their results atomically to OUT/_work, so the driver only schedules; steps 2-4 run on
+the driver (they stream small survivor files). Without an address a local Ray is started
+and stopped again; with one the run joins that cluster and only disconnects at the end."""
 from __future__ import annotations
+
+import os
 
 from tqdm.auto import tqdm
 
 from bunny.errors import BunnyError
+
+# Seconds to wait for the head node named by --address to accept a connection.
+CONNECT_TIMEOUT_S = 10
 
 
 class RayMap:
@@ -17,27 +23,23 @@ class RayMap:
             raise BunnyError("--engine ray needs ray: pip install 'bunny[select]'") from exc
         self.ray = ray
         self.started = False  # connected here: disconnect (and stop a local Ray) on close
-        self.lean: list[str] = []
-        self._restore = None  # of the lean serialization add-ons (ray_local.lean_serialization)
-        if not ray.is_initialized():
-            from bunny.select.ray_local import lean_serialization, start_local
-
-            self._restore = lean_serialization()  # this driver's context is built after this
-            try:
-                if address:
-                    ray.init(address=address, log_to_driver=False)
-                else:
-                    self.lean = start_local(ray, workers)  # the private-API patches applied (for the tests)
-            except BaseException:
-                self._restore_addons()
-                raise
-            self.started = True
+        if ray.is_initialized():
+            return
+        # the workers keep local copies of URL inputs where the driver is told to (storage.py)
+        cache = os.environ.get("BUNNY_SELECT_CACHE")
+        env = {"env_vars": {"BUNNY_SELECT_CACHE": cache}} if cache else None
+        if address:
+            _join(ray, address, env)
+        else:
+            ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False, runtime_env=env)
+        self.started = True
 
     def __call__(self, fn, arg_list, desc, show, weights=None):
         ray = self.ray
-        remote = ray.remote(fn)
-        # big shared arguments (the centroids) go to the object store once
-        shared = {}
+        # a failed task is retried once elsewhere (a node that dies mid-task); every task
+        # writes its result atomically and skips work already written, so a retry is safe
+        remote = ray.remote(max_retries=1)(fn)
+        shared = {}  # big shared arguments (the centroids) go to the object store once
         refs = []
         for args in arg_list:
             put = []
@@ -52,24 +54,54 @@ class RayMap:
         index = {r: i for i, r in enumerate(refs)}
         bar = tqdm(total=sum(weights) if weights else len(refs), desc=desc, disable=not show)
         pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for r in done:
-                ray.get(r)  # raise a task's error here
-                bar.update(weights[index[r]] if weights else 1)
-        bar.close()
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for r in done:
+                    _get(ray, r, desc)  # a task's error is raised here
+                    bar.update(weights[index[r]] if weights else 1)
+        except BaseException:
+            for r in pending:
+                ray.cancel(r)
+            raise
+        finally:
+            bar.close()
         return ray.get(refs)
 
     def close(self):
         if self.started:
             self.started = False
-            try:
-                self.ray.shutdown()  # a joined cluster keeps running: only this driver disconnects
-            finally:
-                self._restore_addons()
+            self.ray.shutdown()  # a joined cluster keeps running: only this driver disconnects
 
-    def _restore_addons(self):
-        if self._restore is not None:
-            self._restore()
-            self._restore = None
 
+def _join(ray, address: str, runtime_env: dict | None) -> None:
+    """Connect to the cluster at `address` ("auto": the one started on this machine); a clear
+    error when nothing answers there. A HOST:PORT is tried first with a plain TCP connection:
+    ray.init would wait for a long time on an address where nothing listens."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if address != "auto" and "://" not in address:
+        if not sep or not port.isdigit():
+            raise BunnyError(f"--address {address!r}: expected HOST:PORT of a Ray head node (or auto)")
+        try:
+            socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as exc:
+            raise BunnyError(f"--address {address}: no Ray cluster answers there ({exc}); start one with "
+                             f"`ray start --head` or check the address") from exc
+    try:
+        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+    except ConnectionError as exc:
+        raise BunnyError(f"--address {address}: could not join a Ray cluster there ({exc})") from exc
+
+
+def _get(ray, ref, desc: str):
+    """ray.get, with a dead node or worker process turned into an error naming the node and
+    `--resume` (finished shards and clusters are kept)."""
+    from ray.exceptions import NodeDiedError, ObjectLostError, OwnerDiedError, WorkerCrashedError
+
+    try:
+        return ray.get(ref)
+    except (NodeDiedError, WorkerCrashedError, ObjectLostError, OwnerDiedError) as exc:
+        raise BunnyError(f"{desc}: a Ray task failed twice because its worker or node died ({exc}); the "
+                         f"shards and clusters finished are kept: run again with --resume") from exc
