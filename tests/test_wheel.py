@@ -34,7 +34,16 @@ def _run(cmd, cwd, env, timeout=900) -> subprocess.CompletedProcess:
 
 def _build_wheel(tmp_path: Path, env) -> Path:
     """`pip wheel --no-deps` of a copy of the project (building in place would write build/
-    and egg-info into the working tree); setuptools is taken from the project environment."""
+    and egg-info into the working tree); the build backend is the project environment's
+    setuptools (torch requires one), so nothing is downloaded."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    for line in tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]:
+        need = Requirement(line)
+        assert need.specifier.contains(version(need.name)), f"{need.name} {version(need.name)} does not meet {need}"
     source = tmp_path / "source"
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
     shutil.copytree(ROOT / "src", source / "src", ignore=ignore)
