@@ -156,7 +156,7 @@ def plan_rank(x: np.ndarray, threshold: float, *, centre: bool = False, col_cost
 
 
 # `uncorrelated`: the ratio below is 1 in expectation for independent coordinates, whatever
-# their variances and distributions; measured ~1.1 on isotropic clusters (20k rows, d 768)
+# their variances and distributions; ~1.1 on isotropic clusters (20k rows, d 768)
 # and ~120 on a 1/i spectrum in a random basis
 _CORRELATION_RATIO = 2.0
 

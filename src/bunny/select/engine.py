@@ -80,14 +80,14 @@ class LocalMap:
         self.workers = max(1, workers)
 
     def __call__(self, fn, arg_list, desc, show, weights=None):
-        bar = tqdm(total=sum(weights) if weights else len(arg_list), desc=desc, disable=not show)
-        out = []
         with ThreadPoolExecutor(self.workers) as pool:
-            for i, r in enumerate(pool.map(lambda a: fn(*a), arg_list)):
-                out.append(r)
-                bar.update(weights[i] if weights else 1)
-        bar.close()
-        return out
+            futures = [pool.submit(fn, *args) for args in arg_list]
+            try:
+                return processes.results(futures, desc, show, weights)
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
 
     def close(self):
         pass
@@ -248,7 +248,7 @@ def select(cfg: SelectConfig) -> dict:
         if work is not None and not cfg.address:  # every writer has stopped (a joined cluster's may not have)
             remove_stale_temps(work)
         raise
-    # steps 2-4 need no engine: Ray shuts down (~0.3 s) in the background meanwhile
+    # steps 2-4 need no engine: Ray shuts down in the background meanwhile
     closing = threading.Thread(target=mapper.close, name="select-engine-close")
     closing.start()
     try:

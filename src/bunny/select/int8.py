@@ -31,8 +31,8 @@ import numpy as np
 
 from bunny.select import bound, rules
 
-# int8 multiply-adds per float32 one at equal time: onnxruntime's MatMulInteger (VNNI)
-# against numpy's float32 GEMM, one thread: ~237 vs 62-73 GMAC/s measured. Only steers the plan.
+# int8 multiply-adds per float32 one at equal time on one core (onnxruntime's MatMulInteger
+# with VNNI against numpy's float32 GEMM; docs/benchmarks.md). Only steers the plan.
 INT8_GAIN = 3.5
 _INT32_SAFE = 2 ** 30  # |q.q| + |P| + |T| stays below this: no int32 overflow in the tile
 

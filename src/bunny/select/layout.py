@@ -130,11 +130,11 @@ class Layout:
         import pyarrow.parquet as pq
 
         # ParquetFile, not pq.read_table: the latter goes through pyarrow.dataset, whose first
-        # use in a process costs ~0.2 s (a 25th of a 200k-row selection)
+        # use in a process is slow (imports and set-up)
         with storage.open_binary(self.shards[shard].meta) as f:
             col = pq.ParquetFile(f).read(columns=["key"]).column("key")
-        # cast only what is not a string already: the first cast in a process costs ~0.03 s
-        # (pyarrow's compute functions are set up on first use)
+        # cast only what is not a string already: the first cast in a process sets up
+        # pyarrow's compute functions
         chunks = [c if c.type == pa.string() else c.cast(pa.string()) for c in col.chunks]
         if len(chunks) == 1:
             return chunks[0]
@@ -265,7 +265,7 @@ def _check_part(layout: Layout, s: Shard, kind: str, block: int, assign=None):
 
 
 # Rows per block of the value check: a 1024-row float32 block (3 MB at d 768) stays in
-# cache between its conversion and its norms, ~1.8x faster than 16k-row blocks.
+# cache between its conversion and its norms.
 CHECK_ROWS = 1024
 
 

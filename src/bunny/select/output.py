@@ -114,7 +114,7 @@ STAGE_FILES = {"dedup": "stages/dedup.parquet", "clip": "stages/clip.parquet",
 
 def _arrow(a: np.ndarray):
     """A pyarrow array over a 1-d numeric numpy array's buffer. `pa.array` would import
-    pandas on first use (0.13 s, to check for pandas types)."""
+    pandas on first use (to check for pandas types)."""
     import pyarrow as pa
 
     a = np.ascontiguousarray(a)
@@ -159,7 +159,7 @@ class KeyPrefetch:
 
 def take_strings(col, idx: np.ndarray):
     """col.take(idx) for a pyarrow string array, gathered with numpy from its offsets and
-    bytes: `Array.take` imports pyarrow.compute on first use (~0.03 s of a 4 s selection).
+    bytes: `Array.take` imports pyarrow.compute on first use.
     Arrays with nulls, or results over 2 GB, go through `take`."""
     import pyarrow as pa
 

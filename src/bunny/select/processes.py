@@ -44,22 +44,29 @@ class ProcessMap:
         self.workers = max(1, workers)
 
     def __call__(self, fn, arg_list, desc, show, weights=None):
-        bar = tqdm(total=sum(weights) if weights else len(arg_list), desc=desc, disable=not show)
-        out = []
         pool = ProcessPoolExecutor(min(self.workers, max(1, len(arg_list))), initializer=_init,
                                    initargs=(fn, arg_list), mp_context=multiprocessing.get_context("fork"))
         try:
-            futures = [pool.submit(_run, i) for i in range(len(arg_list))]
-            for i, fut in enumerate(futures):
-                out.append(fut.result())
-                bar.update(weights[i] if weights else 1)
+            return results([pool.submit(_run, i) for i in range(len(arg_list))], desc, show, weights)
         except BrokenProcessPool as exc:
             raise BunnyError(f"{desc}: a worker process died (out of memory?); the clusters it finished are "
                              f"kept: run again with --resume") from exc
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-            bar.close()
-        return out
 
     def close(self):
         pass
+
+
+def results(futures, desc: str, show: bool, weights=None) -> list:
+    """The futures' results in order (a task's error is raised here), with a progress bar
+    advanced by each task's weight."""
+    bar = tqdm(total=sum(weights) if weights else len(futures), desc=desc, disable=not show)
+    try:
+        out = []
+        for i, fut in enumerate(futures):
+            out.append(fut.result())
+            bar.update(weights[i] if weights else 1)
+        return out
+    finally:
+        bar.close()

@@ -45,7 +45,7 @@ def row_dots(a: np.ndarray, b: np.ndarray, rows: np.ndarray | None = None) -> np
 def _dot64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise float64 dots of a (m, d) with b (m, d) or (d,). einsum sums each row with
     one fixed loop whatever the row count or the memory alignment (tested), without the
-    (m, d) temporary of (a * b).sum(axis=1): ~1.7x faster."""
+    (m, d) temporary of (a * b).sum(axis=1)."""
     return np.einsum("ij,ij->i" if b.ndim == 2 else "ij,j->i", a, b)
 
 
@@ -160,8 +160,7 @@ def _decide(x: np.ndarray, ii: np.ndarray, jj: np.ndarray, v: np.ndarray, thresh
 
 
 # Tile of the similarity products: 512 rows x 2048 columns of float32 is 4 MB, about one
-# core's L2 cache, so the thresholding pass reads the tile from cache (tiles as wide as the
-# cluster were ~35% slower end to end, single-threaded, on a 20k-row cluster).
+# core's L2 cache, so the thresholding pass reads the tile from cache.
 TILE_ROWS, TILE_COLS_PER_ROW = 512, 4
 
 
