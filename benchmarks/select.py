@@ -2,20 +2,16 @@
 
     python benchmarks/select.py [--work /tmp/bunny_bench] [--quick]
 
-1. Speed: ours against two straightforward implementations on the same input and
-   centroids (>= 200k rows, d=768, float16), all three required to select identical ids:
-   - "dense+BFS": per cluster the full similarity matrix, then a breadth-first search;
-   - "reference": the BFS of BAAI's LAION/dedup.py (peel one component at a time: the
-     seed's similarity to every remaining row, frontier-vs-remaining products, copy the
-     remaining rows each step), here in numpy on the CPU.
-   Baselines load everything into memory and use plain sorts for steps 2-4; they share the
-   rule functions (distance, scores, near-threshold refinement) so ids can be compared.
-2. Scale: 250k / 500k / 1M rows, ~20k rows per cluster: wall time and peak RSS.
+1. Speed: ours against "dense+BFS" (per cluster the full similarity matrix, then a
+   breadth-first search) on the same input and centroids (200k rows, d=768, float16), both
+   required to select identical ids. The baseline loads everything into memory and uses
+   plain sorts for steps 2-4; it shares the rule functions (distance, scores,
+   near-threshold refinement) so ids can be compared.
+   With `--ab SRC`, ours also runs from another source tree (SRC/bunny, e.g. an earlier
+   commit's `git archive`), alternating with this one, same input: what a change cost.
+2. Scale: the `--sizes` inputs, ~20k rows per cluster: wall time and peak memory.
 3. Ray (local, one worker per core) against the embedded engine (one worker per core) on the
-   250k, 500k and 1M inputs, `--ray-repeat` runs of each alternating, medians compared: Ray's
-   fixed start-up (~1.5 s here) weighs more on the smaller.
-   Then the same runs joining a Ray started beforehand (`--address auto`): the engine's own
-   overhead, without Ray's start.
+   same inputs, `--ray-repeat` runs of each alternating, medians compared.
 Each measurement runs in a child process; peak memory is its VmHWM (resident, including the
 touched pages of memory-mapped inputs) and its peak RssAnon (what it allocated), sampled, with
 step 1's worker processes counted (`AnonPeak`). In the speed part ours runs interleaved with the
@@ -93,28 +89,16 @@ def generate(root: Path, n: int, per_cluster: int, seed: int = 0, spectrum: floa
     return root
 
 
-# ---------------------------------------------------------------- baselines (in memory)
-def _edges_ok(s, exact):
-    """Edge decision shared with ours: BLAS value, refined near the threshold."""
-    from bunny.select.rules import REFINE
-
-    def decide(sim, thr, rows_a, rows_b):
-        out = sim > thr + REFINE
-        near = np.abs(sim - thr) <= REFINE
-        if near.any():
-            ia, ib = np.nonzero(near)
-            out[ia, ib] = exact(rows_a[ia], rows_b[ib]) > thr
-        return out
-    return decide
-
-
+# ---------------------------------------------------------------- baseline (in memory)
 def components_dense(xs, thr):
-    """Full similarity matrix, then BFS over it."""
-    from bunny.select.rules import pair_dots
+    """The full float32 similarity matrix (pairs within REFINE of the threshold decided by
+    the canonical per-pair dot, as ours), then a breadth-first search over it."""
+    from bunny.select.rules import REFINE, pair_dots
 
-    decide = _edges_ok(None, lambda i, j: pair_dots(xs, i, j))
-    ids = np.arange(len(xs))
-    adj = decide(xs @ xs.T, thr, ids, ids)
+    sim = xs @ xs.T
+    adj = sim > thr
+    ia, ib = np.nonzero(np.abs(sim - thr) <= REFINE)
+    adj[ia, ib] = pair_dots(xs, ia, ib) > thr
     labels = np.full(len(xs), -1)
     for s in range(len(xs)):
         if labels[s] >= 0:
@@ -129,59 +113,28 @@ def components_dense(xs, thr):
     return labels
 
 
-def components_reference(xs, thr):
-    """BAAI LAION/dedup.py's batch BFS: peel components off the remaining rows."""
-    from bunny.select.rules import pair_dots
-
-    decide = _edges_ok(None, lambda i, j: pair_dots(xs, i, j))
-    labels = np.full(len(xs), -1)
-    embs, index_map = xs, np.arange(len(xs))
-    while len(embs):
-        seed_id = index_map[0]
-        sim = decide((embs @ embs[0])[None, :], thr, index_map[:1], index_map)[0]
-        sim[0] = True
-        group = index_map[sim]
-        pre = embs[sim][1:]
-        embs, index_map = embs[~sim], index_map[~sim]
-        pre_ids = group[1:]
-        while len(pre) and len(embs):
-            flag = decide(pre @ embs.T, thr, pre_ids, index_map).any(axis=0)
-            if not flag.any():
-                break
-            group = np.r_[group, index_map[flag]]
-            pre, pre_ids = embs[flag], index_map[flag]
-            embs, index_map = embs[~flag], index_map[~flag]
-        labels[group] = seed_id
-    return labels
-
-
-def naive_select(root: Path, method: str, n_draw=None, seed=0, thr=0.86):
-    from bunny.select import rules
+def naive_select(root: Path, n_draw=None, seed=0, thr=0.86):
+    """Every row in memory, faiss's assignment, dense + BFS per cluster, and the reference
+    path's sorts (`bunny.select.reference`) for steps 2-4."""
+    from bunny.select import reference, rules
     from bunny.select.assign import Assigner
 
-    imgs = sorted((root / "img_emb").glob("*.npy"))
-    x = np.concatenate([np.load(p).astype(np.float32) for p in imgs])
-    t = np.concatenate([np.load(str(p).replace("img_emb", "text_emb")).astype(np.float32) for p in imgs])
+    x, t = reference.load(root)
     c = np.load(root / "centroids.npy")
     cl = np.concatenate([Assigner(c)(x[a:a + 65536]) for a in range(0, len(x), 65536)])
-    comp = components_dense if method == "dense" else components_reference
     surv = []
     for k in range(len(c)):
         idx = np.flatnonzero(cl == k)
-        if not len(idx):
-            continue
-        labels = comp(x[idx], thr)
-        keep = rules.keep_upper_median(labels, rules.centroid_distance(x[idx], c[k]), idx)
-        surv.append(idx[keep])
-    surv = np.sort(np.concatenate(surv))
-    score = rules.row_dots(x[surv], t[surv])
-    a, b = rules.window(len(surv), 0.4, 0.6)
-    s2 = np.sort(surv[np.lexsort((surv, -score.astype(np.float64)))[a:b]])
-    xs2, cl2 = x[s2], cl[s2]
-    cos = np.concatenate([rules.centroid_cosine(xs2[cl2 == k], c[k]) for k in range(len(c))])
-    s2c = np.concatenate([s2[cl2 == k] for k in range(len(c))])
-    a, b = rules.window(len(s2c), 0.15, 0.35)
-    s3 = np.sort(s2c[np.lexsort((s2c, -cos.astype(np.float64)))[a:b]])
+        if len(idx):
+            labels = components_dense(x[idx], thr)
+            surv.append(idx[rules.keep_upper_median(labels, rules.centroid_distance(x[idx], c[k]), idx)])
+    s1 = np.sort(np.concatenate(surv))
+    s2 = reference.window(s1, rules.row_dots(x[s1], t[s1]), 0.4, 0.6)
+    cos = np.empty(len(s2), np.float32)
+    for k in range(len(c)):
+        m = cl[s2] == k
+        cos[m] = rules.centroid_cosine(x[s2[m]], c[k])
+    s3 = reference.window(s2, cos, 0.15, 0.35)
     o = np.lexsort((s3, rules.draw_hash(s3, seed)))
     return np.sort(s3[o[: len(s3) if n_draw is None else n_draw]])
 
@@ -203,7 +156,7 @@ def child(spec: dict) -> dict:
         ids = pq.read_table(Path(spec["out"]) / "selected.parquet", columns=["gid"]).column("gid").to_numpy()
         extra = {"rows_after": rep["rows_after"], "stages": cfg.timings, "workers": rep["workers"]}
     else:
-        ids = naive_select(Path(spec["root"]), spec["what"], spec.get("n"))
+        ids = naive_select(Path(spec["root"]), spec.get("n"))
         wall = time.perf_counter() - t0
         extra = {}
     np.save(spec["ids"], ids)
@@ -249,11 +202,8 @@ class AnonPeak:
         return own.get("RssAnon", 0) + children, own.get("VmRSS", 0) + children
 
     def _poll(self):
-        """Memory every 20 ms; the process tree every TREE_EVERY samples. The tree walk reads
-        every thread's children file: with Ray's processes (~150 threads) one walk took 3.7 ms,
-        at every sample 18% of a core taken from the Ray run being measured (the embedded
-        engine's tree: 0.2 ms). Processes live for seconds (step 1's forked workers, Ray's),
-        so finding them within 0.25 s misses little."""
+        """Memory every 20 ms; the process tree every TREE_EVERY samples: the walk reads every
+        thread's children file, costly under Ray's many threads, and processes live for seconds."""
         n = 0
         while not self._stop.is_set():
             if n % self.TREE_EVERY == 0:
@@ -300,16 +250,19 @@ def measure(spec: dict, cap: float | None = None) -> dict:
 
 
 def _measure(spec: dict, cap: float | None = None) -> dict:
+    env = dict(os.environ)
+    if spec.get("src"):  # another source tree's bunny (--ab)
+        env["PYTHONPATH"] = os.pathsep.join([spec["src"], env.get("PYTHONPATH", "")])
     try:
         r = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                           timeout=cap)
+                           timeout=cap, env=env)
     except subprocess.TimeoutExpired:
         print(f"  {spec['what']:<9} stopped after {cap} s", flush=True)
         return {"wall_s": float(cap), "stopped": True, "peak_rss_gb": None}
     if r.returncode:
         raise SystemExit(f"child failed: {spec}\n{r.stderr[-3000:]}")
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    print(f"  {spec['what']:<9} {spec.get('engine', ''):<5} {Path(spec['root']).name:<12} "
+    print(f"  {spec['what'] + (' (ab)' if spec.get('src') else ''):<9} {spec.get('engine', ''):<5} {Path(spec['root']).name:<12} "
           f"{res['wall_s']:8.1f} s  peak {res['peak_rss_gb']:.2f} GB (anonymous {res.get('peak_anon_gb') or 0:.2f} GB)", flush=True)
     return res
 
@@ -324,7 +277,7 @@ def main():
     ap.add_argument("--child")
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the script")
     ap.add_argument("--speed-rows", type=int, default=200_000)
-    ap.add_argument("--speed-cluster", type=int, default=2_000)
+    ap.add_argument("--speed-cluster", type=int, default=20_000)
     ap.add_argument("--cap", type=int, default=600, help="seconds before a baseline run is stopped")
     ap.add_argument("--repeat", type=int, default=3, help="runs of ours in the speed part (the median is compared)")
     ap.add_argument("--baseline-repeat", type=int, default=1,
@@ -339,37 +292,28 @@ def main():
                     help="runs of each engine per scale input, alternating (medians compared)")
     ap.add_argument("--only-speed", action="store_true", help="skip the scale and Ray parts")
     ap.add_argument("--only-scale", action="store_true", help="skip the speed comparison")
-    ap.add_argument("--baselines", default="dense,reference", help="comma-separated: dense, reference")
+    ap.add_argument("--baselines", default="dense", help="dense, or none (empty)")
+    ap.add_argument("--ab", help="source folder (holding bunny/) of the code to compare ours with, alternating")
+    ap.add_argument("--ab-repeat", type=int, default=5, help="runs of each side in the --ab comparisons")
     ap.add_argument("--spectrum", type=float, default=0.0,
                     help="in-cluster variance along direction i proportional to i**-SPECTRUM (0: isotropic)")
-    g = ap.add_argument_group("GPU mode (--gpu): see benchmarks/select_gpu.py")
-    g.add_argument("--gpu", action="store_true", help="generate --rows on the GPU and select with --device cuda")
-    g.add_argument("--rows", type=int, default=10_000_000)
-    g.add_argument("--per-cluster", type=int, default=20_000)
-    g.add_argument("--shard-rows", type=int, default=250_000)
-    g.add_argument("--budget", type=float, default=200.0, help="seconds for the whole GPU run, generation included")
-    g.add_argument("--gen-frac", type=float, default=0.3, help="share of the budget generation may take")
-    g.add_argument("--device", default="cuda")
-    g.add_argument("--workers", type=int, default=0, help="threads (default: all cores)")
-    g.add_argument("--check-rows", type=int, default=200_000, help="input for the identical-ids check (0: skip)")
-    g.add_argument("--kernel-clusters", type=int, default=2)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--json", help="write the results here")
-    g.add_argument("--keep", action="store_true", help="keep the generated input")
-    args = ap.parse_args()
-    if args.threads:
-        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[var] = str(args.threads)
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
-        return
-    if args.gpu:
+    ap.add_argument("--gpu", action="store_true", help="the GPU benchmark: benchmarks/select_gpu.py (its options)")
+    args, rest = ap.parse_known_args()
+    if args.gpu:  # its own options (select_gpu.py --help)
         import importlib.util
 
         spec = importlib.util.spec_from_file_location("select_gpu", Path(__file__).with_name("select_gpu.py"))
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        mod.main(args)
+        mod.main(mod.parse(rest + (["--work", args.work] if args.work else [])))
+        return
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.threads:
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(args.threads)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
         return
     w = Path(args.work or "/tmp/bunny_bench")
     scale = [20_000, 40_000] if args.quick else [int(x) for x in args.sizes.split(",")]
@@ -390,6 +334,9 @@ def main():
     if not args.only_scale:
         print(f"speed: {speed_rows} rows, {args.speed_cluster} rows per cluster", flush=True)
         res["speed"] = speed(w, speed_root, baselines, args.repeat, args.cap, args.baseline_repeat, args.settle)
+        if args.ab:
+            print(f"A/B against {args.ab}: {args.ab_repeat} alternating runs each", flush=True)
+            res["ab"] = {"embedded": ab(w, speed_root, args.ab, args.ab_repeat, "local")}
     if args.only_speed:
         (w / "results_speed.json").write_text(json.dumps(res, indent=1, default=str))
         print(json.dumps(res, indent=1, default=str))
@@ -397,40 +344,34 @@ def main():
     print(f"scale, and Ray against the embedded engine: {args.ray_repeat} alternating runs each per input", flush=True)
     for n in scale:
         res["scale"][n], res["ray"][n] = scale_and_ray(w, roots[n], n, args.ray_repeat)
-    print("ray joining a running local Ray (--address auto): the engine without Ray's own start", flush=True)
-    with local_ray_cluster():
-        for n in scale:
-            ray = measure({"what": "ours", "engine": "ray", "address": "auto", "root": str(roots[n]),
-                           "out": str(w / "out_ray"), "ids": str(w / f"ids_rayj_{n}.npy")})
-            res["ray"][n]["joined"] = {"ray": ray, "ratio": ray["wall_s"] / res["scale"][n]["wall_s"],
-                                       "identical_ids": bool(np.array_equal(np.load(w / f"ids_scale_{n}.npy"),
-                                                                            np.load(w / f"ids_rayj_{n}.npy")))}
+    if args.ab:
+        n = scale[0]
+        print(f"A/B against {args.ab} on Ray, {n} rows: {args.ab_repeat} alternating runs each", flush=True)
+        res["ab"] = {**res.get("ab", {}), "ray": ab(w, roots[n], args.ab, args.ab_repeat, "ray")}
     (w / "results.json").write_text(json.dumps(res, indent=1, default=str))
     print(json.dumps(res, indent=1, default=str))
 
 
-class local_ray_cluster:
-    """`ray start --head` with one CPU per core (as the engine's own local Ray), stopped on exit."""
-
-    def __enter__(self):
-        ray = str(Path(sys.executable).with_name("ray"))
-        self.stop = [ray, "stop", "--force"]
-        subprocess.run([ray, "start", "--head", f"--num-cpus={len(os.sched_getaffinity(0))}",
-                        "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True)
-        return self
-
-    def __exit__(self, *exc):
-        subprocess.run(self.stop, capture_output=True)
+def ab(w: Path, root: Path, src: str, repeat: int, engine: str) -> dict:
+    """Ours from this tree and from `src`, alternating; medians, each pair's ratio (src / this)
+    and whether every run selected the same ids."""
+    runs, same = {"this": [], "src": []}, []
+    for _ in range(max(1, repeat)):
+        for side in ("this", "src"):
+            runs[side].append(measure({"what": "ours", "engine": engine, "root": str(root), "src": src if side == "src"
+                                       else None, "out": str(w / f"out_ab_{side}"), "ids": str(w / f"ids_ab_{side}.npy")}))
+        same.append(bool(np.array_equal(np.load(w / "ids_ab_this.npy"), np.load(w / "ids_ab_src.npy"))))
+    this, other = _median_of(runs["this"]), _median_of(runs["src"])
+    return {"this": this, "src": other, "ratio": other["wall_s"] / this["wall_s"], "identical_ids": all(same),
+            "pair_ratios": [round(o["wall_s"] / t["wall_s"], 3) for t, o in zip(runs["this"], runs["src"])]}
 
 
 def speed(w: Path, root: Path, baselines: list[str], repeat: int, cap: float, baseline_repeat: int = 1,
           settle: float = 20.0) -> dict:
     """Ours `repeat` times and each baseline `baseline_repeat` times, interleaved (ours,
     each baseline, ours, ...: a slow spell of a shared machine weighs on both sides);
-    medians compared (a 2-core machine's timings vary by ~10% run to run, the dense
-    baseline's by up to 20%); identical selected ids required. A run after a baseline
-    waits `settle` seconds first: right after the dense baseline freed its ~6 GB, ours ran
-    3.9-4.4 s, 20 s later 3.2-3.5 s (this VM: freed memory is slow to touch again for a while)."""
+    medians compared; identical selected ids required. A run after a baseline waits
+    `settle` seconds first: memory the baseline freed is slow to hand out again on some VMs."""
     ours, runs = [], {what: [] for what in baselines}
     spec = {"what": "ours", "root": str(root), "out": str(w / "out_speed"), "ids": str(w / "ids_ours.npy"), "n": None}
     for i in range(max(1, repeat, baseline_repeat)):
@@ -460,10 +401,8 @@ def speed(w: Path, root: Path, baselines: list[str], repeat: int, cap: float, ba
 
 def scale_and_ray(w: Path, root: Path, n: int, repeat: int) -> tuple[dict, dict]:
     """The embedded engine and Ray (started by the run) `repeat` times each on one input,
-    alternating (embedded, Ray, embedded, ...: this machine drifts 10-20% over minutes, and
-    a single pair's ratio moved 1.40-1.57 between two runs of the script). Returns the
-    embedded median (the scale figure) and the Ray comparison: ratio of the medians, each
-    pair's ratio, identical ids in every run."""
+    alternating (embedded, Ray, embedded, ...). Returns the embedded median (the scale
+    figure) and the Ray comparison: ratio of the medians, each pair's ratio, identical ids."""
     emb, ray, same = [], [], []
     for _ in range(max(1, repeat)):
         emb.append(measure({"what": "ours", "root": str(root), "out": str(w / "out_scale"),

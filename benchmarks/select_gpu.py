@@ -1,4 +1,4 @@
-"""GPU benchmark of the coreset selection (`python -m benchmarks.select --gpu`).
+"""GPU benchmark of the coreset selection (`python -m benchmarks.select --gpu`, or this file).
 
     PYTHONPATH=src python -m benchmarks.select --gpu --rows 10000000 --work DIR --json OUT.json
 
@@ -295,3 +295,27 @@ def main(args) -> dict:
     if not args.keep:
         shutil.rmtree(work / "input", ignore_errors=True)
     return res
+
+
+def parse(argv=None):
+    import argparse
+
+    g = argparse.ArgumentParser(description="GPU benchmark of the coreset selection")
+    g.add_argument("--rows", type=int, default=10_000_000)
+    g.add_argument("--per-cluster", type=int, default=20_000)
+    g.add_argument("--shard-rows", type=int, default=250_000)
+    g.add_argument("--budget", type=float, default=200.0, help="seconds for the whole GPU run, generation included")
+    g.add_argument("--gen-frac", type=float, default=0.3, help="share of the budget generation may take")
+    g.add_argument("--device", default="cuda")
+    g.add_argument("--workers", type=int, default=0, help="threads (default: all cores)")
+    g.add_argument("--check-rows", type=int, default=200_000, help="input for the identical-ids check (0: skip)")
+    g.add_argument("--kernel-clusters", type=int, default=2)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", help="write the results here")
+    g.add_argument("--keep", action="store_true", help="keep the generated input")
+    g.add_argument("--work", default=None, help="folder for the generated input and outputs")
+    return g.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse())
