@@ -1,4 +1,9 @@
-"""lmms-eval plugin: `lmms-eval --model bunny --model_args pretrained=PATH,batch_size=8 --tasks mme`.
+"""lmms-eval plugin: `lmms-eval --model bunny --model_args pretrained=PATH --batch_size 8 --tasks mme`.
+
+The batch size goes in lmms-eval's own `--batch_size` (lmms-eval always passes it to the
+model: a `batch_size` in `--model_args` as well is a duplicate keyword). lmms-eval cannot
+share the project's locked environment; `make lmms-env` builds one beside it
+(docs/evaluation.md).
 
 lmms-eval (>= 0.4, registry_v2) discovers plugins through the entry-point group
 `lmms_eval.models`; the entry point's object is a `ModelManifest`, or a callable returning
