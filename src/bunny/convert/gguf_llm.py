@@ -43,7 +43,7 @@ FAMILIES = {
         "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down", "input_layernorm": "attn_norm"},
         final_norm="model.final_layernorm", output_required=True, checks={"qk_layernorm": False}),
     "stablelm": Family("stablelm", "layer", ("silu",), _LLAMA_BLOCK, output_required=True,
-                       checks={"qk_layernorm": False}),
+                       checks={"qk_layernorm": False, "use_parallel_residual": False}),
 }
 # What to use for the families bunny loads but llama.cpp cannot take from this exporter.
 ALTERNATIVES = ("convert the LLM with llama.cpp's convert_hf_to_gguf.py "
