@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install test-fast clean browser
+.PHONY: demo test install test-fast clean browser lmms-env lmms-check
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,14 @@ test: $(STAMP) browser
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# lmms-eval 0.7.3 in its own environment (.venv-lmms: its pins conflict with requirements.lock),
+# and the check that it answers exactly as `bunny eval run` (docs/evaluation.md).
+lmms-env:
+	PY=$(PY) scripts/lmms_eval_env.sh .venv-lmms
+
+lmms-check: $(STAMP) lmms-env
+	$(BIN)/python scripts/lmms_eval_check.py --lmms-venv .venv-lmms
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
