@@ -34,7 +34,7 @@ _IMAGE_KEYS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "
 
 def llava_image_processor(image_processor, image_mode: str):
     """transformers' LlavaImageProcessor (PIL backend) doing what bunny's preprocessing does."""
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    from transformers import LlavaImageProcessorPil
 
     if image_mode not in ("pad", "square"):
         raise BunnyError(f"cannot export to llava-hf: image mode {image_mode!r} (valid: pad, square)")
