@@ -1,17 +1,24 @@
 """Greedy generation with one image: ours vs transformers' LlavaForConditionalGeneration
-holding the same weights, in the same run.
+holding the same weights, and llama.cpp (llama-cpp-python) on the same model exported with
+`bunny export gguf` (f32 and f16), all in the same run.
 
     .venv/bin/python -m benchmarks.generate [--new-tokens 64] [--repeats 3]
 
 (Run as a module: benchmarks/select.py would shadow the standard library's `select`.)
 
-Prints tokens/s for both, their ratio (target >= 1.0), per-token time at several output
+Prints tokens/s for each, ours/llava (target >= 1.0), per-token time at several output
 lengths (flat = the KV cache works) and the machine's limit: memory bandwidth over the
-bytes of weights read per generated token.
+bytes of weights read per generated token (for llama.cpp f16: the f16 file's LLM weights).
+llama.cpp gets the same prompt text and image through its LLaVA chat handler with the
+template the export embeds; it runs the prompt, then decodes the fixed number of tokens
+greedily without stopping at end-of-text, as ours does (its f32 tokens are asserted equal
+to ours).
 """
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import platform
 import tempfile
 import time
@@ -64,6 +71,52 @@ def time_llava(llava, inputs, n: int) -> tuple[float, list[int]]:
     return time.perf_counter() - t, out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
+def export_llamacpp(model, processor, folder: Path) -> dict[str, tuple[Path, Path]]:
+    """The model as GGUF LLM + mmproj files, f32 and f16 (`bunny export gguf`)."""
+    from bunny.convert.export_gguf import export_gguf
+    from bunny.model.loading import save_pretrained
+
+    src = save_pretrained(model, processor, folder / "model")
+    return {t: export_gguf(src, folder / f"gguf-{t}", outtype=t) for t in ("f32", "f16")}
+
+
+class LlamaCpp:
+    """One exported model in llama.cpp: the image prompt through the LLaVA chat handler (with
+    the template the GGUF embeds), then fixed-length greedy decoding."""
+
+    def __init__(self, llm_path: Path, mmproj: Path, threads: int):
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+        self.handler = Llava15ChatHandler(clip_model_path=str(mmproj), verbose=False)
+        self.llm = Llama(model_path=str(llm_path), chat_handler=self.handler, n_ctx=512, n_threads=threads,
+                         n_threads_batch=threads, verbose=False)
+        self.handler.CHAT_FORMAT = self.llm.metadata["tokenizer.chat_template"]
+        self.handler.DEFAULT_SYSTEM_MESSAGE = None
+        from gguf import GGUFReader
+
+        self.weight_bytes = sum(int(t.n_bytes) for t in GGUFReader(str(llm_path)).tensors)
+
+    def run(self, image, question: str, n: int) -> tuple[float, list[int]]:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        t = time.perf_counter()
+        # The prompt (image encoded, text and image tokens decoded) and its first token ...
+        self.llm.create_chat_completion(
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                   {"type": "text", "text": question}]}],
+            temperature=0.0, repeat_penalty=1.0, max_tokens=1)
+        prompt = self.llm.input_ids[: self.llm.n_tokens].tolist()
+        # ... then n greedy tokens from the cached prompt, not stopping at end-of-text.
+        ids = []
+        for token in self.llm.generate(prompt, temp=0.0, repeat_penalty=1.0):
+            ids.append(int(token))
+            if len(ids) == n:
+                break
+        return time.perf_counter() - t, ids
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -78,20 +131,31 @@ def main() -> None:
     llava = to_llava_hf(model)
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image in detail."}]}])
-    inputs = processor(text=[prompt], images=[random_image(0, (64, 64))])
+    image = random_image(0, (64, 64))
+    inputs = processor(text=[prompt], images=[image])
     n = args.new_tokens
+    scratch = Path(tempfile.mkdtemp())
+    engines = {t: LlamaCpp(llm_path, mmproj, args.threads)
+               for t, (llm_path, mmproj) in export_llamacpp(model, processor, scratch).items()}
 
     ours_ids = generate_ids(model, inputs, SamplingSettings(max_new_tokens=n), eos_token_ids=[])[0]
     with torch.inference_mode():
         _, llava_ids = time_llava(llava, inputs, n)
     assert ours_ids == llava_ids[: len(ours_ids)], "greedy tokens differ from Llava's"
+    question = "Describe the image in detail."
+    _, cpp_ids = engines["f32"].run(image, question, n)
+    same = sum(a == b for a, b in zip(ours_ids, cpp_ids))
+    assert cpp_ids[:8] == ours_ids[:8], f"llama.cpp f32 starts with other tokens: {cpp_ids[:8]} vs {ours_ids[:8]}"
 
-    ours_t, llava_t = [], []
+    ours_t, llava_t, cpp_t = [], [], {t: [] for t in engines}
     with torch.inference_mode():
-        for _ in range(args.repeats):  # interleaved so drift on a shared machine hits both
+        for _ in range(args.repeats):  # interleaved so drift on a shared machine hits all
             ours_t.append(time_ours(model, inputs, n))
             llava_t.append(time_llava(llava, inputs, n)[0])
+            for t, engine in engines.items():
+                cpp_t[t].append(engine.run(image, question, n)[0])
     ours_tps, llava_tps = n / min(ours_t), n / min(llava_t)
+    cpp_tps = {t: n / min(v) for t, v in cpp_t.items()}
 
     # Per-token cost at growing output lengths: decode time = total - prefill (1 token run).
     with torch.inference_mode():
@@ -112,6 +176,11 @@ def main() -> None:
     print("decode ms/token by output length: " + ", ".join(f"{k}: {v:.1f}" for k, v in per_token.items()))
     print(f"weights read per token: {weight_bytes / 2**20:.0f} MiB; memory read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     print(f"machine limit: {limit:.1f} tokens/s; ours reaches {ours_tps / limit:.0%} of it, llava {llava_tps / limit:.0%}")
+    print(f"llama.cpp f32 tokens equal to ours: {same}/{n} (first 8 asserted)")
+    for t, tps in cpp_tps.items():
+        cpp_limit = bandwidth / engines[t].weight_bytes
+        print(f"llama.cpp {t}: {tps:7.1f} tokens/s; weights {engines[t].weight_bytes / 2**20:.0f} MiB, "
+              f"limit {cpp_limit:.1f} tokens/s, reaches {tps / cpp_limit:.0%} of it")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ def check_llm_exportable(text_config) -> Family:
     kind = text_config.model_type
     r = rope(text_config)
     if r.get("rope_type", "default") != "default":
-        raise BunnyError(f"cannot export the LLM to GGUF: {kind} with rope scaling {r.get('rope_type')!r} is not supported")
+        raise BunnyError(f"cannot export the LLM to GGUF: {kind} with rope scaling {r.get('rope_type')!r} "
+                         "is not supported")
     if text_config.hidden_act not in fam.activation:
         raise BunnyError(f"cannot export the LLM to GGUF: llama.cpp's {fam.arch} uses {fam.activation[0]}, "
                          f"this {kind} uses {text_config.hidden_act!r}")
@@ -115,7 +116,8 @@ def llm_tensors(language_model, outtype: str) -> dict[str, np.ndarray]:
         out["output.weight"] = to_numpy(state["lm_head.weight"], outtype)
     if "lm_head.bias" in state:
         out["output.bias"] = to_numpy(state["lm_head.bias"], outtype)
-    used = {"model.embed_tokens.weight", "lm_head.weight", "lm_head.bias", f"{fam.final_norm}.weight", f"{fam.final_norm}.bias"}
+    used = {"model.embed_tokens.weight", "lm_head.weight", "lm_head.bias",
+            f"{fam.final_norm}.weight", f"{fam.final_norm}.bias"}
     for i in range(cfg.num_hidden_layers):
         for hf, ours in fam.block.items():
             for part in ("weight", "bias"):

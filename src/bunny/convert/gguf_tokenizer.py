@@ -20,9 +20,10 @@ from bunny.errors import BunnyError
 # contractions in odd cases) and hashes the ids; the same text gives the same hashes here.
 CHECK_TEXT = (
     '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) '
-    '✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ '
-    '------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, '
-    '\'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
+    '✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 '
+    'កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ '
+    '------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? '
+    'I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
 )
 
 # sha256 of str(token ids of CHECK_TEXT) -> llama.cpp's pre-tokenizer name, for the published
