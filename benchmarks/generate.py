@@ -20,6 +20,7 @@ import argparse
 import base64
 import io
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -134,7 +135,7 @@ def main() -> None:
     image = random_image(0, (64, 64))
     inputs = processor(text=[prompt], images=[image])
     n = args.new_tokens
-    scratch = Path(tempfile.mkdtemp())
+    scratch = Path(tempfile.mkdtemp())  # the exports (about 1.3 GB), removed at the end
     engines = {t: LlamaCpp(llm_path, mmproj, args.threads)
                for t, (llm_path, mmproj) in export_llamacpp(model, processor, scratch).items()}
 
@@ -181,6 +182,7 @@ def main() -> None:
         cpp_limit = bandwidth / engines[t].weight_bytes
         print(f"llama.cpp {t}: {tps:7.1f} tokens/s; weights {engines[t].weight_bytes / 2**20:.0f} MiB, "
               f"limit {cpp_limit:.1f} tokens/s, reaches {tps / cpp_limit:.0%} of it")
+    shutil.rmtree(scratch)
 
 
 if __name__ == "__main__":
