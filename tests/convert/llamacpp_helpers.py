@@ -55,3 +55,14 @@ def image_embeddings(llm: Llama, mmproj: Path, rgb: np.ndarray) -> np.ndarray:
         mtmd_cpp.mtmd_input_chunks_free(chunks)
         mtmd_cpp.mtmd_bitmap_free(bitmap)
         mtmd_cpp.mtmd_free(ctx)
+
+
+def detokenize(llm: Llama, ids: list[int]) -> str:
+    """llama.cpp's own detokenizer (as llama-server's), special tokens rendered, none removed."""
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    arr = (llama_cpp.llama_token * len(ids))(*ids)
+    size = 16 * len(ids) + 16
+    buf = ctypes.create_string_buffer(size)
+    n = llama_cpp.llama_detokenize(vocab, arr, len(ids), buf, size, False, True)
+    assert 0 <= n <= size
+    return buf.raw[:n].decode()

@@ -3,8 +3,9 @@ as an mmproj file (bunny.convert.export_mmproj), written with the `gguf` package
 
 The LLM file follows llama.cpp's conventions for its architecture (bunny.convert.gguf_llm:
 llama, qwen2, phi3, phi2, stablelm): tensor names (`blk.N.attn_q.weight`, ...), metadata
-keys (`<arch>.*`, `tokenizer.ggml.*`), the tokenizer with llama.cpp's name for its
-pre-tokenizer and bunny's chat template as Jinja (bunny.convert.gguf_tokenizer, gguf_chat).
+keys (`<arch>.*`, `tokenizer.ggml.*`), the tokenizer (byte-level BPE with llama.cpp's name for
+its pre-tokenizer, or SentencePiece-style as llama.cpp's `llama` model) and bunny's chat
+template as Jinja (bunny.convert.gguf_tokenizer, gguf_sentencepiece, gguf_chat).
 Anything llama.cpp cannot express fails with the reason before a file is written.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from bunny.atomic import atomic_folder
 from bunny.convert.gguf_chat import chat_template, stop_token_id
 from bunny.convert.gguf_llm import add_llm_metadata, check_llm_exportable, llm_tensors
-from bunny.convert.gguf_tokenizer import add_tokenizer, pre_tokenizer_name
+from bunny.convert.gguf_tokenizer import add_tokenizer, check_tokenizer, gguf_name
 from bunny.errors import BunnyError
 
 OUTTYPES = ("f32", "f16")
@@ -34,7 +35,7 @@ def write_llm_gguf(model, tokenizer, path: Path, outtype: str = "f16", name: str
     jinja = chat_template(template, tokenizer)
     eot = stop_token_id(template, tokenizer)
     writer = gguf.GGUFWriter(str(path), fam.arch)
-    writer.add_name(name)
+    writer.add_name(gguf_name(name, tokenizer))
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.ALL_F32)
     add_llm_metadata(writer, lcfg)
     add_tokenizer(writer, tokenizer, lcfg.vocab_size, jinja)
@@ -60,7 +61,7 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, outtype: 
     # Every check before anything is written.
     check_mmproj_exportable(model.config)
     check_llm_exportable(model.config.text_config)
-    pre_tokenizer_name(processor.tokenizer)
+    check_tokenizer(processor.tokenizer)
     out = Path(out)
     with atomic_folder(out) as tmp:
         name = Path(model_path).name

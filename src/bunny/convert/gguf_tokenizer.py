@@ -8,12 +8,17 @@ implements under that name. A tokenizer whose hash is not known to us (one train
 such as the tests' tiny ones) is named only when its `tokenizer.json` pre-tokenizer is
 exactly one llama.cpp implements (GPT-2's byte-level regex, or SmolLM's digits + GPT-2).
 Anything else is refused: a wrong name would silently split text differently.
+
+SentencePiece-style tokenizers (BPE with byte fallback) go to llama.cpp's `llama` model
+instead (bunny.convert.gguf_sentencepiece). For both, the added tokens' whitespace stripping
+must be one llama.cpp applies: none, or Phi-3's (llama.cpp keys it on the model name).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 
+from bunny.convert.gguf_sentencepiece import is_sentencepiece_style, sentencepiece_vocab
 from bunny.errors import BunnyError
 
 # llama.cpp's converter encodes this text (whitespace runs, emoji, digit runs, scripts,
@@ -45,6 +50,10 @@ _STRUCTURAL = {
 }
 # llama.cpp's token types (gguf.TokenType).
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+# llama.cpp gives every added token of a model whose name contains one of these Phi-3's
+# stripping: whitespace after it is dropped, except after these three; `</s>` must exist.
+PHI3_NAMES = ("phi3", "phi-3")
+PHI3_NO_RSTRIP = ("<unk>", "<s>", "<|endoftext|>")
 
 
 def check_text_hash(tokenizer) -> str:
@@ -99,20 +108,82 @@ def vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def add_tokenizer(writer, tokenizer, vocab_size: int, chat_template: str | None = None) -> None:
+def strips_as_phi3(tokenizer) -> bool:
+    """True where the added tokens strip as llama.cpp strips Phi-3's, False where none strips;
+    a BunnyError for any other stripping (llama.cpp cannot express it)."""
     data = json.loads(tokenizer.backend_tokenizer.to_str())
-    kind = data["model"]["type"]
+    added = data.get("added_tokens", [])
+    odd = [t["content"] for t in added if t.get("lstrip") or t.get("single_word")]
+    if odd:
+        raise BunnyError(f"cannot export the tokenizer to GGUF: added tokens {odd} strip whitespace on their left "
+                         "or match single words only; llama.cpp has neither")
+    rstrip = {t["content"] for t in added if t.get("rstrip")}
+    if not rstrip:
+        return False
+    contents = {t["content"] for t in added}
+    phi3 = contents - set(PHI3_NO_RSTRIP)
+    if rstrip != phi3 or not {"</s>", *PHI3_NO_RSTRIP} <= contents:
+        raise BunnyError(
+            f"cannot export the tokenizer to GGUF: added tokens {sorted(rstrip)} drop the whitespace after them; "
+            "llama.cpp does that only as for Phi-3 (every added token but <unk>, <s> and <|endoftext|>)")
+    return True
+
+
+def gguf_name(name: str, tokenizer) -> str:
+    """`general.name`: llama.cpp gives added tokens Phi-3's stripping exactly when the name contains
+    phi3 or phi-3, so the name says so where the tokenizer strips as Phi-3's and only there."""
+    phi3 = strips_as_phi3(tokenizer)
+    marked = any(m in name.lower() for m in PHI3_NAMES)
+    if phi3 and not marked:
+        return f"{name}-phi3"
+    if not phi3 and marked:
+        out = name
+        for m in PHI3_NAMES:  # Phi-3 / phi3 -> Phi_3 / phi_3, whatever the case
+            while m in out.lower():
+                at = out.lower().index(m)
+                out = out[:at] + out[at:at + 3] + "_3" + out[at + len(m):]
+        return out
+    return name
+
+
+def check_tokenizer(tokenizer) -> None:
+    """A BunnyError now for anything add_tokenizer would refuse."""
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    strips_as_phi3(tokenizer)
+    if is_sentencepiece_style(data):
+        sentencepiece_vocab(tokenizer, len(tokenizer.get_vocab()), warn=False)
+    else:
+        _check_byte_level(data)
+        pre_tokenizer_name(tokenizer)
+
+
+def _check_byte_level(data: dict) -> None:
+    kind = data["model"].get("type")
     if kind != "BPE" or (data.get("decoder") or {}).get("type") != "ByteLevel":
         raise BunnyError(f"cannot export the tokenizer to GGUF: a {kind} model with decoder "
-                         f"{(data.get('decoder') or {}).get('type')!r} (only byte-level BPE tokenizers are supported; "
-                         "SentencePiece-style ones such as Phi-3's or Llama-2's are not)")
-    pre = pre_tokenizer_name(tokenizer)
-    tokens, types = vocabulary(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])])
+                         f"{(data.get('decoder') or {}).get('type')!r} (supported: byte-level BPE, as GPT-2's, "
+                         "and BPE with byte fallback, as SentencePiece's in Llama-2 and Phi-3)")
+
+
+def add_tokenizer(writer, tokenizer, vocab_size: int, chat_template: str | None = None) -> None:
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    if is_sentencepiece_style(data):
+        spm = sentencepiece_vocab(tokenizer, vocab_size)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(spm["tokens"])
+        writer.add_token_scores(spm["scores"])
+        writer.add_token_types(spm["types"])
+        writer.add_add_space_prefix(spm["add_space_prefix"])
+    else:
+        _check_byte_level(data)
+        pre = pre_tokenizer_name(tokenizer)
+        tokens, types = vocabulary(tokenizer, vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])])
     for name, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
                       ("pad", writer.add_pad_token_id), ("unk", writer.add_unk_token_id)):
         token_id = getattr(tokenizer, f"{name}_token_id")
