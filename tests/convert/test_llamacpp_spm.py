@@ -40,8 +40,10 @@ LLAMA2_ADDED = [("<unk>", True, False), ("<s>", True, False), ("</s>", True, Fal
 PAD_ROWS = 5  # Phi-3-mini's embeddings have rows past its tokenizer, too
 # Model folders (the GGUF's general.name, from which llama.cpp decides Phi-3's token stripping)
 # and the name written: marked phi3 exactly where the tokenizer strips as Phi-3's does.
-FOLDER = {"phi3": "Bunny-v1_1-4B", "phi3-json": "Bunny-v1_0-4B", "llama2": "bunny-phi3-llama2"}
-GGUF_NAME = {"phi3": "Bunny-v1_1-4B-phi3", "phi3-json": "Bunny-v1_0-4B-phi3", "llama2": "bunny-phi_3-llama2"}
+FOLDER = {"phi3": "Bunny-v1_1-4B", "phi3-json": "Bunny-v1_0-4B", "llama2": "bunny-phi3-llama2",
+          "llama2-noprefix": "llama2"}
+GGUF_NAME = {"phi3": "Bunny-v1_1-4B-phi3", "phi3-json": "Bunny-v1_0-4B-phi3", "llama2": "bunny-phi_3-llama2",
+             "llama2-noprefix": "llama2"}
 
 PLAIN_TEXTS = [
     "Hello world", "digits 3 33 333 3.14159 2024, tab\tnewline\n  two  spaces and trailing ",
@@ -53,7 +55,7 @@ SPECIAL_TEXTS = ["<|user|>\nWhat is 3?<|end|>\n<|assistant|> It is 3.<|end|>", "
                  "</s>  after eos", "<s> twice <unk> unknown", "a</s>b <s>  c"]
 # Where transformers 5's Metaspace rebuild and llama.cpp (with the published tokenizer.json) part:
 # no "▁" added before text that starts with a space, nor, non-legacy, after a special token.
-DIFFERS = {"phi3": LEADING_SPACE + SPECIAL_TEXTS, "phi3-json": [],
+DIFFERS = {"phi3": LEADING_SPACE + SPECIAL_TEXTS, "phi3-json": [], "llama2-noprefix": [],
            "llama2": LEADING_SPACE + ["<s> twice <unk> unknown", "a</s>b <s>  c"]}
 
 
@@ -78,7 +80,8 @@ def spm_tokenizer(folder, kind: str, as_written: bool = False):
     """Tokenizer files as published, loaded as transformers loads them. kind: `phi3` (Phi-3-mini's
     files: transformers 5 rebuilds them as a non-legacy LlamaTokenizer), `phi3-json` (the same files
     with tokenizer.json used as written: "▁" before every piece of text, as SentencePiece), `llama2`
-    (Llama-2's, legacy LlamaTokenizer). as_written: the tokenizer.json itself, whatever the kind."""
+    (Llama-2's, legacy LlamaTokenizer), `llama2-noprefix` (the same with `add_prefix_space: false`: no
+    "▁" before text anywhere). as_written: the tokenizer.json itself, whatever the kind."""
     vocab, merges = _sentencepiece_model()
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
@@ -86,19 +89,22 @@ def spm_tokenizer(folder, kind: str, as_written: bool = False):
                                      decoders.Strip(" ", 1, 0)])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", 1)])
-    added = LLAMA2_ADDED if kind == "llama2" else PHI3_ADDED
+    llama2 = kind.startswith("llama2")
+    added = LLAMA2_ADDED if llama2 else PHI3_ADDED
     tok.add_tokens([AddedToken(c, special=s, rstrip=r, normalized=False) for c, s, r in added])
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
     json_class = as_written or kind == "phi3-json"
     config = {"tokenizer_class": "PreTrainedTokenizerFast" if json_class else "LlamaTokenizer",
-              "legacy": kind == "llama2", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
-              "eos_token": "</s>" if kind == "llama2" else "<|endoftext|>", "unk_token": "<unk>",
+              "legacy": llama2, "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
+              "eos_token": "</s>" if llama2 else "<|endoftext|>", "unk_token": "<unk>",
               "added_tokens_decoder": {str(tok.token_to_id(c)): {
                   "content": c, "lstrip": False, "normalized": False, "rstrip": r, "single_word": False,
                   "special": s} for c, s, r in added}}
-    if kind != "llama2":
+    if not llama2:
         config["pad_token"] = "<|endoftext|>"
+    if kind == "llama2-noprefix" and not as_written:
+        config["add_prefix_space"] = False
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return AutoTokenizer.from_pretrained(folder)
 
@@ -121,22 +127,25 @@ def _bunny(tmp_path, kind="phi3", family="phi3", template="phi3", outtype="f32")
     return model, processor, llm, mmproj
 
 
-@pytest.mark.parametrize("kind", ["phi3", "phi3-json", "llama2"])
+@pytest.mark.parametrize("kind", ["phi3", "phi3-json", "llama2", "llama2-noprefix"])
 def test_llamacpp_tokenizes_and_detokenizes_as_transformers(tmp_path, kind):
-    _, processor, path, _ = _bunny(tmp_path, kind, template="minicpm" if kind == "llama2" else "phi3")
+    llama2 = kind.startswith("llama2")
+    _, processor, path, _ = _bunny(tmp_path, kind, template="minicpm" if llama2 else "phi3")
     tok = processor.tokenizer
     llm = load_llm(path, vocab_only=True)
     meta = llm.metadata
-    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] == "true"
+    assert meta["tokenizer.ggml.model"] == "llama"
+    assert meta["tokenizer.ggml.add_space_prefix"] == str(kind != "llama2-noprefix").lower()
     assert meta["general.name"] == GGUF_NAME[kind]  # without it llama.cpp would strip (or fail to load)
     pieces = tok.convert_ids_to_tokens(tok(" ".join(PLAIN_TEXTS)).input_ids)
     assert {"<0xE6>", "<0x00>"} <= set(pieces) and "▁the" in pieces  # byte fallback and merges exercised
     published = spm_tokenizer(tmp_path / "published", kind, as_written=True)
-    texts = PLAIN_TEXTS + LEADING_SPACE + (SPECIAL_TEXTS if kind != "llama2" else SPECIAL_TEXTS[-2:])
+    texts = PLAIN_TEXTS + LEADING_SPACE + (SPECIAL_TEXTS[-2:] if llama2 else SPECIAL_TEXTS)
     for text in texts:
         want = tok(text).input_ids
         got = llm.tokenize(text.encode(), add_bos=True, special=True)
-        assert got == published(text).input_ids, text  # the published tokenizer.json, exactly
+        if kind != "llama2-noprefix":
+            assert got == published(text).input_ids, text  # the published tokenizer.json, exactly
         assert (got == want) == (text not in DIFFERS[kind]), (text, tok.convert_ids_to_tokens(want))
         assert llm.detokenize(want, special=True).decode() == tok.decode(want), text
         assert detokenize(llm, want[1:]) == tok.decode(want[1:]), text  # no BOS: the first space dropped
