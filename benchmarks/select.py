@@ -148,6 +148,7 @@ def child(spec: dict) -> dict:
 
         cfg = SelectConfig(input=spec["root"], out=spec["out"], centroids=str(Path(spec["root"]) / "centroids.npy"),
                            n=spec.get("n"), engine=spec.get("engine", "local"), workers=spec.get("workers", 0),
+                           products=spec.get("products", "int8"),
                            address=spec.get("address"), overwrite=True, progress=False)
         rep = select(cfg)
         wall = time.perf_counter() - t0  # the selection, imports included; not the reading back below
