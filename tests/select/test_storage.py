@@ -51,7 +51,8 @@ def test_local_copy_is_fetched_once_and_again_when_the_file_changes(tmp_path, mo
     fs.pipe("/copy/a.npy", b"one")
     first = storage.local_copy("memory://copy/a.npy")
     assert first.read_bytes() == b"one" and storage.local_copy("memory://copy/a.npy") == first
-    fs.pipe("/copy/a.npy", b"other")  # a new size: a new copy
+    fs.pipe("/copy/a.npy", b"other")  # a new size: a new copy (in a new process: this one remembers)
+    monkeypatch.setattr(storage, "_COPIES", {})
     assert storage.local_copy("memory://copy/a.npy").read_bytes() == b"other"
     assert not list((tmp_path / "cache").glob(".*tmp"))
 

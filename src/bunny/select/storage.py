@@ -20,6 +20,7 @@ from bunny.errors import BunnyError
 
 _LOCK = threading.Lock()
 _FETCHING: dict = {}  # file name -> lock held while this process fetches it
+_COPIES: dict = {}  # URL -> its local copy, in this process
 
 
 def is_url(name) -> bool:
@@ -115,7 +116,11 @@ def local_copy(url: str) -> Path:
     """A local copy of the file at `url`, fetched once per machine (named by the URL, its size
     and modification stamp where the filesystem gives one, so a changed file is fetched
     again); written to a temporary name and renamed, so processes fetching it at once never
-    see a partial file."""
+    see a partial file. Remembered per process: a task that touches the shard again asks
+    the store nothing."""
+    got = _COPIES.get(url)
+    if got is not None and got.exists():
+        return got
     fs, path = filesystem(url)
     info = fs.info(path)
     stamp = f"{url}|{info.get('size')}|{info.get('mtime') or info.get('LastModified') or info.get('ETag') or ''}"
@@ -132,4 +137,5 @@ def local_copy(url: str) -> Path:
                 os.replace(tmp, target)
             finally:
                 tmp.unlink(missing_ok=True)
+    _COPIES[url] = target
     return target
