@@ -42,7 +42,7 @@ def test_ray_equals_embedded(make_input, tmp_path, monkeypatch):
     assert not ray.is_initialized()
     monkeypatch.setattr(engine, "FUSED_RAY_MAX_WORK", 0)
     stages.clear()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         tasks = select(SelectConfig(out=str(tmp_path / "r2"), **cfg))
         assert stages == ["assign", "step 1 (dedup)"] and tasks["rows_after"] == local["rows_after"]
@@ -122,6 +122,18 @@ def test_cli_on_two_nodes_with_a_url_input_equals_embedded_and_leaves_the_cluste
     assert sorted(p.name.split("_", 1)[1] for p in (tmp_path / "cache").glob("*_img_emb_*.npy")) == [
         "img_emb_0000.npy", "img_emb_0001.npy", "img_emb_0002.npy"]  # read by the workers, through fsspec
     assert _alive_cpus(two_nodes.address) == 2  # the cluster we joined is still running
+
+
+def test_without_address_a_ray_of_its_own_even_beside_a_running_cluster(make_input, tmp_path, two_nodes):
+    """A cluster already runs on this machine (`two_nodes`): without --address the run starts
+    (and stops) a Ray of its own rather than joining it, and gives the embedded engine's files."""
+    inp = make_input(shard_sizes=(120, 100), seed=2)
+    local = select(SelectConfig(input=str(inp), out=str(tmp_path / "l"), k=4, seed=1, n=7, progress=False))
+    select(SelectConfig(input=str(inp), out=str(tmp_path / "r"), centroids=str(tmp_path / "l/centroids.npy"), seed=1,
+                        n=7, engine="ray", workers=2, progress=False))
+    same_files(tmp_path / "l", tmp_path / "r")
+    assert _alive_cpus(two_nodes.address) == 2
+    assert local["rows_after"]["input"] == 220
 
 
 def _task_on_node(node_id: str, marker: str, run_clusters):

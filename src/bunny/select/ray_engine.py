@@ -31,7 +31,10 @@ class RayMap:
         if address:
             _join(ray, address, env)
         else:
-            ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False, runtime_env=env)
+            # "local": a new Ray of our own, even where a cluster already runs on this machine
+            # (ray.init() without an address would join that one)
+            ray.init(address="local", num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False,
+                     runtime_env=env)
         self.started = True
 
     def __call__(self, fn, arg_list, desc, show, weights=None):
