@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from bunny.atomic import atomic_file
 from bunny.errors import BunnyError
 
 _IMG_EXT = (".jpg", ".jpeg", ".png", ".webp")
@@ -116,10 +116,8 @@ def samples(source: str | Path, captions: str | Path | None = None) -> Iterator[
 
 
 def _save(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         np.save(f, arr)
-    os.replace(tmp, path)
 
 
 class ClipEmbedder:
@@ -186,9 +184,8 @@ def embed(source, out, model: str = "openai/clip-vit-large-patch14", captions=No
         _save(out / f"text_emb/text_emb_{shard:04d}.npy", np.concatenate(txts).astype(dtype))
         table = pa.table({"key": [r["key"] for r in rows], "caption": [r["caption"] for r in rows],
                           "url": [r["url"] for r in rows]})
-        tmp = out / f"metadata/.metadata_{shard:04d}.parquet.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, out / f"metadata/metadata_{shard:04d}.parquet")  # marks the shard complete
+        with atomic_file(out / f"metadata/metadata_{shard:04d}.parquet") as tmp:  # marks the shard complete
+            pq.write_table(table, tmp)
 
     for i, rec in enumerate(samples(source, captions)):
         if i < skip:

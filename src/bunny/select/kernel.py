@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bunny.atomic import atomic_file
 from bunny.errors import BunnyError
 from bunny.select import rules
 from bunny.select.assign import Assigner
@@ -33,18 +34,14 @@ class KernelParams:
 
 
 def atomic_save(path: Path, **arrays) -> None:
-    """np.savez to a temporary name, then os.replace: a killed run never leaves a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    """np.savez through `bunny.atomic`: a killed run never leaves a partial file."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def atomic_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         np.save(f, arr)
-    os.replace(tmp, path)
 
 
 def remove_stale_temps(work: Path) -> None:

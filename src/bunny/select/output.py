@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from bunny.atomic import atomic_files, atomic_write
 from bunny.select import rules
 from bunny.select.kernel import atomic_save, cluster_file
 from bunny.select.layout import Layout
@@ -192,14 +192,20 @@ def write_outputs(layout: Layout, out: Path, work: Path, k: int, steps: Steps, s
 
 
 def _write_outputs(layout: Layout, out: Path, work: Path, k: int, steps: Steps, show: bool, prefetch: KeyPrefetch) -> dict:
+    """The four files, each written to a temporary name and renamed into place together at
+    the end (`bunny.atomic`)."""
+    with atomic_files(*(out / rel for rel in STAGE_FILES.values())) as tmps:
+        return _write_tables(layout, work, k, steps, show, prefetch, dict(zip(STAGE_FILES, tmps)))
+
+
+def _write_tables(layout: Layout, work: Path, k: int, steps: Steps, show: bool, prefetch: KeyPrefetch,
+                  tmp: dict) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = pa.schema([("gid", pa.int64()), ("key", pa.string()), ("shard", pa.int32()), ("row", pa.int64()),
                         ("cluster", pa.int32()), ("clip_score", pa.float32()), ("centroid_cos", pa.float32())])
     schema_nokey = pa.schema([f for f in schema if f.name != "key"])
-    (out / "stages").mkdir(parents=True, exist_ok=True)
-    tmp = {name: out / (rel + f".{os.getpid()}.tmp") for name, rel in STAGE_FILES.items()}
     # dictionary encoding only where values repeat: on the unique gids, keys and scores it
     # is tried and given up on every page (10x the writing time, larger files)
     writers = {name: pq.ParquetWriter(p, schema, use_dictionary=["shard", "cluster"]) for name, p in tmp.items()}
@@ -240,9 +246,8 @@ def _write_outputs(layout: Layout, out: Path, work: Path, k: int, steps: Steps, 
             table = table.add_column(1, schema.field("key"), take_strings(keys, take))
             writers[name].write_table(table)
             counts[name] += int(m.sum())
-    for name, w in writers.items():
+    for w in writers.values():
         w.close()
-        os.replace(tmp[name], out / STAGE_FILES[name])
     return {"counts": counts, "hist_bins": HIST_BINS.tolist(), "hist_clip": hist_clip.tolist(),
             "hist_centroid_cos": hist_cos.tolist()}
 
@@ -260,6 +265,4 @@ def window_scores(steps: Steps) -> dict:
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bunny.atomic import atomic_file
 from bunny.errors import BunnyError
 
 _LOCK = threading.Lock()
@@ -130,12 +131,7 @@ def local_copy(url: str) -> Path:
         lock = _FETCHING.setdefault(name, threading.Lock())
     with lock:
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
-            try:
+            with atomic_file(target) as tmp:
                 fs.get_file(path, str(tmp))
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
     _COPIES[url] = target
     return target
