@@ -4,7 +4,7 @@ full sorts for the windows and the draw (Bunny's step-1 rule; not `--mode semded
 
 This is the path the engines are a fast layer over: they find the same edges with pruned,
 tiled and quantised products, assign with faiss, stream the windows by radix selection, and
-tests/select/test_reference.py requires identical ids from both. Memory: all rows and one
+tests/select/test_select_reference.py requires identical ids from both. Memory: all rows and one
 cluster's (n, n) product, so it is for tests and small inputs only. The per-row values that
 decide a result (distance to the centroid, scores, the draw's hash) are the shared rule
 functions of `rules`, each computed from its row alone.
