@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import SiglipVisionModel
 
 from bunny.errors import BunnyError
+from bunny.merge.lora import merge_lora_adapter
 from bunny.model.loading import load_pretrained
 from bunny.testing import tiny_image_processor, tiny_llm, tiny_vision_config
 from bunny.train.parts import build_for_recipe
@@ -72,6 +73,10 @@ def test_stage2_starts_from_our_stage1_folder(tmp_path, parts, data, captions):
     assert model.config.projector_trained and processor.template == "bunny"
     result = train(stage2, model, processor)
     assert len(result.history) == 1 and torch.isfinite(torch.tensor(result.history[0]["loss"]))
+    # Merging the run rebuilds its base the same way (from the stage-1 folder), then folds the LoRA.
+    merged, _ = load_pretrained(merge_lora_adapter(tmp_path / "stage2", tmp_path / "merged"))
+    for key, value in merged.mm_projector.state_dict().items():
+        torch.testing.assert_close(value, model.mm_projector.state_dict()[key], rtol=0, atol=0)
 
 
 def test_stage2_starts_from_a_reference_stage1_folder(tmp_path, parts, data):

@@ -191,6 +191,13 @@ def load_base(base: str | None, adapter_dir: Path, run_dir: Path, dtype):
                          f"adapter was trained on); no recipe.yaml found in {run_dir}")
     _, spec = found
     if "init_from" in spec:
+        from bunny.train.parts import stage1_projector_file, start_from_stage1
+
+        if stage1_projector_file(spec["init_from"]):  # rebuilt as training built it
+            from bunny.train.recipe import load_recipe
+
+            model, processor = start_from_stage1(Path(spec["init_from"]), load_recipe(run_dir / "recipe.yaml"))
+            return (model.to(dtype) if dtype else model), processor
         return load_pretrained(spec["init_from"], dtype=dtype)
     tower = spec.pop("tower") or DEFAULT_TOWER
     return build_model(spec.pop("llm"), tower=tower, dtype=dtype, **spec)
