@@ -1,5 +1,8 @@
 """Coreset selection benchmark (docs/benchmarks.md, "Coreset selection").
 
+Over 400 lines because the baseline, the child-process runner, the memory sampler and the
+three comparisons must share one input generator and one report to be comparable.
+
     python benchmarks/select.py [--work /tmp/bunny_bench] [--quick]
 
 1. Speed: ours against "dense+BFS" (per cluster the full similarity matrix, then a

@@ -1,4 +1,5 @@
-"""Stage-2 training step at the demo's size: ours vs transformers' LlavaForConditionalGeneration
+"""(Over 400 lines: the CPU comparison and the GPU shape mode share their model building and
+reporting.) Stage-2 training step at the demo's size: ours vs transformers' LlavaForConditionalGeneration
 + PEFT, with the same weights (SmolLM2-135M-Instruct + the 64x64 SigLIP-shaped tower +
 mlp2x_gelu projector), the same LoRA (r 32 on every linear layer of the LLM), the same batch.
 

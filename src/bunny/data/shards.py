@@ -1,5 +1,8 @@
 """Sharded LLaVA data: parquet files and webdataset tars, loaded lazily; `bunny data shard`.
 
+Over 400 lines because reading and writing both formats share one row model (conversations,
+ids, image cells) and its validation; split them and the two sides could drift apart.
+
 `data_path` may be one shard (`.parquet` or `.tar`), a folder holding `*.parquet` or `*.tar`
 (not both), or a glob (`shards/train-*.parquet`). Shards are read in sorted path order.
 
