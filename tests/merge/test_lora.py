@@ -157,3 +157,39 @@ def test_training_conversion_and_merge_fold_alike(stage2, tmp_path):
     save_file({"base_model.model.lm_head.weight": expected["lm_head.weight"]}, str(bad / "adapter_model.safetensors"))
     with pytest.raises(BunnyError, match="holds no LoRA A/B weights"):
         convert_merge(converted, bad)
+
+
+def test_run_built_from_llm_and_tower_merges_with_its_recipe_settings(tmp_path):
+    """The base is rebuilt exactly as training built it: here with 2x2 image-token pooling,
+    which a base composed from `llm` + `tower` alone would lack."""
+    from transformers import SiglipVisionModel
+
+    from bunny.testing import random_image, tiny_image_processor, tiny_llm, tiny_vision_config
+    from bunny.train.parts import build_for_recipe
+
+    llm, tokenizer = tiny_llm("llama", seed=3)
+    llm.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    torch.manual_seed(4)
+    SiglipVisionModel(tiny_vision_config("siglip")).save_pretrained(tmp_path / "tower")
+    tiny_image_processor("siglip").save_pretrained(tmp_path / "tower")
+    recipe = dict(stage="finetune", tune="lora", llm=str(tmp_path / "llm"), tower=str(tmp_path / "tower"),
+                  image_token_pool=2, lora_r=R, lora_alpha=ALPHA, lora_dropout=0.0)
+    model, processor = build_for_recipe(Recipe(**recipe))
+    configure_trainables(model, Recipe(**recipe))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    save_adapter(model, tmp_path / "run" / "adapter")
+    (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+
+    merged, merged_processor = load_pretrained(merge_lora_adapter(tmp_path / "run", tmp_path / "merged"))
+    assert merged.config.image_token_pool == 2
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                        {"type": "text", "text": "what?"}]}],
+                                           add_generation_prompt=True)
+    inputs = processor(text=prompt, images=[random_image(1)], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, model(**inputs).logits, rtol=1e-4, atol=1e-4)

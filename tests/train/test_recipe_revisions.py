@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from bunny.merge.lora import base_from_recipe, load_base
+from bunny.merge.lora import load_base
 from bunny.model.loading import DEFAULT_TOWER
 from bunny.testing import tiny_llm
 from bunny.train.parts import build_for_recipe
-from bunny.train.recipe import Recipe
+from bunny.train.recipe import Recipe, load_recipe
 
 
 def _publish_llm(hub_cache, tmp_path, seed: int, revision: str) -> str:
@@ -38,8 +38,8 @@ def test_llm_revision_picks_the_snapshot_for_training_and_merging(tmp_path, hub_
     run = tmp_path / "run"
     run.mkdir()
     (run / "recipe.yaml").write_text(f"llm: someone/tiny-llm\nllm_revision: {commit}\ntower: someone/tower\n")
-    _, spec = base_from_recipe(run)
-    assert spec["llm_revision"] == commit and spec["tower_revision"] is None
+    recorded = load_recipe(run / "recipe.yaml")
+    assert recorded.llm_revision == commit and recorded.tower_revision == ""
     base, _ = load_base(None, run, run, dtype=None)
     for key, value in _llm_state(base).items():
         torch.testing.assert_close(value, from_v2[key], rtol=0, atol=0)

@@ -18,6 +18,7 @@ PEFT's `merge_and_unload`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -163,44 +164,24 @@ def load_non_lora(model, extra: dict[str, torch.Tensor], source: str) -> None:
         state[key].copy_(value)
 
 
-def base_from_recipe(run_dir: Path) -> tuple[str, dict] | None:
-    """(description, build arguments) of the base recorded in a training run's recipe.yaml."""
-    recipe_file = run_dir / "recipe.yaml"
-    if not recipe_file.is_file():
-        return None
-    import yaml
-
-    recipe = yaml.safe_load(recipe_file.read_text()) or {}
-    if recipe.get("init_from"):
-        return recipe["init_from"], {"init_from": recipe["init_from"]}
-    return f"{recipe.get('llm')} + {recipe.get('tower') or 'the shipped tower'}", {
-        "llm": recipe.get("llm"), "tower": recipe.get("tower") or None,
-        "llm_revision": recipe.get("llm_revision") or None, "tower_revision": recipe.get("tower_revision") or None,
-        "projector_type": recipe.get("projector_type", "mlp2x_gelu"), "template": recipe.get("template", "bunny"),
-        "tokenizer_model_max_length": recipe.get("model_max_length", 2048)}
-
-
 def load_base(base: str | None, adapter_dir: Path, run_dir: Path, dtype):
-    from bunny.model.loading import DEFAULT_TOWER, build_model, load_pretrained
+    """The model the adapter was trained on: `base`, else the run's recipe.yaml rebuilt exactly
+    as training built it (bunny.train.parts.build_for_recipe: LLM and tower at their revisions,
+    S2, token pooling, tower size, a stage-1 start)."""
+    from bunny.model.loading import load_pretrained
 
     if base:
         return load_pretrained(base, dtype=dtype)
-    found = base_from_recipe(run_dir)
-    if found is None:
+    recipe_file = run_dir / "recipe.yaml"
+    if not recipe_file.is_file():
         raise BunnyError(f"no base model for {adapter_dir}: pass --base (the bunny checkpoint or LLM the "
                          f"adapter was trained on); no recipe.yaml found in {run_dir}")
-    _, spec = found
-    if "init_from" in spec:
-        from bunny.train.parts import stage1_projector_file, start_from_stage1
+    from bunny.train.parts import build_for_recipe
+    from bunny.train.recipe import load_recipe
 
-        if stage1_projector_file(spec["init_from"]):  # rebuilt as training built it
-            from bunny.train.recipe import load_recipe
-
-            model, processor = start_from_stage1(Path(spec["init_from"]), load_recipe(run_dir / "recipe.yaml"))
-            return (model.to(dtype) if dtype else model), processor
-        return load_pretrained(spec["init_from"], dtype=dtype)
-    tower = spec.pop("tower") or DEFAULT_TOWER
-    return build_model(spec.pop("llm"), tower=tower, dtype=dtype, **spec)
+    # The trained projector comes from the adapter's non-LoRA weights, not the stage-1 file.
+    recipe = dataclasses.replace(load_recipe(recipe_file), projector_weights="")
+    return build_for_recipe(recipe, dtype)
 
 
 def merge_lora_adapter(adapter: str | os.PathLike, out: str | os.PathLike, base: str | None = None,

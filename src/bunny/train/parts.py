@@ -22,17 +22,18 @@ PROJECTOR_PREFIX = "model.mm_projector."  # the reference's key prefix in mm_pro
 PROJECTOR_FILES = ("mm_projector.safetensors", "mm_projector.bin")  # what stage 1 writes (ours, the reference's)
 
 
-def build_for_recipe(recipe: Recipe):
-    """(model, processor) in float32 (mixed precision is applied by the engine)."""
+def build_for_recipe(recipe: Recipe, dtype: torch.dtype | None = None):
+    """(model, processor) as the recipe builds it before training: in float32 for training
+    (mixed precision is applied by the engine), or in `dtype` (merging a run's LoRA)."""
     from bunny.model.loading import DEFAULT_TOWER, build_model, load_pretrained
 
     if recipe.init_from and stage1_projector_file(recipe.init_from):
-        model, processor = start_from_stage1(Path(recipe.init_from), recipe)
+        model, processor = start_from_stage1(Path(recipe.init_from), recipe, dtype)
     elif recipe.init_from:
-        model, processor = load_pretrained(recipe.init_from, template=recipe.template)
+        model, processor = load_pretrained(recipe.init_from, template=recipe.template, dtype=dtype)
         model.config.template = recipe.template
     else:
-        model, processor = build_model(recipe.llm, tower=recipe.tower or DEFAULT_TOWER,
+        model, processor = build_model(recipe.llm, tower=recipe.tower or DEFAULT_TOWER, dtype=dtype,
                                        llm_revision=recipe.llm_revision or None,
                                        tower_revision=recipe.tower_revision or None,
                                        projector_type=recipe.projector_type, template=recipe.template,
@@ -62,7 +63,7 @@ def stage1_projector_file(source: str | Path) -> Path | None:
     return found[0] if found else None
 
 
-def start_from_stage1(folder: Path, recipe: Recipe):
+def start_from_stage1(folder: Path, recipe: Recipe, dtype: torch.dtype | None = None):
     """Stage 2 from a stage-1 output folder: the LLM and tower stage 1 was trained on (they
     were frozen, so their own weights) with the folder's projector.
 
@@ -81,7 +82,7 @@ def start_from_stage1(folder: Path, recipe: Recipe):
                          f"{instead}") from None
     if config.get("model_type") != "bunny":  # the reference's stage 1 (bunny-phi, bunny-llama, ...)
         try:
-            model, processor = load_pretrained(folder, template=recipe.template)
+            model, processor = load_pretrained(folder, template=recipe.template, dtype=dtype)
         except BunnyError as exc:
             raise BunnyError(f"init_from {folder}: {exc}; {instead}") from None
         model.config.template = recipe.template
@@ -89,6 +90,7 @@ def start_from_stage1(folder: Path, recipe: Recipe):
     stage1 = _stage1_recipe(folder, instead)
     model, processor = build_model(
         stage1.llm, tower=stage1.tower or DEFAULT_TOWER, projector_type=config.get("projector_type", "mlp2x_gelu"),
+        dtype=dtype,
         llm_revision=stage1.llm_revision or None, tower_revision=stage1.tower_revision or None,
         template=recipe.template, tokenizer_model_max_length=recipe.model_max_length,
         s2_scales=config.get("s2_scales"), image_token_pool=config.get("image_token_pool", 1),
