@@ -60,6 +60,7 @@ def load_reference(
         ckpt.config["mm_vision_tower"] = vision_tower
     dtype = dtype or torch.float32
     text_config = ckpt.text_config()  # fails early, and clearly, for MiniCPM
+    tower = _tower_folder(ckpt)  # resolved (fetched) once, before gigabytes of LLM weights are read
     if ckpt.layout == MERGED:
         state = read_shards(ckpt.folder)
         tokenizer_source = str(ckpt.folder)
@@ -88,7 +89,7 @@ def load_reference(
     tokenizer = _load_tokenizer(tokenizer_source)
     fit_vocabulary(language_model, tokenizer, str(ckpt.folder))
 
-    vision = _load_tower(ckpt, tower_state, source, dtype)
+    vision = _load_tower(ckpt, tower, tower_state, source, dtype)
     projector = _load_projector(ckpt, projector_state, vision, language_model, source, dtype)
     settings = ckpt.bunny_settings()
     model = BunnyForConditionalGeneration.from_parts(
@@ -96,7 +97,7 @@ def load_reference(
         projector=projector, **settings,
     )
     model.eval()
-    image_processor = load_image_processor(ckpt.tower_source())
+    image_processor = load_image_processor(tower)
     if model.config.s2_scales:  # the reference feeds S2 towers images at the largest scale
         image_processor.size = {"height": max(model.config.s2_scales), "width": max(model.config.s2_scales)}
     return model, BunnyProcessor.from_config(model.config, tokenizer, image_processor)
@@ -151,12 +152,15 @@ def _load_tokenizer(source: str):
         raise BunnyError(f"cannot load the tokenizer from {source}: {exc}") from None
 
 
-def _load_tower(ckpt: ReferenceCheckpoint, tower_state: dict, source: str, dtype):
+def _tower_folder(ckpt: ReferenceCheckpoint) -> str:
     try:
-        tower = ckpt.tower_source()
+        return ckpt.tower_source()
     except BunnyError as exc:
         raise BunnyError(f"{exc}; to name a tower in its place, convert with `bunny convert reference SRC OUT "
                          "--vision-tower TOWER` (or pass vision_tower= to load_reference)") from None
+
+
+def _load_tower(ckpt: ReferenceCheckpoint, tower: str, tower_state: dict, source: str, dtype):
     try:
         if not ckpt.unfreeze_vision_tower:
             # A frozen tower is the pretrained one; copies of it in the checkpoint are ignored, as the reference does.

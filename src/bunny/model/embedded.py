@@ -59,12 +59,19 @@ def embedded_llm_path(name: str) -> Path:
     return target
 
 
+def is_embedded(name: str, revision: str | None = None) -> bool:
+    """True for an embedded LLM's name; naming a revision for one is an error."""
+    if name not in EMBEDDED_LLMS:
+        return False
+    if revision:
+        raise BunnyError(f"{name!r} is an embedded LLM; a revision ({revision!r}) applies only to hub ids")
+    return True
+
+
 def resolve_llm(name_or_path: str, revision: str | None = None) -> str:
     """The local folder of an LLM: an embedded name's cached conversion, a local folder, or
     a hub id's cached snapshot (fetched on first use)."""
-    if name_or_path in EMBEDDED_LLMS:
-        if revision:
-            raise BunnyError(f"{name_or_path!r} is an embedded LLM; a revision ({revision!r}) applies only to hub ids")
+    if is_embedded(name_or_path, revision):
         return str(embedded_llm_path(name_or_path))
     from bunny.model.hub import local_or_hub
 

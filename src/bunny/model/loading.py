@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bunny.atomic import atomic_folder
 from bunny.errors import BunnyError
 from bunny.model.config import BunnyConfig
-from bunny.model.embedded import EMBEDDED_LLMS, resolve_llm
+from bunny.model.embedded import EMBEDDED_LLMS, is_embedded, resolve_llm
 from bunny.model.hub import local_or_hub
 from bunny.model.modeling import BunnyForConditionalGeneration
 from bunny.model.processor import BunnyProcessor
@@ -110,9 +110,7 @@ def fetch_model(path_or_name: str | os.PathLike, revision: str | None = None) ->
     """The local folder of a model named by path or hub id (a hub id is fetched into the hub
     cache, or found there offline); an embedded LLM name is returned unchanged."""
     name = str(path_or_name)
-    if name in EMBEDDED_LLMS:
-        if revision:
-            raise BunnyError(f"{name!r} is an embedded LLM; a revision ({revision!r}) applies only to hub ids")
+    if is_embedded(name, revision):
         return name
     return str(local_or_hub(name, revision, what="model"))
 
