@@ -17,13 +17,13 @@ What makes the folder answer as bunny does, besides the weights (`bunny.convert.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from bunny.atomic import atomic_folder
+from bunny.convert.jinja_chat import chat_template
 from bunny.errors import BunnyError
 
 IMAGE_TOKEN = "<image>"
@@ -60,64 +60,13 @@ def check_same_pixels(llava_image_processor, image_processor, image_mode: str) -
                          f"{type(image_processor).__name__} in mode {image_mode!r}")
 
 
-def _literal(text: str) -> str:
-    return json.dumps(text, ensure_ascii=True)  # also a valid Jinja string literal
-
-
-# Turns a message's content (a string, or parts of type image / text) into bunny's text:
-# parts joined by newlines, each image part as <image> (bunny.model.processor.content_to_text).
-_CONTENT_TEXT = (
-    "{%- macro content_text(content) -%}"
-    "{%- if content is string -%}{{ content }}"
-    "{%- else -%}{%- for part in content -%}{%- if not loop.first -%}{{ '\\n' }}{%- endif -%}"
-    "{%- if part['type'] == 'image' -%}" + IMAGE_TOKEN +
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
-    "{%- else -%}{{ raise_exception('content parts must be of type image or text') }}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{%- endmacro -%}"
-)
-
-
-def chat_template(template_name: str, tokenizer) -> str:
-    """A Jinja chat template rendering what `BunnyProcessor.apply_chat_template` renders."""
-    from bunny.model.templates import PlainTemplate, get_template
-
-    template = get_template(template_name)
-    if template is None:  # `native`: the tokenizer's own template, on flattened content
-        own = tokenizer.chat_template
-        if not isinstance(own, str):
-            raise BunnyError("cannot export to llava-hf: the model's template is 'native' but its tokenizer "
-                             "has no (single) chat template")
-        return (_CONTENT_TEXT + "{%- set ns = namespace(messages=[]) -%}"
-                "{%- for message in messages -%}"
-                "{%- set ns.messages = ns.messages + [{'role': message['role'], "
-                "'content': content_text(message['content'])}] -%}"
-                "{%- endfor -%}{%- set messages = ns.messages -%}" + own)
-    if isinstance(template, PlainTemplate):
-        return (_CONTENT_TEXT +
-                "{%- if messages | length != 1 or messages[0]['role'] != 'user' -%}"
-                "{{ raise_exception('template plain renders a single user message') }}{%- endif -%}"
-                "{{ content_text(messages[0]['content']) }}{{ '\\n' }}")
-    user, assistant = template.roles
-    return (
-        _CONTENT_TEXT +
-        "{%- set ns = namespace(system=" + _literal(template.system) + ", start=0) -%}"
-        "{%- if messages and messages[0]['role'] == 'system' -%}"
-        "{%- set ns.system = content_text(messages[0]['content']) -%}{%- set ns.start = 1 -%}{%- endif -%}"
-        "{{ ns.system }}{{ " + _literal(template.sep) + " }}"
-        "{%- for message in messages[ns.start:] -%}"
-        "{%- if message['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') -%}"
-        "{{ raise_exception('roles must alternate user/assistant starting with user, "
-        "after an optional first system message') }}{%- endif -%}"
-        "{%- if message['role'] == 'user' -%}"
-        "{{ " + _literal(user + ": ") + " }}{{ content_text(message['content']) }}{{ " + _literal(template.sep) + " }}"
-        "{%- else -%}"
-        "{{ " + _literal(assistant + ": ") + " }}{{ content_text(message['content']) }}{{ " +
-        _literal(template.sep2) + " }}"
-        "{%- endif -%}{%- endfor -%}"
-        "{%- if add_generation_prompt and messages[-1]['role'] == 'user' -%}{{ " + _literal(assistant + ":") +
-        " }}{%- endif -%}"
-    )
+def llava_chat_template(template_name: str, tokenizer) -> str:
+    """bunny.convert.jinja_chat's template; a `native` template needs the tokenizer's own."""
+    jinja = chat_template(template_name, tokenizer)
+    if jinja is None:
+        raise BunnyError("cannot export to llava-hf: the model's template is 'native' but its tokenizer "
+                         "has no (single) chat template")
+    return jinja
 
 
 def llava_processor(model, processor):
@@ -142,7 +91,7 @@ def llava_processor(model, processor):
         patch_size=cfg.vision_config.patch_size,
         vision_feature_select_strategy="default" if cfg.vision_feature_select == "patch" else "full",
         image_token=IMAGE_TOKEN, num_additional_image_tokens=int(has_cls),
-        chat_template=chat_template(processor.template, processor.tokenizer),
+        chat_template=llava_chat_template(processor.template, processor.tokenizer),
     )
 
 
