@@ -17,6 +17,7 @@ from bunny.errors import BunnyError
 
 STAGES = ("pretrain", "finetune")
 TUNE_MODES = ("projector", "lora", "full")
+QUANTIZE_BASE = ("4bit", "8bit")  # recipe field quantize_base ("" = off)
 
 
 @dataclass
@@ -87,6 +88,13 @@ class Recipe:
     compile_backend: str = "inductor"  # torch.compile backend (tests use aot_eager: no C compiler)
     bf16: str = "auto"  # auto (bf16 on GPU) | true | false
     deepspeed: str = ""  # path to a DeepSpeed JSON (configs/deepspeed/zero2.json, zero3.json)
+    # Fully sharded data parallel (torch's FSDP2 `fully_shard`, per decoder and tower layer):
+    # each process holds 1/N of the parameters, gradients and optimizer state. Needs >= 2
+    # processes (torchrun / accelerate launch); on one process it trains unsharded, with a note.
+    fsdp: bool = False
+    # QLoRA (stage 2, tune lora, GPU + bitsandbytes): the frozen LLM loaded as 4bit (NF4, double
+    # quantisation, bf16 compute) or 8bit; LoRA and the projector train in full precision. "" = off.
+    quantize_base: str = ""
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     seed: int = 0
     # -- outputs -----------------------------------------------------------------------------
@@ -110,6 +118,10 @@ class Recipe:
         _choice("lr_scheduler", self.lr_scheduler, ("cosine", "constant"))
         if self.image_mode:
             _choice("image_mode", self.image_mode, ("square", "pad"))
+        if self.quantize_base:
+            _choice("quantize_base", self.quantize_base, QUANTIZE_BASE)
+        if self.fsdp and self.deepspeed:
+            raise BunnyError(f"the recipe asks for both fsdp and deepspeed ({self.deepspeed}); choose one sharding engine")
         if self.stage == "pretrain" and self.tune != "projector":
             raise BunnyError(f"stage pretrain trains the projector only; got tune={self.tune!r}")
         if self.stage == "finetune" and self.tune == "projector":
