@@ -1,10 +1,15 @@
 """Request-level limits that run before any route: body size and the API key."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import time
 
 from bunny.serve.schemas import ApiError, error_body
+
+DRAIN_MAX_BYTES = 1 << 30  # at most this much of a refused body is read and discarded ...
+DRAIN_MAX_S = 30.0  # ... for at most this long (nginx's lingering close waits 30 s too)
 
 
 class BodyLimit:
@@ -13,28 +18,41 @@ class BodyLimit:
     The declared Content-Length is checked first; a body sent in chunks (or with a false
     length) is counted as it arrives and refused the moment it passes the limit, so an
     oversized upload is never held in memory whole.
+
+    A client that sends its whole body before reading the answer (most HTTP clients) would
+    see a connection reset if the server closed the socket with the body still unread: the
+    kernel answers unread data with a reset, which discards the 413 on its way. So the rest
+    of a refused body is read and thrown away first (up to `drain_max_bytes`, for at most
+    `drain_max_s` seconds), then the 413 is sent. A client that asked `Expect:
+    100-continue` has sent nothing yet and is answered at once.
     """
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, drain_max_bytes: int = DRAIN_MAX_BYTES,
+                 drain_max_s: float = DRAIN_MAX_S):
         self.app, self.max_bytes = app, max_bytes
+        self.drain_max_bytes, self.drain_max_s = drain_max_bytes, drain_max_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send)
+            if headers.get(b"expect", b"").lower() == b"100-continue":
+                return await self._refuse(send)  # the body was never sent
+            return await self._drain_and_refuse(receive, send, more_body=True)
         chunks, total = [], 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
             body = message.get("body", b"")
+            more = message.get("more_body", False)
             total += len(body)
             if total > self.max_bytes:
-                return await self._refuse(send)
+                return await self._drain_and_refuse(receive, send, more_body=more)
             chunks.append(body)
-            if not message.get("more_body", False):
+            if not more:
                 break
         replayed = False
 
@@ -46,6 +64,23 @@ class BodyLimit:
             return await receive()  # later calls wait for the client's disconnect, as usual
 
         await self.app(scope, replay, send)
+
+    async def _drain_and_refuse(self, receive, send, more_body: bool) -> None:
+        """Read and discard what is left of the body (bounded), then answer 413."""
+        drained, deadline = 0, time.monotonic() + self.drain_max_s
+        while more_body and drained <= self.drain_max_bytes:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                message = await asyncio.wait_for(receive(), left)
+            except asyncio.TimeoutError:
+                break
+            if message["type"] == "http.disconnect":
+                return
+            drained += len(message.get("body", b""))
+            more_body = message.get("more_body", False)
+        await self._refuse(send)
 
     async def _refuse(self, send) -> None:
         body = json.dumps(error_body(f"the request body is over the limit of {self.max_bytes} bytes",
