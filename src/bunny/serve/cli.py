@@ -55,8 +55,11 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-body-mb", type=float, default=20.0)
     p.add_argument("--allow-remote-images", action="store_true",
                    help="also fetch http(s) image URLs (size and time limited); off: data: URLs only")
-    p.add_argument("--quantize", choices=["int8", "8bit", "4bit"],
-                   help="int8: dynamic int8 linear layers (CPU); 8bit/4bit: bitsandbytes (GPU)")
+    p.add_argument("--quantize", choices=["int8", "int4", "8bit", "4bit"],
+                   help="int8 / int4: weight-only (the LLM's linear layers; any device, less memory, "
+                        "answers kept, slower on a CPU); 8bit/4bit: bitsandbytes (GPU)")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128],
+                   help="--quantize int4: inputs sharing one scale (default 128)")
     p.add_argument("--template", help="override the checkpoint's template")
     p.add_argument("--model-base", help=MODEL_BASE_HELP)
     p.add_argument("--vision-tower", help=VISION_TOWER_HELP)
@@ -78,6 +81,7 @@ def _serve(args) -> int:
           max_batch_size=args.max_batch_size, max_queue=args.max_queue,
           max_new_tokens_cap=args.max_new_tokens_cap, max_images=args.max_images,
           max_image_pixels=args.max_image_pixels, max_body_bytes=int(args.max_body_mb * 2**20),
-          allow_remote_images=args.allow_remote_images, quantize=args.quantize, template=args.template,
+          allow_remote_images=args.allow_remote_images, quantize=args.quantize, group_size=args.group_size,
+          template=args.template,
           model_base=args.model_base, vision_tower=args.vision_tower, device=args.device, dtype=args.dtype)
     return 0

@@ -17,6 +17,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           served_model_name: str | None = None, max_batch_size: int = 8, max_queue: int = 64,
           max_new_tokens_cap: int = 1024, max_images: int = 4, max_image_pixels: int = 4096 * 4096,
           max_body_bytes: int = 20 * 2**20, allow_remote_images: bool = False, quantize: str | None = None,
+          group_size: int | None = None,
           template: str | None = None, model_base: str | None = None, vision_tower: str | None = None,
           device: str = "cpu",
           dtype: str | None = None) -> None:
@@ -37,7 +38,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     loaded, processor = load_pretrained(model, device=load_device, dtype=torch_dtype, model_base=model_base,
                                         template=template, vision_tower=vision_tower)
     if quantize:
-        quantize_model(loaded, quantize, device)
+        quantize_model(loaded, quantize, device, group_size=group_size)
     settings = ServerSettings(
         model_name=served_model_name or Path(str(model).rstrip("/")).name,
         api_key=api_key, max_batch_size=max_batch_size, max_queue=max_queue, max_new_tokens_cap=max_new_tokens_cap,
