@@ -1,4 +1,5 @@
-"""Batching tokenised conversations: pad ids/labels, build the attention mask, stack images."""
+"""Batching tokenised conversations: pad ids/labels, build the attention mask, stack images;
+or, with `pack_to`, pack them (`bunny.data.packing`)."""
 from __future__ import annotations
 
 import torch
@@ -7,14 +8,23 @@ from bunny.data.llava import IGNORE_INDEX
 from bunny.errors import BunnyError
 
 
-def collate(samples: list[dict], pad_token_id: int, padding_side: str = "right") -> dict:
+def collate(samples: list[dict], pad_token_id: int, padding_side: str = "right", pack_to: int = 0,
+            layout: str = "mask") -> dict:
     """samples from `ConversationDataset` -> model inputs.
 
     input_ids / labels / attention_mask: (B, T_max); pixel_values: (N_images, 3, H, W) in
     sample order (the order of the placeholders), absent when no sample has an image.
+    `pack_to` > 0: the samples packed into rows of at most that many tokens instead, with
+    `layout` "mask" or "varlen" (`bunny.data.packing.pack`).
     """
     if not samples:
         raise BunnyError("cannot collate an empty batch")
+    if pack_to:
+        from bunny.data.packing import pack
+
+        if padding_side != "right":
+            raise BunnyError("packed samples are laid out left to right; padding_side must be right")
+        return pack(samples, pad_token_id, pack_to, layout)
     if padding_side not in ("left", "right"):
         raise BunnyError(f"padding side {padding_side!r} is not valid; choose left or right")
     width = max(len(s["input_ids"]) for s in samples)
@@ -62,7 +72,10 @@ def segment_mask(samples: list[dict], width: int) -> dict:
 
 
 def real_tokens(batch: dict) -> int:
-    """Non-padding tokens of a collated batch (2-D or independent-turn 4-D mask)."""
+    """Non-padding tokens of a collated batch (2-D mask, or a 4-D mask of independent turns
+    or packing; a packed batch without a mask has no padding)."""
+    if "attention_mask" not in batch:
+        return int(batch["input_ids"].numel())
     mask = batch["attention_mask"]
     return int(mask.sum() if mask.ndim == 2 else mask.diagonal(dim1=-2, dim2=-1).sum())
 

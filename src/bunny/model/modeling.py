@@ -120,7 +120,9 @@ class BunnyForConditionalGeneration(BunnyPreTrainedModel, GenerationMixin):
         """input_ids (B, T) with expanded image placeholders; pixel_values (N_images, 3, H, W).
 
         Position ids restart at 0 in every sample (left padding included), so a batch gives
-        the same results as each sample alone. With `labels`, logits are computed only at
+        the same results as each sample alone. Packed batches (`bunny.data.packing`) bring
+        their own position ids and either a 4-D boolean mask (rows, 1, T, T) or, for
+        flash-attention's variable-length path, no mask. With `labels`, logits are computed only at
         the positions some sample in the batch trains on (the vocabulary head is the most
         expensive layer of a small LLM), and the loss is the mean over trained tokens.
         """
@@ -141,6 +143,9 @@ class BunnyForConditionalGeneration(BunnyPreTrainedModel, GenerationMixin):
 
         targets = None
         if labels is not None:
+            # A forward with labels (training, scoring) needs no cache; a cache would also stop
+            # transformers from reading packed samples' boundaries from the position ids.
+            use_cache = False if use_cache is None else use_cache
             if input_ids is not None:  # image placeholders are never targets
                 labels = labels.masked_fill(input_ids == self.config.image_token_index, IGNORE_INDEX)
             targets = labels[:, 1:]

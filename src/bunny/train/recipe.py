@@ -54,6 +54,11 @@ class Recipe:
     # about one image, e.g. VQA data; not for dialogues whose turns build on each other).
     independent_turns: bool = False
     model_max_length: int = 2048
+    # Pack each micro-batch's samples into rows of up to model_max_length tokens (attention
+    # kept within each sample, positions restarting per sample) instead of padding every
+    # sample to the longest: the same samples, steps and loss, less padding. A sample longer
+    # than model_max_length is an error naming it, not cut (docs/training.md, "Packing").
+    packing: bool = False
     # Keep every preprocessed image in memory across epochs: for small data read many times
     # (the demo); off by default because at the paper's scale (695k images at 384 px) it would
     # hold ~1 TB and undo the shards' lazy loading.

@@ -24,6 +24,7 @@ import torch
 
 from bunny.data.collate import collate, count_targets, real_tokens
 from bunny.data.llava import ConversationDataset, load_conversations
+from bunny.data.packing import UNCUT, attention_layout, check_packable
 from bunny.data.sampler import modality_length_grouped_order, shuffled_order
 from bunny.errors import BunnyError
 from bunny.train.checkpoint import find_resume_point, load_checkpoint, save_checkpoint
@@ -84,8 +85,10 @@ def build_dataset(recipe: Recipe, processor) -> tuple[ConversationDataset, int]:
     if recipe.max_samples:
         convs = convs[:recipe.max_samples]
     dataset = ConversationDataset(convs, processor, recipe.effective_data_template, recipe.effective_image_mode,
-                                  recipe.model_max_length, cache_images=recipe.cache_images,
-                                  independent_turns=recipe.independent_turns)
+                                  UNCUT if recipe.packing else recipe.model_max_length,
+                                  cache_images=recipe.cache_images, independent_turns=recipe.independent_turns)
+    if recipe.packing:  # packing refuses (by name) a sample longer than a row instead of cutting it
+        check_packable(dataset.lengths, [c.id for c in dataset.conversations], recipe.model_max_length)
     return dataset, len(report.skipped_missing)
 
 
@@ -167,6 +170,7 @@ def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = N
 
         bar = tqdm(total=total_steps, initial=step, desc=recipe.stage, unit="step", dynamic_ncols=True)
     params = [p for g in groups for p in g["params"]]
+    packing = {"pack_to": recipe.model_max_length, "layout": attention_layout(model)} if recipe.packing else {}
     order_cache: dict[int, list[int]] = {}
     samples_done, train_time = 0, 0.0
     last_ckpt = None
@@ -181,7 +185,7 @@ def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = N
             for k in range(recipe.grad_accum):
                 lo = (k * world + rank) * recipe.per_device_batch_size
                 batch = collate([dataset[i] for i in chosen[lo:lo + recipe.per_device_batch_size]],
-                                processor.pad_token_id)
+                                processor.pad_token_id, **packing)
                 micro.append(batch)
             local = torch.tensor([float(count_targets(b["labels"])) for b in micro], device=acc.device)
             n_tokens = acc.reduce(local.sum(), reduction="sum").item()
