@@ -2,7 +2,8 @@
 the web demo at `/`.
 
 The event loop only parses, checks and streams; the model runs on the scheduler's worker
-thread (`bunny.serve.batching`), which batches requests that arrive together. Every bad
+thread (`bunny.serve.batching`), where each request joins the running batch at the next
+decode step. Every bad
 request is answered with OpenAI's error shape and the right status; nothing a client sends
 can stop the server.
 """
@@ -39,7 +40,7 @@ class ServerSettings:
     model_name: str
     api_key: str | None = None
     max_batch_size: int = 8
-    max_queue: int = 64  # waiting requests (not counting the batch being decoded); more -> 503
+    max_queue: int = 64  # waiting requests (not counting the rows being decoded); more -> 503
     max_new_tokens_cap: int = 1024  # a larger max_tokens is refused
     default_max_tokens: int = 256  # when the request gives none (capped by max_new_tokens_cap)
     max_body_bytes: int = 20 * 2**20
