@@ -87,8 +87,8 @@ class Recipe:
     # -- engine ------------------------------------------------------------------------------
     gradient_checkpointing: bool = False
     # torch.compile each decoder layer of the LLM ("regional": one graph, compiled once, reused
-    # by every layer). On an H200 it raised the Bunny-4B LoRA step from 22.6% to 37.3% MFU
-    # (docs/benchmarks.md). Parameter names and checkpoints are unchanged.
+    # by every layer); what it gains on a GPU: docs/benchmarks.md, "Training step". Parameter
+    # names and checkpoints are unchanged.
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile backend (tests use aot_eager: no C compiler)
     bf16: str = "auto"  # auto (bf16 on GPU) | true | false
