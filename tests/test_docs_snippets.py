@@ -205,7 +205,8 @@ def _docs_with_runnable_blocks() -> list[str]:
 @pytest.fixture
 def workspace(tmp_path, monkeypatch) -> Path:
     """A folder holding the inputs the docs name, made tiny: a checkpoint, an image, a
-    SigLIP tower folder, LLaVA JSON data with images, a LAION-layout embedding folder."""
+    SigLIP tower folder, LLaVA JSON data with images, a LAION-layout embedding folder, a
+    POPE-layout benchmark file."""
     from transformers import SiglipVisionModel
 
     from bunny.testing import random_image, save_tiny_bunny, tiny_image_processor, tiny_vision_config
@@ -223,8 +224,28 @@ def workspace(tmp_path, monkeypatch) -> Path:
             {"from": "human", "value": "<image>\nWhat colour is the square?"}, {"from": "gpt", "value": "red"}]})
     (tmp_path / "data.json").write_text(json.dumps(samples))
     laion_layout(tmp_path / "emb")
+    pope_file(tmp_path / "pope.parquet")
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def pope_file(path: Path) -> None:
+    """Four questions in lmms-lab/POPE's parquet layout (images as {bytes, path})."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bunny.testing import random_image
+
+    rows = []
+    for i in range(4):
+        png = io.BytesIO()
+        random_image(i, (32, 32)).save(png, format="PNG")
+        rows.append({"question_id": str(i), "image": {"bytes": png.getvalue(), "path": None},
+                     "question": "Is there a red circle in the image?", "answer": ("yes", "no")[i % 2],
+                     "category": "random"})
+    pq.write_table(pa.Table.from_pylist(rows), path)
 
 
 def laion_layout(root: Path, n: int = 2000, d: int = 64) -> None:
