@@ -11,9 +11,14 @@ DeepSpeed, bf16 autocast); the loop itself is ours so that three properties hold
   a resumed run repeats the uninterrupted run's losses.
 - A non-finite loss stops the run before the optimizer step; checkpoints are only ever
   written after a finite step, so the last one stays good.
+
+`fsdp: true` shards the model across the processes (bunny.train.sharding, torch's FSDP2)
+instead of replicating it (DDP); the loop is the same, and so are its losses.
+`quantize_base` (QLoRA) loads the frozen LLM through bitsandbytes (bunny.train.qlora).
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 from contextlib import nullcontext
@@ -30,6 +35,7 @@ from bunny.errors import BunnyError
 from bunny.train.checkpoint import find_resume_point, load_checkpoint, save_checkpoint
 from bunny.train.parts import build_for_recipe, configure_trainables, match_projector_norm
 from bunny.train.recipe import Recipe, dump_recipe
+from bunny.train import qlora, sharding
 from bunny.train.reporting import MetricSink
 
 
@@ -42,6 +48,9 @@ class TrainResult:
     wall_seconds: float = 0.0
     samples_per_second: float = 0.0
     skipped: int = 0  # samples dropped by skip_missing
+    # Elements of parameters and optimizer state this process holds, after its first step
+    # (sharding.holdings): with fsdp about 1/N of the totals.
+    holdings: dict = field(default_factory=dict)
 
 
 def make_accelerator(recipe: Recipe):
@@ -67,12 +76,21 @@ def make_accelerator(recipe: Recipe):
             raise BunnyError(f"the recipe asks for DeepSpeed ({recipe.deepspeed}) but no GPU is visible; "
                              "Accelerate cannot run DeepSpeed on the CPU. Remove `deepspeed` to train with "
                              "DDP (gloo) on the CPU, or run on GPUs")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise BunnyError(f"the recipe asks for DeepSpeed ({recipe.deepspeed}) but deepspeed is not installed: "
+                             "pip install deepspeed (on the GPU machine), or remove `deepspeed` from the recipe")
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=recipe.deepspeed,
                                                      gradient_accumulation_steps=recipe.grad_accum)
     acc = Accelerator(**kwargs)
     if recipe.deepspeed and acc.distributed_type.name != "DEEPSPEED":
         raise BunnyError(f"the recipe asks for DeepSpeed ({recipe.deepspeed}) but Accelerate set up "
                          f"{acc.distributed_type.name}; launch with torchrun or `accelerate launch`")
+    if acc.distributed_type.name == "FSDP":
+        # An Accelerate config with distributed_type FSDP: Accelerate would wrap the model its own
+        # way in prepare(); bunny shards it itself (bunny.train.sharding) from the recipe.
+        raise BunnyError("the Accelerate config sets distributed_type FSDP; bunny shards the model itself: set "
+                         "`fsdp: true` in the recipe and launch with a config whose distributed_type is MULTI_GPU "
+                         "(or plain `accelerate launch --num_processes N` / torchrun)")
     return acc
 
 
@@ -118,21 +136,31 @@ def compile_layers(model, backend: str = "inductor") -> None:
         layer.compile(backend=backend)
 
 
+def sharded_state(model, optimizer) -> tuple[dict, dict]:
+    """(full trainables, optimizer state by parameter name) of a sharded run; collective."""
+    return sharding.gather_trainable(model), sharding.gather_optimizer(model, optimizer)
+
+
 def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = None) -> TrainResult:
     """Run one stage as the recipe says. `model`/`processor` may be given (tests, the demo)
     instead of being built from the recipe. `stop_after` ends the loop early after that
     many optimizer steps, as a killed run would (tests of resuming)."""
     start = time.perf_counter()
+    qlora.check(recipe)  # before anything is built or written: no GPU, no bitsandbytes, fields that do not fit
     if recipe.num_threads:
         torch.set_num_threads(recipe.num_threads)
     acc = make_accelerator(recipe)
+    sharded = recipe.fsdp and acc.num_processes > 1
+    if recipe.fsdp and not sharded:
+        acc.print("note: fsdp is set but this run has one process: nothing to shard across, training unsharded "
+                  "(launch with torchrun --nproc_per_node N or accelerate launch --num_processes N to shard)")
     out_dir = Path(recipe.output_dir)
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.yaml").write_text(dump_recipe(recipe))
     torch.manual_seed(recipe.seed)  # LoRA and projector init: identical on every rank
     if model is None:
-        model, processor = build_for_recipe(recipe)
+        model, processor = qlora.build(recipe, acc.device) if recipe.quantize_base else build_for_recipe(recipe)
     if recipe.image_token_pool and recipe.image_token_pool != model.config.image_token_pool:
         raise BunnyError(f"the recipe asks for image_token_pool {recipe.image_token_pool} but the model was built "
                          f"with {model.config.image_token_pool}; it is fixed when the model is built")
@@ -148,8 +176,8 @@ def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = N
         raise BunnyError(f"{len(dataset)} samples are fewer than one global batch of {per_step} "
                          "(per_device_batch_size x processes x grad_accum)")
     total_steps = recipe.max_steps or max(1, math.ceil(recipe.epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups])
-    scheduler = make_scheduler(optimizer, recipe, total_steps)
+    # The frame the gathered weights are exported in (main process; parameters on meta: no memory).
+    skeleton = sharding.meta_skeleton(model) if sharded and acc.is_main_process else None
     if recipe.gradient_checkpointing:
         model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.compile:
@@ -157,11 +185,19 @@ def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = N
     model.train()
     if not recipe.unfreeze_tower:
         model.vision_tower.eval()  # frozen: no dropout, fixed statistics
-    wrapped, optimizer = acc.prepare(model, optimizer)
+    if sharded:
+        model.to(acc.device)
+        groups = sharding.shard(model, groups)  # the optimizer must see the sharded parameters
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups])
+    scheduler = make_scheduler(optimizer, recipe, total_steps)
+    if sharded:  # already distributed: Accelerate would wrap it in DDP
+        wrapped = model
+    else:
+        wrapped, optimizer = acc.prepare(model, optimizer)
     step, history = 0, []
     resume_from = find_resume_point(out_dir, recipe.resume)
     if resume_from is not None:
-        step, history = load_checkpoint(resume_from, model, optimizer, scheduler)
+        step, history = load_checkpoint(resume_from, model, optimizer, scheduler, sharded=sharded)
         acc.print(f"resumed from {resume_from} at step {step}")
     sink = MetricSink(out_dir, recipe.tensorboard, recipe.wandb_project, recipe.to_dict()) if acc.is_main_process else None
     bar = None
@@ -174,6 +210,7 @@ def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = N
     order_cache: dict[int, list[int]] = {}
     samples_done, train_time = 0, 0.0
     last_ckpt = None
+    holdings: dict = {}
     try:
         while step < total_steps and (stop_after is None or step < stop_after):
             t0 = time.perf_counter()
@@ -194,10 +231,12 @@ def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = N
                 torch.manual_seed(hash((recipe.seed, step, k, rank)) % (2 ** 31))
                 batch = {key: v.to(acc.device) for key, v in batch.items()}
                 sync = k == len(micro) - 1
-                with (nullcontext() if sync else acc.no_sync(wrapped)), acc.autocast():
+                if sharded:  # FSDP2: reduce-scatter the gradients on the last micro-batch only
+                    wrapped.set_requires_gradient_sync(sync)
+                with (nullcontext() if sync or sharded else acc.no_sync(wrapped)), acc.autocast():
                     loss = wrapped(**batch).loss
                     # Weight each micro-batch's mean by its share of the global batch's tokens;
-                    # x world undoes DDP's averaging of gradients over processes.
+                    # x world undoes DDP's (or FSDP's reduce-scatter's) averaging over processes.
                     weight = local[k].item() / n_tokens
                     acc.backward(loss * weight * world)
                 loss_sum += loss.detach().float() * weight
@@ -212,6 +251,8 @@ def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = N
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if not holdings:
+                holdings = sharding.holdings(wrapped, optimizer)
             step += 1
             dt = time.perf_counter() - t0
             train_time += dt
@@ -231,16 +272,22 @@ def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = N
                                 tok_s=f"{record['tokens_per_s']:.0f}")
             if recipe.save_every and step % recipe.save_every == 0 and step < total_steps:
                 acc.wait_for_everyone()
+                # Sharded: every process takes part in gathering the full state; the main one writes it.
+                state = sharded_state(wrapped, optimizer) if sharded else None
                 if acc.is_main_process:
                     last_ckpt = save_checkpoint(out_dir, step, acc.unwrap_model(wrapped), optimizer, scheduler,
-                                                history, recipe.keep_checkpoints)
+                                                history, recipe.keep_checkpoints, gathered=state)
+                acc.wait_for_everyone()
     finally:
         if bar is not None:
             bar.close()
         if sink is not None:
             sink.close()
     model = acc.unwrap_model(wrapped)
-    result = TrainResult(history=history, model=model, processor=processor, skipped=skipped,
+    if sharded and step >= total_steps:
+        # The whole trained model on the main process (the others keep their shards).
+        model = sharding.gathered_model(wrapped, skeleton) or model
+    result = TrainResult(history=history, model=model, processor=processor, skipped=skipped, holdings=holdings,
                          samples_per_second=samples_done / train_time if train_time else 0.0)
     if step >= total_steps:
         acc.wait_for_everyone()

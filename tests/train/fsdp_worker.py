@@ -1,0 +1,44 @@
+"""Run by test_fsdp.py under torchrun (2 processes, gloo): tiny-model training runs with
+`fsdp: true`, one after the other in the same processes (one launch: the imports dominate);
+each process writes each run's losses and holdings to OUT/MODE/report-RANK.json.
+
+argv: DATA OUT MODE [MODE ...], MODE one of
+- lora: 10 steps of LoRA (tower frozen), a checkpoint every 3 steps, killed after step 7
+  (the last checkpoint at step 6) and resumed to step 10;
+- full: 10 steps of full fine-tuning with the tower trained and gradient checkpointing.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bunny.testing import make_tiny_bunny  # noqa: E402
+from bunny.train.trainer import train  # noqa: E402
+from trainhelp import tiny_recipe  # noqa: E402
+
+STEPS = 10
+
+
+def recipe_for(mode: str, data: Path, out: Path, per_device: int, fsdp: bool):
+    """The same recipe for the sharded runs (per_device 2, 2 processes) and their one-process
+    references (per_device 4): the same global batch."""
+    fields = dict(per_device_batch_size=per_device, max_steps=STEPS, fsdp=fsdp, save_every=3, keep_checkpoints=1,
+                  save_full_model=True, resume="auto")
+    if mode == "full":
+        fields.update(tune="full", unfreeze_tower=True, gradient_checkpointing=True, lr=2e-3, save_every=0)
+    return tiny_recipe(out, data, **fields)
+
+
+if __name__ == "__main__":
+    data, out = Path(sys.argv[1]), Path(sys.argv[2])
+    torch.set_num_threads(1)
+    for mode in sys.argv[3:]:
+        recipe = recipe_for(mode, data, out / mode, 2, True)
+        before = train(recipe, *make_tiny_bunny(), stop_after=7).history if mode == "lora" else []
+        result = train(recipe, *make_tiny_bunny())
+        rank = torch.distributed.get_rank()
+        (out / mode / f"report-{rank}.json").write_text(json.dumps({
+            "losses": [h["loss"] for h in result.history], "history": result.history, "before_kill": before,
+            "holdings": result.holdings}))
