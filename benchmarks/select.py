@@ -297,6 +297,9 @@ def main():
     ap.add_argument("--only-speed", action="store_true", help="skip the scale and Ray parts")
     ap.add_argument("--only-scale", action="store_true", help="skip the speed comparison")
     ap.add_argument("--baselines", default="dense", help="dense, or none (empty)")
+    ap.add_argument("--products", default="int8",
+                    help="speed part: step 1's product kinds of ours, comma-separated (int8, float32), run in turn; "
+                         "the first is compared with the baselines, the others with it")
     ap.add_argument("--ab", help="source folder (holding bunny/) of the code to compare ours with, alternating")
     ap.add_argument("--ab-repeat", type=int, default=5, help="runs of each side in the --ab comparisons")
     ap.add_argument("--spectrum", type=float, default=0.0,
@@ -337,7 +340,8 @@ def main():
            "spectrum": args.spectrum}
     if not args.only_scale:
         print(f"speed: {speed_rows} rows, {args.speed_cluster} rows per cluster", flush=True)
-        res["speed"] = speed(w, speed_root, baselines, args.repeat, args.cap, args.baseline_repeat, args.settle)
+        res["speed"] = speed(w, speed_root, baselines, args.repeat, args.cap, args.baseline_repeat, args.settle,
+                             [p for p in args.products.split(",") if p])
         if args.ab:
             print(f"A/B against {args.ab}: {args.ab_repeat} alternating runs each", flush=True)
             res["ab"] = {"embedded": ab(w, speed_root, args.ab, args.ab_repeat, "local")}
@@ -371,18 +375,25 @@ def ab(w: Path, root: Path, src: str, repeat: int, engine: str) -> dict:
 
 
 def speed(w: Path, root: Path, baselines: list[str], repeat: int, cap: float, baseline_repeat: int = 1,
-          settle: float = 20.0) -> dict:
+          settle: float = 20.0, products: list[str] | None = None) -> dict:
     """Ours `repeat` times and each baseline `baseline_repeat` times, interleaved (ours,
     each baseline, ours, ...: a slow spell of a shared machine weighs on both sides);
-    medians compared; identical selected ids required. A run after a baseline waits
+    medians compared; identical selected ids required. `products`: step 1's product kinds
+    of ours (`--products` of `bunny data select`), each run in turn at every repeat; the
+    first is the one compared with the baselines, the others with it. A run after a baseline waits
     `settle` seconds first: memory the baseline freed is slow to hand out again on some VMs."""
-    ours, runs = [], {what: [] for what in baselines}
-    spec = {"what": "ours", "root": str(root), "out": str(w / "out_speed"), "ids": str(w / "ids_ours.npy"), "n": None}
+    products = products or ["int8"]
+    ours, runs = {p: [] for p in products}, {what: [] for what in baselines}
+    same = []  # every products kind selected the first kind's ids, run by run
     for i in range(max(1, repeat, baseline_repeat)):
         if i < max(1, repeat):
             if i and baselines:
                 time.sleep(settle)
-            ours.append(measure(spec))
+            for p in products:
+                ours[p].append(measure({"what": "ours", "root": str(root), "out": str(w / "out_speed"), "n": None,
+                                        "products": p, "ids": str(w / f"ids_ours_{p}.npy")}))
+            same += [bool(np.array_equal(np.load(w / f"ids_ours_{products[0]}.npy"), np.load(w / f"ids_ours_{p}.npy")))
+                     for p in products[1:]]
         for what in baselines:
             done = runs[what]
             if i >= max(1, baseline_repeat) or (done and done[-1].get("stopped")):
@@ -392,9 +403,14 @@ def speed(w: Path, root: Path, baselines: list[str], repeat: int, cap: float, ba
             done.append(measure({"what": what, "root": str(root), "out": str(w / "out_speed"),
                                  "ids": str(w / f"ids_{what}.npy"), "n": None}, cap=cap))
             if not done[-1].get("stopped"):
-                done[-1]["identical_ids"] = bool(np.array_equal(np.load(w / "ids_ours.npy"),
+                done[-1]["identical_ids"] = bool(np.array_equal(np.load(w / f"ids_ours_{products[0]}.npy"),
                                                                 np.load(w / f"ids_{what}.npy")))
-    res = {"ours": _median_of(ours)}
+    res = {"ours": _median_of(ours[products[0]])}
+    if len(products) > 1:  # the other kinds against the first: ratio of the medians, each run's ratio
+        res["products"] = {p: {**_median_of(ours[p]), "over_first": _median_of(ours[p])["wall_s"] / res["ours"]["wall_s"],
+                               "run_ratios": [round(o["wall_s"] / f["wall_s"], 3) for f, o in zip(ours[products[0]], ours[p])]}
+                           for p in products[1:]}
+        res["products"]["identical_ids"] = all(same)
     for what in baselines:
         res[what] = _median_of(runs[what])
         res[what]["speedup"] = res[what]["wall_s"] / res["ours"]["wall_s"]  # a lower bound if stopped
