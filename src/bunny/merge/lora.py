@@ -8,6 +8,8 @@ Layouts accepted as ADAPTER (see docs/merge-export.md):
   `recipe.yaml` names the base (`init_from`, or `llm` + `tower`) unless `--base` is given.
 - a reference (BAAI Bunny) LoRA folder (`config.json` with `mm_vision_tower`,
   `non_lora_trainables.bin`): converted by bunny.convert.reference, which merges it.
+- a QLoRA run's output (`quantize_base: 4bit|8bit`): the same files; the base is rebuilt in
+  full precision and the adapter folded into it (`merged_model`).
 
 `fold_lora` is bunny's one LoRA fold: `bunny merge lora`, the reference's LoRA folders
 (bunny.convert.lora) and the end of stage-2 training (bunny.train.parts.merge_lora) all use
@@ -196,7 +198,17 @@ def merge_lora_adapter(adapter: str | os.PathLike, out: str | os.PathLike, base:
         from bunny.convert.reference import convert_reference
 
         return convert_reference(path, out, model_base=base, dtype=dtype)
-    folder = find_adapter(path)
+    return save_pretrained(*merged_model(find_adapter(path), base, dtype), out)
+
+
+def merged_model(folder: Path, base: str | None = None, dtype: torch.dtype | None = None):
+    """(model, processor): the base of the bunny adapter in `folder` with the adapter folded in.
+
+    QLoRA (a run whose recipe has `quantize_base`): the base is rebuilt in full precision, as
+    for any run, and the adapter folded into those weights: dequantise-then-fold, where the
+    dequantised weights are the full-precision ones the 4/8-bit base was quantised from (no
+    GPU or bitsandbytes needed). The merged model differs from the trained one by the base's
+    quantisation error, which the adapter was trained on top of."""
     config, lora, extra = read_adapter(folder)
     check_supported(config, folder)
     run_dir = folder.parent  # a training run's output folder: recipe.yaml beside adapter/
@@ -204,4 +216,4 @@ def merge_lora_adapter(adapter: str | os.PathLike, out: str | os.PathLike, base:
     fold_lora(model.language_model, config, lora, source=str(folder))
     load_non_lora(model, extra, str(folder))
     model.config.projector_trained = True
-    return save_pretrained(model, processor, out)
+    return model, processor

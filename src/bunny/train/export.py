@@ -35,7 +35,12 @@ def export_stage(model, processor, recipe: Recipe, history: list[dict]) -> dict:
     if recipe.tune == "lora":
         save_adapter(model, out / "adapter")
         written["adapter"] = str(out / "adapter")
-        merge_lora(model)
+        if recipe.quantize_base:  # QLoRA: the adapter folded into the full-precision base, as `bunny merge lora` does
+            from bunny.merge.lora import merged_model
+
+            model, processor = merged_model(out / "adapter")
+        else:
+            merge_lora(model)
     if recipe.save_full_model:
         written["model"] = str(save_pretrained(model, processor, out / "model"))
     tail = history[-10:]

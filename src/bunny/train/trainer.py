@@ -161,6 +161,11 @@ def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = N
     torch.manual_seed(recipe.seed)  # LoRA and projector init: identical on every rank
     if model is None:
         model, processor = qlora.build(recipe, acc.device) if recipe.quantize_base else build_for_recipe(recipe)
+    elif recipe.quantize_base:
+        raise BunnyError(f"quantize_base: {recipe.quantize_base} loads the LLM itself (quantised); "
+                         "train(recipe) without a model")
+    if recipe.fsdp:
+        sharding.units(model)  # a model that cannot be sharded fails here, on one process too
     if recipe.image_token_pool and recipe.image_token_pool != model.config.image_token_pool:
         raise BunnyError(f"the recipe asks for image_token_pool {recipe.image_token_pool} but the model was built "
                          f"with {model.config.image_token_pool}; it is fixed when the model is built")

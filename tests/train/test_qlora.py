@@ -1,0 +1,125 @@
+"""QLoRA (`quantize_base: 4bit|8bit`): what can be checked without a GPU (the errors, before
+anything is built or written; the bitsandbytes settings; merging a QLoRA run into its
+full-precision base), and a training run that runs only on a CUDA GPU with bitsandbytes."""
+import importlib.util
+
+import pytest
+import torch
+import yaml
+
+from bunny.errors import BunnyError
+from bunny.merge.lora import merge_lora_adapter
+from bunny.model.loading import load_pretrained
+from bunny.testing import random_image, tiny_image_processor, tiny_llm, tiny_vision_config
+from bunny.train import qlora
+from bunny.train.parts import build_for_recipe, configure_trainables, save_adapter
+from bunny.train.recipe import Recipe
+from bunny.train.trainer import train
+from trainhelp import tiny_recipe, write_dataset
+
+HAVE_GPU_QLORA = torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """An LLM folder and a tower folder (tiny), as `llm:` and `tower:` of a recipe name them."""
+    from transformers import SiglipVisionModel
+
+    root = tmp_path_factory.mktemp("qlora")
+    llm, tokenizer = tiny_llm("llama", seed=3)
+    llm.save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    torch.manual_seed(4)
+    SiglipVisionModel(tiny_vision_config("siglip")).save_pretrained(root / "tower")
+    tiny_image_processor("siglip").save_pretrained(root / "tower")
+    return root
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_qlora_on_the_cpu_is_a_clear_error_before_anything_is_built(tmp_path):
+    recipe = Recipe(quantize_base="4bit", data_path=str(tmp_path / "data.json"), output_dir=str(tmp_path / "run"))
+    with pytest.raises(BunnyError) as err:
+        train(recipe)  # would build the embedded SmolLM2 first if the check came later
+    message = str(err.value)
+    assert "quantize_base: 4bit cannot train here" in message and "no CUDA GPU is visible" in message
+    assert "Remove quantize_base" in message
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert "bitsandbytes is not installed (pip install bitsandbytes)" in message
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("fields, expected", [
+    (dict(stage="finetune", tune="full"), "needs stage finetune and tune lora"),
+    (dict(stage="pretrain", tune="projector"), "needs stage finetune and tune lora"),
+    (dict(fsdp=True), "with fsdp is not supported"),
+    (dict(deepspeed="configs/deepspeed/zero3.json"), "with deepspeed is not supported"),
+])
+def test_recipes_qlora_cannot_train(fields, expected, tmp_path):
+    recipe = Recipe(quantize_base="8bit", output_dir=str(tmp_path / "run"), **fields)
+    with pytest.raises(BunnyError, match=expected):
+        train(recipe)
+    assert not (tmp_path / "run").exists()
+
+
+def test_qlora_from_a_whole_checkpoint_is_refused(tmp_path):
+    from bunny.testing import save_tiny_bunny
+
+    base = save_tiny_bunny(tmp_path / "base")
+    with pytest.raises(BunnyError, match="is a whole bunny checkpoint"):
+        qlora.check(Recipe(quantize_base="4bit", init_from=str(base), output_dir=str(tmp_path / "run")))
+
+
+def test_unknown_quantize_base_lists_the_choices():
+    with pytest.raises(BunnyError, match="quantize_base='3bit' is not valid; choose one of 4bit, 8bit"):
+        Recipe(quantize_base="3bit")
+
+
+def test_bitsandbytes_settings():
+    four = qlora.bnb_config("4bit")
+    assert (four.load_in_4bit, four.bnb_4bit_quant_type, four.bnb_4bit_use_double_quant,
+            four.bnb_4bit_compute_dtype) == (True, "nf4", True, torch.bfloat16)
+    eight = qlora.bnb_config("8bit")
+    assert eight.load_in_8bit and not eight.load_in_4bit
+
+
+def test_a_qlora_run_merges_into_its_full_precision_base(parts, tmp_path):
+    """`bunny merge lora` on a QLoRA run's output needs no GPU: the base is rebuilt in full
+    precision from the run's recipe and the adapter folded into it, giving the logits of the
+    full-precision base with the LoRA applied."""
+    recipe = dict(stage="finetune", tune="lora", llm=str(parts / "llm"), tower=str(parts / "tower"),
+                  quantize_base="4bit", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    model, processor = build_for_recipe(Recipe(**recipe))
+    configure_trainables(model, Recipe(**recipe))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    save_adapter(model, tmp_path / "run" / "adapter")
+    (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    merged, _ = load_pretrained(merge_lora_adapter(tmp_path / "run", tmp_path / "merged"))
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                        {"type": "text", "text": "what?"}]}],
+                                           add_generation_prompt=True)
+    inputs = processor(text=prompt, images=[random_image(1)], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, model(**inputs).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAVE_GPU_QLORA, reason="QLoRA needs a CUDA GPU and bitsandbytes")
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_qlora_trains_on_a_gpu(parts, tmp_path, mode):
+    import bitsandbytes as bnb
+
+    data = write_dataset(tmp_path / "data", n=16)
+    recipe = tiny_recipe(tmp_path, data, llm=str(parts / "llm"), tower=str(parts / "tower"), quantize_base=mode,
+                         max_steps=10, per_device_batch_size=4, save_full_model=True, gradient_checkpointing=True)
+    torch.cuda.reset_peak_memory_stats()
+    result = train(recipe)
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    kind = bnb.nn.Linear4bit if mode == "4bit" else bnb.nn.Linear8bitLt
+    assert any(isinstance(m, kind) for m in result.model.language_model.modules())
+    assert all(p.dtype == torch.float32 for p in result.model.mm_projector.parameters())
+    merged, _ = load_pretrained(tmp_path / "run" / "model")  # folded into the full-precision base
+    assert not any(isinstance(m, kind) for m in merged.modules())
