@@ -159,6 +159,9 @@ def child(spec: dict) -> dict:
 
         ids = pq.read_table(Path(spec["out"]) / "selected.parquet", columns=["gid"]).column("gid").to_numpy()
         extra = {"rows_after": rep["rows_after"], "stages": cfg.timings, "workers": rep["workers"]}
+    elif spec["what"] == "profile":
+        got = profile_step1(spec)
+        return {**got, "wall_s": time.perf_counter() - t0, "peak_rss_gb": peak_rss_gb(), "peak_anon_gb": anon.stop()}
     else:
         ids = naive_select(Path(spec["root"]), spec.get("n"))
         wall = time.perf_counter() - t0
@@ -168,6 +171,86 @@ def child(spec: dict) -> dict:
     # with step 1's worker processes: their summed resident memory, sampled, when larger
     return {"wall_s": wall, "peak_rss_gb": max(peak_rss_gb(), anon.rss_peak / 2**20), "peak_anon_gb": anon_gb,
             **extra}
+
+
+def profile_step1(spec: dict) -> dict:
+    """Thread CPU seconds of the parts of step 1 (`kernel.run_cluster`) on the first
+    `clusters` clusters of a finished run's work folder, one BLAS thread, per products kind;
+    each part is timed by a wrapper around the function that does it. "products" are the
+    int8 tiles' (the float32 path's products are BLAS calls inside `bound.bounded_edges`,
+    counted in its "scan" remainder); "scan" is the rest of the pair search (tile
+    thresholding, the rows' coordinates); "other" is run_cluster's remainder (distances,
+    the kept row's choice, scores, the file written)."""
+    import shutil
+
+    from threadpoolctl import threadpool_limits
+
+    from bunny.select import bound, int8, kernel, ort_ops, rules
+    from bunny.select.layout import Layout, open_layout
+
+    threadpool_limits(1)
+    spent: dict = {}
+
+    def timed(name, fn):
+        def run(*a, **k):
+            t = time.thread_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.thread_time() - t
+        return run
+
+    def timed_gen(name, fn):
+        def run(*a, **k):
+            it = fn(*a, **k)
+            while True:
+                t = time.thread_time()
+                try:
+                    got = next(it)
+                except StopIteration:
+                    return
+                finally:
+                    spent[name] = spent.get(name, 0.0) + time.thread_time() - t
+                yield got
+        return run
+
+    ort_ops.product = timed("products", ort_ops.product)
+    int8.plan, bound.bound_plan = timed("plan", int8.plan), timed("plan", bound.bound_plan)
+    int8.quantise = timed("quantise", int8.quantise)
+    rules.decide_candidates = timed("re-check", rules.decide_candidates)
+    rules.union_edges = timed("union-find", rules.union_edges)
+    rules.similarity_edges = timed_gen("pair search", rules.similarity_edges)
+    for name in ("gather_stored", "stored_to_f32", "gather_f32"):
+        setattr(Layout, name, timed("read rows", getattr(Layout, name)))
+    layout = open_layout(spec["root"])
+    centroids = np.load(Path(spec["root"]) / "centroids.npy")
+    work = Path(spec["out"]) / "_work_profile"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(Path(spec["out"]) / "_work", work)
+    ort_ops.qmax()  # once per process, outside the timings
+    out = {}
+    try:
+        for products in spec["products"]:
+            params = kernel.KernelParams(products=products)
+            per = []
+            # cluster 0 once more first, to warm up (sessions, caches): not counted
+            for c in [0] + list(range(min(spec["clusters"], len(centroids)))):
+                kernel.cluster_file(work, c).unlink(missing_ok=True)
+                spent.clear()
+                t = time.thread_time()
+                kernel.run_cluster(layout, work, c, centroids[c], params)
+                spent["total"] = time.thread_time() - t
+                per.append(dict(spent))
+            per = per[1:]
+            mean = {k: float(np.mean([p.get(k, 0.0) for p in per])) for k in per[0]}
+            inner = sum(mean.get(k, 0.0) for k in ("products", "plan", "quantise", "re-check"))
+            mean["scan"] = mean.get("pair search", 0.0) - inner
+            mean["other"] = mean["total"] - mean.get("pair search", 0.0) - mean.get("union-find", 0.0) - mean.get(
+                "read rows", 0.0)
+            out[products] = {k: round(v, 4) for k, v in mean.items()}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"profile": out, "clusters": spec["clusters"]}
 
 
 class AnonPeak:
@@ -297,6 +380,8 @@ def main():
     ap.add_argument("--only-speed", action="store_true", help="skip the scale and Ray parts")
     ap.add_argument("--only-scale", action="store_true", help="skip the speed comparison")
     ap.add_argument("--baselines", default="dense", help="dense, or none (empty)")
+    ap.add_argument("--profile-step1", type=int, default=0, metavar="C",
+                    help="after the speed part: thread CPU time of step 1's parts on C clusters, per products kind")
     ap.add_argument("--products", default="int8",
                     help="speed part: step 1's product kinds of ours, comma-separated (int8, float32), run in turn; "
                          "the first is compared with the baselines, the others with it")
@@ -342,6 +427,11 @@ def main():
         print(f"speed: {speed_rows} rows, {args.speed_cluster} rows per cluster", flush=True)
         res["speed"] = speed(w, speed_root, baselines, args.repeat, args.cap, args.baseline_repeat, args.settle,
                              [p for p in args.products.split(",") if p])
+        if args.profile_step1:
+            print(f"step 1's parts on {args.profile_step1} clusters (thread CPU seconds per cluster)", flush=True)
+            res["profile"] = measure({"what": "profile", "root": str(speed_root), "out": str(w / "out_speed"),
+                                      "clusters": args.profile_step1, "products": res["speed"]["product_kinds"]})
+            print(json.dumps(res["profile"]["profile"], indent=1), flush=True)
         if args.ab:
             print(f"A/B against {args.ab}: {args.ab_repeat} alternating runs each", flush=True)
             res["ab"] = {"embedded": ab(w, speed_root, args.ab, args.ab_repeat, "local")}
@@ -405,7 +495,7 @@ def speed(w: Path, root: Path, baselines: list[str], repeat: int, cap: float, ba
             if not done[-1].get("stopped"):
                 done[-1]["identical_ids"] = bool(np.array_equal(np.load(w / f"ids_ours_{products[0]}.npy"),
                                                                 np.load(w / f"ids_{what}.npy")))
-    res = {"ours": _median_of(ours[products[0]])}
+    res = {"ours": _median_of(ours[products[0]]), "product_kinds": products}
     if len(products) > 1:  # the other kinds against the first: ratio of the medians, each run's ratio
         res["products"] = {p: {**_median_of(ours[p]), "over_first": _median_of(ours[p])["wall_s"] / res["ours"]["wall_s"],
                                "run_ratios": [round(o["wall_s"] / f["wall_s"], 3) for f, o in zip(ours[products[0]], ours[p])]}
