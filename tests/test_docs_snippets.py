@@ -4,12 +4,15 @@ network.
 
 A code block is a fenced block with a language. `python` blocks run in one namespace per
 document, in order (a document reads top to bottom); `bash` / `sh` / `shell` blocks run line
-by line (`\\` continues a line, `#` starts a comment), each line a `bunny ...` or
-`python ...` command. Other languages (`text`, `json`, `yaml`, ...) are output, file
-contents or usage synopses and are not run. A block that cannot run here (GPU, hub
-downloads, multi-node, long runs) has the line `<!-- not run: REASON -->` right before it.
-Everything runs offline in a temporary folder holding tiny fixtures under the names the
-docs use (`path/to/checkpoint`, `photo.jpg`, ...; `workspace` below).
+by line (`\\` continues a line, `#` starts a comment), each line a `bunny ...` command (run
+through `bunny.cli.main`, what the `bunny` script calls, in this process so that the imports
+are paid once) or a `python ...` command (a subprocess). Other languages (`text`, `json`,
+`yaml`, ...) are output, file contents or usage synopses and are not run; one with the line
+`<!-- file: NAME -->` right before it is written to NAME when the run reaches it (a recipe
+the next command reads). A block that cannot run here (GPU, hub downloads, multi-node, long
+runs) has the line `<!-- not run: REASON -->` right before it. Everything runs offline in a
+temporary folder holding tiny fixtures under the names the docs use (`path/to/checkpoint`,
+`photo.jpg`, ...; `workspace` below).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CODE = {"python", "bash", "sh", "shell"}
 NOT_CODE = {"text", "json", "jsonl", "yaml", "toml", "jinja", "html", "diff", "dockerfile", "ini", "csv"}
 MARK = re.compile(r"^\s*<!--\s*not run:(.*?)-->\s*$")
+FILE = re.compile(r"^\s*<!--\s*file:(.*?)-->\s*$")
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([^\s`]*)")
 LIST_ITEM = re.compile(r"^\s*([-*+]|\d+[.)])\s")
 COMMAND_TIMEOUT_S = 300
@@ -41,6 +45,7 @@ class Block:
     lang: str
     text: str
     reason: str | None  # the `not run` reason, None when the block is to run
+    file: str | None = None  # where the run writes the block's text (a `file:` marker)
 
 
 def parse(markdown: str, doc: str) -> list[Block]:
@@ -49,17 +54,18 @@ def parse(markdown: str, doc: str) -> list[Block]:
     or not followed by a fenced block."""
     lines = markdown.split("\n")
     blocks: list[Block] = []
-    pending: tuple[int, str] | None = None  # a `not run` marker waiting for its block
+    pending: tuple[int, str, str] | None = None  # (line, kind, value) of a marker waiting for its block
     i = 0
     while i < len(lines):
         line = lines[i]
-        mark = MARK.match(line)
+        mark = MARK.match(line) or FILE.match(line)
         fence = FENCE.match(line)
         if mark:
-            reason = mark.group(1).strip()
-            if not reason:
-                raise ValueError(f"{doc}:{i + 1}: `not run` marker without a reason")
-            pending = (i + 1, reason)
+            kind = "not run" if mark.re is MARK else "file"
+            value = mark.group(1).strip()
+            if not value:
+                raise ValueError(f"{doc}:{i + 1}: `{kind}` marker without a " + ("reason" if kind == "not run" else "name"))
+            pending = (i + 1, kind, value)
         elif fence:
             indent, ticks, lang = fence.groups()
             end = next((j for j in range(i + 1, len(lines))
@@ -67,18 +73,22 @@ def parse(markdown: str, doc: str) -> list[Block]:
             if end is None:
                 raise ValueError(f"{doc}:{i + 1}: fenced block never closed")
             body = "\n".join(x[len(indent):] if x.startswith(indent) else x.lstrip() for x in lines[i + 1:end])
-            blocks.append(Block(doc, i + 1, lang.lower(), body, pending[1] if pending else None))
+            marker = {pending[1]: pending[2]} if pending else {}
+            block = Block(doc, i + 1, lang.lower(), body, marker.get("not run"), marker.get("file"))
+            if block.file and (block.lang in CODE or Path(block.file).is_absolute() or ".." in Path(block.file).parts):
+                raise ValueError(f"{doc}:{i + 1}: a `file` marker names a relative path and precedes a data block")
+            blocks.append(block)
             pending = None
             i = end
         elif line.strip():
             if pending:
-                raise ValueError(f"{doc}:{pending[0]}: `not run` marker not right before a fenced block")
+                raise ValueError(f"{doc}:{pending[0]}: `{pending[1]}` marker not right before a fenced block")
             if (line.startswith("    ") and i > 0 and not lines[i - 1].strip()
                     and _paragraph_start(lines, i - 1) is not None):
                 raise ValueError(f"{doc}:{i + 1}: indented code block; use a fenced block with a language")
         i += 1
     if pending:
-        raise ValueError(f"{doc}:{pending[0]}: `not run` marker at the end of the file")
+        raise ValueError(f"{doc}:{pending[0]}: `{pending[1]}` marker at the end of the file")
     return blocks
 
 
@@ -202,16 +212,35 @@ def _docs_with_runnable_blocks() -> list[str]:
     return sorted({b.doc for b in all_blocks() if b.reason is None and b.lang in CODE})
 
 
+def run_command(argv: list[str], where: str, cwd: Path, env: dict) -> None:
+    if program(argv[0]) == sys.executable:
+        done = subprocess.run([sys.executable, *argv[1:]], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=COMMAND_TIMEOUT_S)
+        assert done.returncode == 0, (f"{where}: `{shlex.join(argv)}` exited {done.returncode}:\n"
+                                      f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+        return
+    from bunny.cli import main
+
+    try:
+        code = main(argv[1:])
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    assert code in (0, None), f"{where}: `{shlex.join(argv)}` exited {code} (its output is in the captured stderr)"
+
+
 @pytest.fixture
 def workspace(tmp_path, monkeypatch) -> Path:
-    """A folder holding the inputs the docs name, made tiny: a checkpoint, an image, a
-    SigLIP tower folder, LLaVA JSON data with images, a LAION-layout embedding folder, a
+    """A folder holding the inputs the docs name, made tiny: a checkpoint, an image, an LLM
+    folder, a SigLIP tower folder, LLaVA JSON data with images, a LAION-layout embedding folder, a
     POPE-layout benchmark file."""
     from transformers import SiglipVisionModel
 
-    from bunny.testing import random_image, save_tiny_bunny, tiny_image_processor, tiny_vision_config
+    from bunny.testing import random_image, save_tiny_bunny, tiny_image_processor, tiny_llm, tiny_vision_config
 
     save_tiny_bunny(tmp_path / "path/to/checkpoint")
+    llm, tokenizer = tiny_llm()
+    llm.save_pretrained(tmp_path / "path/to/llm")
+    tokenizer.save_pretrained(tmp_path / "path/to/llm")
     random_image(0, (64, 48)).save(tmp_path / "photo.jpg")
     tower = tmp_path / "path/to/siglip"
     SiglipVisionModel(tiny_vision_config("siglip")).save_pretrained(tower)
@@ -274,16 +303,16 @@ def test_doc_snippets_run(doc, workspace):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     namespace: dict = {"__name__": "__main__"}
-    for block in [b for b in all_blocks() if b.doc == doc and b.reason is None and b.lang in CODE]:
+    for block in [b for b in all_blocks() if b.doc == doc and b.reason is None and (b.lang in CODE or b.file)]:
         where = f"{block.doc}:{block.line}"
-        if block.lang == "python":
+        if block.file:
+            (workspace / block.file).parent.mkdir(parents=True, exist_ok=True)
+            (workspace / block.file).write_text(block.text + "\n")
+        elif block.lang == "python":
             try:
                 exec(compile(block.text, where, "exec"), namespace)
             except Exception as e:
                 raise AssertionError(f"{where}: the Python block failed: {type(e).__name__}: {e}") from e
-            continue
-        for argv in commands(block):
-            done = subprocess.run([program(argv[0]), *argv[1:]], cwd=workspace, env=env, capture_output=True,
-                                  text=True, timeout=COMMAND_TIMEOUT_S)
-            assert done.returncode == 0, (f"{where}: `{shlex.join(argv)}` exited {done.returncode}:\n"
-                                          f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+        else:
+            for argv in commands(block):
+                run_command(argv, where, workspace, env)
