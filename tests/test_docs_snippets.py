@@ -171,6 +171,8 @@ def test_parse_classifies_marked_unmarked_and_data_blocks():
                                                       ("bash", None)]
     assert commands(blocks[3]) == [["bunny", "--help"]]
     assert [runnable_problem(b) for b in blocks] == [None, None, None, None]
+    recipe = parse("<!-- file: conf/a.yaml -->\n```yaml\nlr: 1\n```\n", "t.md")
+    assert [(b.lang, b.file, b.reason) for b in recipe] == [("yaml", "conf/a.yaml", None)]
 
 
 def test_commands_join_continuations_and_drop_comments():
@@ -185,6 +187,9 @@ def test_commands_join_continuations_and_drop_comments():
     ("```bash\nbunny demo\n", "never closed"),
     ("Run this:\n\n    bunny demo\n", "indented code block"),
     ("<!-- not run: GPU -->\n", "end of the file"),
+    ("<!-- file: a.sh -->\n```bash\nbunny demo\n```\n", "precedes a data block"),
+    ("<!-- file: ../a.yaml -->\n```yaml\nlr: 1\n```\n", "relative path"),
+    ("<!-- file: -->\n```yaml\nlr: 1\n```\n", "without a name"),
 ])
 def test_parse_refuses_what_it_cannot_classify(md, message):
     if message is None:
