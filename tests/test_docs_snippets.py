@@ -235,7 +235,7 @@ def run_command(argv: list[str], where: str, cwd: Path, env: dict) -> None:
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch) -> Path:
-    """A folder holding the inputs the docs name, made tiny: a checkpoint, an image, an LLM
+    """A folder holding the inputs the docs name, made tiny: two checkpoints, an image, an LLM
     folder, a SigLIP tower folder, LLaVA JSON data with images, a LAION-layout embedding folder, a
     POPE-layout benchmark file."""
     from transformers import SiglipVisionModel
@@ -243,6 +243,7 @@ def workspace(tmp_path, monkeypatch) -> Path:
     from bunny.testing import random_image, save_tiny_bunny, tiny_image_processor, tiny_llm, tiny_vision_config
 
     save_tiny_bunny(tmp_path / "path/to/checkpoint")
+    save_tiny_bunny(tmp_path / "path/to/checkpoint-2", seed=1)
     llm, tokenizer = tiny_llm()
     llm.save_pretrained(tmp_path / "path/to/llm")
     tokenizer.save_pretrained(tmp_path / "path/to/llm")
