@@ -304,8 +304,18 @@ def laion_layout(root: Path, n: int = 2000, d: int = 64) -> None:
                    root / "metadata/metadata_0000.parquet")
 
 
+@pytest.fixture
+def same_torch_threads():
+    """Snippets run in this process: whatever they set, the next test starts with the same thread count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("doc", _docs_with_runnable_blocks())
-def test_doc_snippets_run(doc, workspace):
+def test_doc_snippets_run(doc, workspace, same_torch_threads):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     namespace: dict = {"__name__": "__main__"}
