@@ -4,6 +4,10 @@ It drives the LLM directly with a KV cache (prefill once with image features wri
 then one token per step with the vocabulary head on the last position only), which keeps
 per-token overhead below `GenerationMixin.generate`'s while producing the same greedy
 tokens. `model.generate(...)` from transformers also works on Bunny models.
+
+Two decode paths share the prefill and the loop: the plain one (a growing `DynamicCache`,
+eager) and, with `SamplingSettings(compile=True)`, a static cache with a compiled one-token
+step (`bunny.model.decode_static`), which gives the same greedy tokens.
 """
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ class SamplingSettings:
     top_p: float = 1.0
     seed: int | None = None
     stop_strings: list[str] = field(default_factory=list)
+    # Decode with a static KV cache and a torch.compile'd step (bunny.model.decode_static);
+    # the first call per (batch, cache length) bucket compiles, once per process.
+    compile: bool = False
 
 
 def _pick(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None) -> torch.Tensor:
@@ -69,16 +76,35 @@ def iter_tokens(
                  cache=DynamicCache(config=lm.config), use_cache=True, logits_to_keep=1)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     eos = torch.tensor(eos_token_ids or [-1], device=input_ids.device)
+    next_logits = _static_steps(lm, out.cache, mask, settings) if settings.compile else _plain_steps(lm, out.cache, mask)
+    logits = out.logits[:, -1]
     for step in range(settings.max_new_tokens):
-        token = _pick(out.logits[:, -1], settings, generator)
+        token = _pick(logits, settings, generator)
         yield token
         done |= torch.isin(token, eos)
         if bool(done.all()) or step == settings.max_new_tokens - 1:
             return
+        logits = next_logits(token)
+
+
+def _plain_steps(lm, cache: DynamicCache, mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """token (B,) -> next logits (B, V), growing the DynamicCache and the mask by one column."""
+    def step(token: torch.Tensor) -> torch.Tensor:
+        nonlocal mask
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         position = mask.sum(-1, keepdim=True) - 1
-        out = lm(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=out.cache,
-                 use_cache=True, logits_to_keep=1)
+        return lm(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache,
+                  use_cache=True, logits_to_keep=1).logits[:, -1]
+    return step
+
+
+def _static_steps(lm, cache: DynamicCache, mask: torch.Tensor, settings: SamplingSettings):
+    from bunny.model.decode_static import StaticDecoder, cache_length
+
+    # The first new token comes from the prefill; each later one takes a column.
+    decoder = StaticDecoder(lm, mask.shape[0], cache_length(mask.shape[1] + settings.max_new_tokens))
+    decoder.load_prefill(cache, mask)
+    return decoder.step
 
 
 def generate_ids(model, inputs, settings: SamplingSettings, eos_token_ids: list[int],
