@@ -87,3 +87,15 @@ def test_killed_sharded_run_resumes_to_the_same_losses(runs):
     assert [c.name for c in checkpoints] == ["step-0000009"]
     state = json.loads((checkpoints[0] / "state.json").read_text())
     assert state["optimizer_layout"] == "by_name"
+
+
+def test_a_sharded_checkpoint_resumes_on_one_process(runs, tmp_path):
+    """The checkpoint of step 9 (full tensors, optimizer state by name) resumed unsharded
+    trains step 10 to the one-process run's loss."""
+    reports, root, data = runs
+    checkpoint = root / "two" / "lora" / "run" / "checkpoints" / "step-0000009"
+    recipe = recipe_for("lora", data, tmp_path, 4, False)
+    recipe.resume = str(checkpoint)
+    result = train(recipe, *make_tiny_bunny())
+    assert len(result.history) == STEPS
+    assert result.history[-1]["loss"] == pytest.approx(reports["lora"][0]["losses"][-1], rel=1e-5)

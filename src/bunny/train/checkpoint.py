@@ -7,8 +7,8 @@ previous checkpoint intact and never a half-written one under a real name.
 
 A sharded (fsdp) run writes the same files from its gathered state: the full trainable
 tensors, and the optimizer state keyed by parameter name (state.json says
-`"optimizer_layout": "by_name"`) rather than by position; either kind resumes a sharded run,
-a sharded run's checkpoint resumes sharded runs only.
+`"optimizer_layout": "by_name"`) rather than by position. Either kind resumes either kind of
+run, with any number of processes.
 """
 from __future__ import annotations
 
@@ -72,9 +72,6 @@ def load_checkpoint(folder: str | Path, model, optimizer, scheduler, sharded: bo
         raise BunnyError(f"{folder} is not a complete training checkpoint (no state.json)")
     state = json.loads((folder / "state.json").read_text())
     by_name = state.get("optimizer_layout") == BY_NAME
-    if by_name and not sharded:
-        raise BunnyError(f"checkpoint {folder} was written by a sharded run (fsdp, optimizer state by parameter "
-                         "name); resume it with `fsdp: true` on 2 or more processes")
     params = dict(model.named_parameters())
     saved = load_file(str(folder / "trainable.safetensors"))
     expected = {n for n, p in params.items() if p.requires_grad}
@@ -93,7 +90,8 @@ def load_checkpoint(folder: str | Path, model, optimizer, scheduler, sharded: bo
         with torch.no_grad():
             for name, value in saved.items():
                 params[name].copy_(value)
-        optimizer.load_state_dict(optim["optimizer"])
+        optimizer.load_state_dict(by_position_state(optimizer, optim["optimizer"], params) if by_name
+                                  else optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
     return int(state["step"]), list(state["history"])
 
@@ -110,6 +108,17 @@ def by_name_state(optimizer, state: dict, params: dict) -> dict:
     to_name = dict(zip(saved_ids, names))
     return {"state": {to_name[i]: v for i, v in state["state"].items()},
             "param_groups": [{**g, "params": [to_name[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def by_position_state(optimizer, state: dict, params: dict) -> dict:
+    """The inverse of by_name_state: a sharded run's optimizer state for an unsharded run."""
+    ids = {id(p): n for n, p in params.items()}
+    position = {ids[id(p)]: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    unknown = sorted(set(state["state"]) - set(position))
+    if unknown:
+        raise BunnyError(f"the checkpoint's optimizer state names parameters this run does not train: {unknown[:5]}")
+    return {"state": {position[n]: v for n, v in state["state"].items()},
+            "param_groups": [{**g, "params": [position[n] for n in g["params"]]} for g in state["param_groups"]]}
 
 
 def find_resume_point(output_dir: str | Path, resume: str) -> Path | None:
