@@ -1,5 +1,5 @@
-"""(Over 400 lines: the CPU comparison and the GPU shape mode share their model building and
-reporting.) Stage-2 training step at the demo's size: ours vs transformers' LlavaForConditionalGeneration
+"""(Over 400 lines: the CPU comparison, the packing comparison and the GPU shape mode share
+their model building and reporting.) Stage-2 training step at the demo's size: ours vs transformers' LlavaForConditionalGeneration
 + PEFT, with the same weights (SmolLM2-135M-Instruct + the 64x64 SigLIP-shaped tower +
 mlp2x_gelu projector), the same LoRA (r 32 on every linear layer of the LLM), the same batch.
 
@@ -7,6 +7,12 @@ Each side runs in its own child process (so peak memory is its own), sides alter
 `--rounds` rounds so machine load drifts hit both alike; medians are reported.
 
     python benchmarks/train_step.py [--batch 8] [--steps 3] [--rounds 2] [--tower PATH]
+
+Packing mode (`--packing`, see `packing_main`): stage-2 training through `bunny.train.trainer.train`
+on a LLaVA-like length mix (short answers and long conversations, one image of 64 tokens
+each), padded vs `packing: true`, same model, data and sample order; tokens/s of real tokens:
+
+    python benchmarks/train_step.py --packing [--batch 8] [--steps 3] [--rounds 2] [--samples 64]
 
 GPU mode (`--gpu-shape`, see `gpu_main`): ours alone on a model of a given shape with random
 weights (Bunny-4B: SigLIP-SO400M + Phi-3-mini, bf16, LoRA r 128, gradient checkpointing),
@@ -125,6 +131,9 @@ def main() -> None:
     if any(a == "--gpu-shape" or a.startswith("--gpu-shape=") for a in sys.argv[1:]):
         gpu_main(sys.argv[1:])
         return
+    if "--packing" in sys.argv[1:]:
+        packing_main([a for a in sys.argv[1:] if a != "--packing"])
+        return
     from bunny.model.loading import DEFAULT_TOWER
 
     ap = argparse.ArgumentParser()
@@ -154,6 +163,133 @@ def main() -> None:
     summary["ratio_ours_over_llava"] = summary["ours"]["samples_per_s"] / summary["llava"]["samples_per_s"]
     summary["settings"] = {k: v for k, v in vars(args).items() if k not in ("child", "data")}
     print(json.dumps({"summary": summary, "runs": results}, indent=1))
+
+
+# -- packing mode: padded vs packed stage-2 training on a LLaVA-like length mix -----------------
+#
+# LLaVA-665k's instruction data mixes single questions with a word or phrase for an answer
+# (VQA-style) and multi-turn conversations with sentence-long answers. The mix here: a share
+# `--long-share` of conversations of 3-6 rounds (questions of 8-16 words, answers of 25-60),
+# the rest one question of 8-14 words with an answer of 1-3 words; every sample has one image
+# (64 tokens with the shipped tower). Words are drawn from a fixed list, seeded.
+
+MIX_WORDS = ("the a red blue green yellow small large circle square triangle star left right top bottom "
+             "image picture shows there is are two three four many near next to behind above below "
+             "colour shape count position object background bright dark light round sharp corner edge "
+             "centre middle side each every one some most all none which what where how why").split()
+
+
+def mix_records(folder: Path, n: int, long_share: float, seed: int = 0) -> Path:
+    """`n` samples of the length mix (images written beside them) -> the data file."""
+    import random
+
+    from bunny.testing import random_image
+
+    rng = random.Random(f"packing-mix/{seed}")
+    words = lambda lo, hi: " ".join(rng.choice(MIX_WORDS) for _ in range(rng.randint(lo, hi)))  # noqa: E731
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        random_image(seed=i, size=(64, 64)).save(folder / "images" / f"{i}.png")
+        rounds = rng.randint(3, 6) if rng.random() < long_share else 0
+        turns = [("<image>\n" + words(8, 16) + "?", words(25, 60) + ".")] if rounds else \
+            [("<image>\n" + words(8, 14) + "?", words(1, 3))]
+        turns += [(words(8, 16) + "?", words(25, 60) + ".") for _ in range(max(rounds - 1, 0))]
+        records.append({"id": f"mix{i}", "image": f"images/{i}.png", "conversations": [
+            {"from": side, "value": text} for q, a in turns for side, text in (("human", q), ("gpt", a))]})
+    path = folder / "data.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def packing_child(side: str, args) -> dict:
+    """One side's run: `args.steps + 1` steps of `train` (the first untimed), then what the
+    timed steps laid out: real tokens, and the token slots (rows x width) they filled."""
+    from bunny.data.collate import collate
+    from bunny.train.recipe import Recipe
+    from bunny.train.trainer import build_dataset, sample_order, train
+
+    out = Path(args.data) / f"run-{side}"
+    recipe = Recipe(stage="finetune", tune="lora", llm="smollm2-135m", tower=args.tower, template="bunny",
+                    data_path=str(Path(args.data) / "data.json"), output_dir=str(out), resume="none",
+                    per_device_batch_size=args.batch, max_steps=args.steps + 2, lr=1e-4, lora_r=32,
+                    lora_alpha=64, lora_dropout=0.0, warmup_ratio=0.0, model_max_length=args.max_length,
+                    packing=side == "packed", num_threads=args.threads, seed=args.seed, tensorboard=False,
+                    progress_bar=False, save_full_model=False)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = train(recipe, stop_after=args.steps + 1)  # stops before the export
+    timed = result.history[1:]
+    seconds = [args.batch / h["samples_per_s"] for h in timed]
+    tokens = [h["tokens_per_s"] * t for h, t in zip(timed, seconds)]
+    dataset, _ = build_dataset(recipe, result.processor)
+    order = sample_order(recipe, dataset, 0)
+    slots = 0
+    for step in range(1, args.steps + 1):
+        batch = collate([dataset[i] for i in order[step * args.batch:(step + 1) * args.batch]],
+                        result.processor.pad_token_id,
+                        **({"pack_to": args.max_length} if side == "packed" else {}))
+        slots += batch["input_ids"].numel()
+    return {"side": side, "tokens_per_s": sum(tokens) / sum(seconds), "step_s": seconds,
+            "real_tokens": round(sum(tokens)), "token_slots": slots, "losses": [h["loss"] for h in result.history],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024}
+
+
+def packing_main(argv: list[str]) -> dict:
+    from bunny.model.loading import DEFAULT_TOWER
+
+    ap = argparse.ArgumentParser(prog="python benchmarks/train_step.py --packing",
+                                 description="Stage-2 tokens/s, padded vs packed, on a LLaVA-like length mix.")
+    ap.add_argument("--batch", type=int, default=8, help="samples per step (per_device_batch_size)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per run (after one untimed)")
+    ap.add_argument("--rounds", type=int, default=2, help="runs per side, alternating")
+    ap.add_argument("--samples", type=int, default=64, help="samples in the mix")
+    ap.add_argument("--long-share", type=float, default=0.4, help="share of long conversations")
+    ap.add_argument("--max-length", type=int, default=2048, help="model_max_length (the packed rows' capacity)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tower", default=DEFAULT_TOWER)
+    ap.add_argument("--data", default="")
+    ap.add_argument("--child", default="")
+    ap.add_argument("--json", default="", help="write the results here too")
+    args = ap.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(packing_child(args.child, args)))
+        return {}
+    if args.samples < (args.steps + 2) * args.batch:
+        raise SystemExit(f"--samples {args.samples} is fewer than {(args.steps + 2) * args.batch} "
+                         "((steps + 2) x batch: the untimed step, the timed ones and one spare)")
+    own_dir = not args.data
+    data = Path(args.data or tempfile.mkdtemp(prefix="bunny-packing-"))
+    try:
+        mix_records(data, args.samples, args.long_share, args.seed)
+        results: dict[str, list] = {"padded": [], "packed": []}
+        for _ in range(args.rounds):
+            for side in ("padded", "packed"):
+                cmd = [sys.executable, __file__, "--packing", "--child", side, "--data", str(data)] + [
+                    f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "data", "json")]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode:
+                    raise SystemExit(f"{side} run failed:\n{done.stderr[-3000:]}")
+                results[side].append(json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[7:]))
+    finally:
+        if own_dir:
+            import shutil
+
+            shutil.rmtree(data, ignore_errors=True)
+    summary = {side: {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+                      "real_tokens": rs[0]["real_tokens"], "token_slots": rs[0]["token_slots"],
+                      "fill": rs[0]["real_tokens"] / rs[0]["token_slots"],
+                      "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "losses": rs[0]["losses"]}
+               for side, rs in results.items()}
+    summary["ratio_packed_over_padded"] = summary["packed"]["tokens_per_s"] / summary["padded"]["tokens_per_s"]
+    summary["ratio_per_round"] = [b["tokens_per_s"] / a["tokens_per_s"]
+                                  for a, b in zip(results["padded"], results["packed"])]
+    summary["settings"] = {k: v for k, v in vars(args).items() if k not in ("child", "data")}
+    doc = {"summary": summary, "runs": results}
+    print(json.dumps(doc, indent=1))
+    _write_json(args.json, doc)
+    return doc
 
 
 # -- GPU mode: ours alone, a model of a given shape with random weights -------------------------
