@@ -1,4 +1,4 @@
-"""The selection rules of docs/coreset-spec.md, straightforwardly: every row in memory,
+"""The selection rules of shared/docs/coreset-spec.md, straightforwardly: every row in memory,
 exact nearest centroids, a dense similarity product per cluster, union-find components,
 full sorts for the windows and the draw (Bunny's step-1 rule; not `--mode semdedup`).
 
