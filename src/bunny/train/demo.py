@@ -30,16 +30,17 @@ class DemoSettings:
     seed: int = 0
     train_images: int = 400
     eval_images: int = 60  # even: hard and easy "no" questions balance
-    max_turns: int = 5  # QA turns per stage-2 sample (yes/no pairs kept first; 5 beat 6, session 8)
+    max_turns: int = 5  # QA turns per stage-2 sample (yes/no pairs kept first)
     yes_no_per_image: int = 1  # yes/no pairs per training image (evaluation: always one)
     train_hard_share: float = 0.75  # share of hard "no" among training yes/no (evaluation: always 0.5)
     short_answer_suffix: bool = False  # append "Answer the question using a single word or phrase."
     eval_batch_size: int = 32
     num_threads: int = 0  # 0 = torch's default (all cores)
     fresh_seed: int = 12345  # seed of the freshly drawn image asked about at the end
-    # Start the projector from a least-squares map of patch features to the LLM's embeddings
-    # of the words naming each patch's object (bunny/train/demo_ground.py); replaces stage 1's
-    # projector_norm_init. On in assets/configs/demo/demo.yaml.
+    # A shortcut outside the paper's method, off by default: start the projector from a
+    # least-squares map of patch features to the LLM's embeddings of the words naming each
+    # patch's object, fitted with the synthetic generator's per-patch labels
+    # (bunny/train/demo_ground.py); replaces stage 1's projector_norm_init.
     projector_word_init: bool = False
     word_init_position: bool = False  # also the object's cell word ("left", "top", ...) in its patches' targets
     word_init_background: str = ""  # background patches -> this word's embedding ("" = zero vector)
@@ -76,6 +77,43 @@ def _typed(name: str, value):
     return kind(value)
 
 
+def check_settings(s: DemoSettings) -> None:
+    """Refuse settings that make the run impossible, before anything is written or trained."""
+    problems = []
+    if s.train_images < 1:
+        problems.append(f"train_images must be >= 1 (the stages train on them), got {s.train_images}")
+    if s.eval_images < 2 or s.eval_images % 2:
+        problems.append(f"eval_images must be even and >= 2 (hard and easy \"no\" questions balance), "
+                        f"got {s.eval_images}")
+    if s.max_turns < 2:
+        problems.append(f"max_turns must be >= 2 (each sample keeps its yes/no pair), got {s.max_turns}")
+    if s.yes_no_per_image < 1:
+        problems.append(f"yes_no_per_image must be >= 1, got {s.yes_no_per_image}")
+    if not 0.0 <= s.train_hard_share <= 1.0:
+        problems.append(f"train_hard_share must be within [0, 1], got {s.train_hard_share}")
+    if s.eval_batch_size < 1:
+        problems.append(f"eval_batch_size must be >= 1, got {s.eval_batch_size}")
+    if s.num_threads < 0:
+        problems.append(f"num_threads must be >= 0 (0: all cores), got {s.num_threads}")
+    if problems:
+        raise BunnyError("demo settings make the run impossible: " + "; ".join(problems))
+
+
+def check_stages(s: DemoSettings, r1, r2) -> None:
+    """Each stage's sample cap and batch must fit the images the demo draws (stage 1 has
+    one caption per training image, stage 2 one sample per training image)."""
+    for name, r in (("pretrain", r1), ("finetune", r2)):
+        if r.max_samples > s.train_images:
+            raise BunnyError(f"{name}.max_samples is {r.max_samples} but the demo draws only "
+                             f"train_images={s.train_images} training images (one sample each); "
+                             f"lower {name}.max_samples or raise train_images")
+        used = r.max_samples or s.train_images  # max_samples 0: all
+        batch = r.per_device_batch_size * r.grad_accum
+        if used < batch:
+            raise BunnyError(f"{name} would see {used} samples, fewer than one batch of {batch} "
+                             f"({name}.per_device_batch_size x {name}.grad_accum): no step could be taken")
+
+
 def run_demo(out: str | Path = "outputs/demo", configs: str | Path | None = None, tower: str | None = None,
              overrides: dict | None = None) -> dict:
     from bunny.data.synthetic_io import SHORT_ANSWER_SUFFIX, synthesize
@@ -90,30 +128,33 @@ def run_demo(out: str | Path = "outputs/demo", configs: str | Path | None = None
     if not (configs / "pretrain.yaml").is_file():
         raise BunnyError(f"{configs} holds no pretrain.yaml; pass --configs FOLDER (the shipped ones: {DEMO_CONFIGS})")
     settings, over1, over2 = load_settings(configs, overrides or {})
-    if settings.num_threads:
-        torch.set_num_threads(settings.num_threads)
+    check_settings(settings)
     tower = tower or DEFAULT_TOWER
     if not (Path(tower) / "config.json").is_file():
         raise BunnyError(f"vision tower {tower} is missing (no config.json); train one with "
                          "`bunny train tower --out PATH` and pass --tower PATH")
+    data = out / "data"
+    common = {"seed": settings.seed, "tower": tower}
+    # Both recipes are read (unknown or wrongly typed fields refused) before any data is written.
+    r1 = load_recipe(configs / "pretrain.yaml", {**common, "data_path": str(data / "stage1.json"),
+                                                  "output_dir": str(out / "stage1"), **over1}, stage="pretrain")
+    r2 = load_recipe(configs / "finetune.yaml", {**common, "data_path": str(data / "stage2.json"),
+                                                  "output_dir": str(out / "stage2"), **over2}, stage="finetune")
+    check_stages(settings, r1, r2)
+    for r in (r1, r2):
+        r.resume = "none"  # the demo always starts fresh
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
     timings = {}
 
-    _say(f"[1/5] synthetic data: {settings.train_images} training and {settings.eval_images} held-out images")
+    _say(f"[1/5] synthetic data (seed {settings.seed}): {settings.train_images} training and "
+         f"{settings.eval_images} held-out images")
     t = time.perf_counter()
-    data = out / "data"
     meta = synthesize(data, settings.train_images, settings.eval_images, settings.seed, max_turns=settings.max_turns,
                       suffix=SHORT_ANSWER_SUFFIX if settings.short_answer_suffix else "",
                       yes_no_per_image=settings.yes_no_per_image, train_hard_share=settings.train_hard_share)
     shuffle_turns(data / "stage2.json", settings.seed)
     timings["data_seconds"] = time.perf_counter() - t
-
-    common = {"seed": settings.seed, "tower": tower}
-    r1 = load_recipe(configs / "pretrain.yaml", {**common, "data_path": str(data / "stage1.json"),
-                                                  "output_dir": str(out / "stage1"), **over1}, stage="pretrain")
-    r2 = load_recipe(configs / "finetune.yaml", {**common, "data_path": str(data / "stage2.json"),
-                                                  "output_dir": str(out / "stage2"), **over2}, stage="finetune")
-    for r in (r1, r2):
-        r.resume = "none"  # the demo always starts fresh
 
     t = time.perf_counter()
     model, processor = build_model(r1.llm, tower=tower, projector_type=r1.projector_type, template=r2.template,
@@ -123,7 +164,8 @@ def run_demo(out: str | Path = "outputs/demo", configs: str | Path | None = None
     if settings.projector_word_init:
         from bunny.train.demo_ground import fit_word_projector
 
-        _say("[1b/5] projector: least-squares map of patch features to the words naming their objects")
+        _say("[1b/5] projector_word_init (a shortcut, not the paper's method): least-squares map of patch "
+             "features to the words naming their objects, fitted with the generator's labels")
         grounding = fit_word_projector(model, processor.tokenizer, seed=settings.seed,
                                        position_words=settings.word_init_position,
                                        background_word=settings.word_init_background,
@@ -149,16 +191,13 @@ def run_demo(out: str | Path = "outputs/demo", configs: str | Path | None = None
     fresh = ask_fresh(model, processor, settings.fresh_seed, out)
 
     summary = {
+        "seed": settings.seed,
         "wall_seconds": round(time.perf_counter() - start, 1),
         **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},
         "yes_no_colour_only": meta.get("yes_no_colour_only"),
         "yes_no_shape_only": meta.get("yes_no_shape_only"),
-        "stage1": {"steps": len(s1.history), "final_loss": _tail_loss(s1.history),
-                   "samples_per_s": round(s1.samples_per_second, 2),
-                   "tokens": stage_tokens(s1.history, r1.per_device_batch_size * r1.grad_accum)},
-        "stage2": {"steps": len(s2.history), "final_loss": _tail_loss(s2.history),
-                   "samples_per_s": round(s2.samples_per_second, 2),
-                   "tokens": stage_tokens(s2.history, r2.per_device_batch_size * r2.grad_accum)},
+        "stage1": stage_summary(s1, r1),
+        "stage2": stage_summary(s2, r2),
         "timings": {k: round(v, 1) for k, v in timings.items()},
         "projector_word_init": grounding,
         "fresh_image": fresh,
@@ -215,9 +254,18 @@ def stage_tokens(history: list[dict], per_step: int) -> int:
     return round(sum(h["tokens_per_s"] / h["samples_per_s"] * per_step for h in history))
 
 
-def _tail_loss(history: list[dict]) -> float | None:
-    tail = history[-10:]
-    return round(sum(h["loss"] for h in tail) / len(tail), 4) if tail else None
+def stage_summary(result, recipe) -> dict:
+    """What a stage did: steps, loss at the start and the end (means over the first and the
+    last up to 5 steps, since single-batch losses are noisy), seconds, throughput."""
+    h = result.history
+    return {"steps": len(h), "first_loss": _mean_loss(h[:5]), "final_loss": _mean_loss(h[-5:]),
+            "seconds": round(result.wall_seconds, 1), "lr": recipe.lr,
+            "samples_per_s": round(result.samples_per_second, 2),
+            "tokens": stage_tokens(h, recipe.per_device_batch_size * recipe.grad_accum)}
+
+
+def _mean_loss(history: list[dict]) -> float | None:
+    return round(sum(h["loss"] for h in history) / len(history), 4) if history else None
 
 
 def _say(text: str) -> None:
@@ -229,18 +277,21 @@ def print_summary(s: dict) -> None:
         v = s.get(key)
         return f"{100 * v:6.1f}%" if isinstance(v, (int, float)) else "    n/a"
 
-    rows = [("yes/no accuracy (target >= 85%)", pct("yes_no_accuracy")),
-            ("  yes / easy no / hard no", f"{pct('yes_no_accuracy_positive')} {pct('yes_no_accuracy_easy')} "
-                                          f"{pct('yes_no_accuracy_hard')}"),
+    rows = [("yes/no accuracy (target >= 90%)", pct("yes_no_accuracy")),
+            ("  yes / easy no / hard no (hard: target >= 80%)",
+             f"{pct('yes_no_accuracy_positive')} {pct('yes_no_accuracy_easy')} {pct('yes_no_accuracy_hard')}"),
             ("  colour-only / shape-only guesser", f"{pct('yes_no_colour_only')} {pct('yes_no_shape_only')}"),
             ("  MME existence (acc + acc+, /200)", f"{s.get('mme_existence_acc_plus_acc_plus', 0):7.1f}"),
             ("  POPE F1 random / adversarial", f"{pct('pope_f1_random')} {pct('pope_f1_adversarial')}"),
             ("open-answer accuracy", pct("open_answer_accuracy")),
-            ("  colour (target >= 90%)", pct("open_colour_accuracy")),
-            ("  shape / count / position", f"{pct('open_shape_accuracy')} {pct('open_count_accuracy')} "
-                                           f"{pct('open_position_accuracy')}"),
-            ("stage 1 / stage 2 steps", f"{s['stage1']['steps']} / {s['stage2']['steps']}"),
+            ("  colour (target >= 95%)", pct("open_colour_accuracy")),
+            ("  shape / count / position (targets >= 80%)",
+             f"{pct('open_shape_accuracy')} {pct('open_count_accuracy')} {pct('open_position_accuracy')}"),
             ("wall time", f"{s['wall_seconds']:.0f} s")]
+    stages = [("stage 1 (projector, captions)", s["stage1"]), ("stage 2 (LoRA + projector, QA)", s["stage2"])]
+    rows += [(name, f"{st['steps']} steps, loss {st['first_loss']} -> {st['final_loss']}, {st['seconds']:.0f} s")
+             for name, st in stages]
+    rows.insert(0, ("seed", str(s["seed"])))
     width = max(len(r[0]) for r in rows)
     print("\n" + "=" * (width + 30))
     for name, value in rows:
@@ -248,4 +299,5 @@ def print_summary(s: dict) -> None:
     f = s["fresh_image"]
     print("=" * (width + 30))
     print(f"fresh image: {f['scene']}\n  Q: {f['question']}\n  A: {f['answer']}   (expected: {f['expected']})")
+    print("(stage losses: means of the first and the last 5 steps)")
     print(f"summary: {Path(s['loss_curve']).parent / 'summary.json'}   loss curve: {s['loss_curve']}\n")
