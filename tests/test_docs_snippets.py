@@ -213,6 +213,39 @@ def test_every_code_block_is_run_or_says_why_not():
     assert not problems, "\n".join(problems)
 
 
+SECTION_REF = re.compile(r'(?<![/\w])(docs/[\w-]+\.md)`?,?\s*\(?"([A-Z][^"]{0,79})"')
+
+
+def section_references(text: str) -> list[tuple[str, str]]:
+    """(file, section) pairs a text cites as `docs/X.md, "Section"` (a line break or a
+    comment's `#` inside the section name counts as a space)."""
+    return [(f, " ".join(re.sub(r"\s#\s", " ", name).split())) for f, name in SECTION_REF.findall(text)]
+
+
+def test_section_references_find_their_heading():
+    cited = re.compile(r"(?<![/\w])(docs/[\w-]+\.md)")
+    sources = [*DOCS, *sorted((ROOT / "src").rglob("*.py")), *sorted((ROOT / "src").rglob("*.yaml")),
+               *sorted((ROOT / "benchmarks").glob("*.py")), *sorted((ROOT / "configs").rglob("*.yaml"))]
+    problems = []
+    for path in sources:
+        text = path.read_text()
+        where = path.relative_to(ROOT)
+        problems += [f"{where}: {name} does not exist" for name in sorted(set(cited.findall(text)))
+                     if not (ROOT / name).is_file()]
+        for name, section in section_references(text):
+            if (ROOT / name).is_file():
+                headings = [" ".join(line.lstrip("#").split()) for line in (ROOT / name).read_text().split("\n")
+                            if line.startswith("#")]
+                if not any(section in h for h in headings):
+                    problems.append(f"{where}: {name} has no heading with {section!r}")
+    assert not problems, "\n".join(problems)
+
+
+def test_section_references_are_found_across_lines_and_comments():
+    text = 'see (docs/training.md, "Recipe search\n# on a GPU") and `docs/model.md`, "Hub ids"; ../shared/docs/x.md'
+    assert section_references(text) == [("docs/training.md", "Recipe search on a GPU"), ("docs/model.md", "Hub ids")]
+
+
 def _docs_with_runnable_blocks() -> list[str]:
     return sorted({b.doc for b in all_blocks() if b.reason is None and b.lang in CODE})
 
