@@ -1,5 +1,5 @@
 """How fast does SmolLM2-135M-Instruct + LoRA learn the demo's yes/no task when the scene is
-given as *text* instead of an image? (docs/training.md, "What the image adds to the difficulty")
+given as *text* instead of an image? (docs/demo.md, "What the image adds to the difficulty")
 
     python -m benchmarks.demo_text_probe [--steps 150] [--eval-every 25] [--train hard]
 
