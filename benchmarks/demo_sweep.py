@@ -14,7 +14,7 @@ A variants file is a JSON object {name: {setting: value}} with `bunny demo --set
 (`train_images`, `pretrain.lr`, `finetune.max_steps`, ...); the value "{data}" inside a
 string is replaced by the variant's data folder. `--seeds 0-7` runs every variant once per
 seed (seed-major: all variants of seed 0 first, so a budget cut leaves comparable rows), named
-`VARIANT_sSEED`: a single seed's yes/no moves by up to ~20 points (docs/training.md, "Recipe search
+`VARIANT_sSEED`: a single seed's yes/no moves by up to ~20 points (docs/demo.md, "Recipe search
 on a GPU").
 
 On a lent GPU machine whose image has transformers 5.17 (it lacks an API bunny uses):
