@@ -22,6 +22,10 @@ def add_parsers(sub, groups) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with a static KV cache and a torch.compile'd step (compiled once per process; "
+                        "docs/serving.md, Decode)")
     p.set_defaults(func=_chat)
     add_serve_parser(sub)
 
@@ -31,11 +35,17 @@ def _chat(args) -> int:
     from bunny.model.loading import load_pretrained
     from bunny.serve.chat import run_chat
 
+    import torch
+
+    from bunny.model.dtypes import check_dtype
+
+    check_dtype(args.dtype, args.device)
     model, processor = load_pretrained(args.model, device=args.device, model_base=args.model_base,
                                        template=args.template, revision=args.revision,
-                                       vision_tower=args.vision_tower)
+                                       vision_tower=args.vision_tower,
+                                       dtype=getattr(torch, args.dtype) if args.dtype else None)
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, seed=args.seed)
+                                top_p=args.top_p, seed=args.seed, compile=args.compile)
     return run_chat(model, processor, settings, image=args.image, prompt=args.prompt)
 
 
@@ -75,6 +85,9 @@ def _serve(args) -> int:
     from bunny.model.loading import fetch_model
     from bunny.serve.server import serve
 
+    from bunny.model.dtypes import check_dtype
+
+    check_dtype(args.dtype, args.device)
     serve(fetch_model(args.model, args.revision), host=args.host, port=args.port,
           api_key=args.api_key or os.environ.get("BUNNY_API_KEY"),
           served_model_name=args.served_model_name or Path(args.model.rstrip("/")).name,
