@@ -246,6 +246,14 @@ def test_section_references_are_found_across_lines_and_comments():
     assert section_references(text) == [("docs/training.md", "Recipe search on a GPU"), ("docs/model.md", "Hub ids")]
 
 
+def test_readme_starts_with_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    first = parse(text, "README.md")[0]
+    before = [line for line in text.split("\n")[:first.line - 1] if line.strip()]
+    assert before[0].startswith("# ") and all(MARK.match(line) for line in before[1:]), before
+    assert commands(first) == [["make", "demo"], ["make", "test"]]
+
+
 def _docs_with_runnable_blocks() -> list[str]:
     return sorted({b.doc for b in all_blocks() if b.reason is None and b.lang in CODE})
 
