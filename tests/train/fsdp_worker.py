@@ -24,8 +24,9 @@ STEPS = 10
 def recipe_for(mode: str, data: Path, out: Path, per_device: int, fsdp: bool):
     """The same recipe for the sharded runs (per_device 2, 2 processes) and their one-process
     references (per_device 4): the same global batch."""
+    # max_grad_norm below the gradients' norms: the clipping of sharded gradients is checked too.
     fields = dict(per_device_batch_size=per_device, max_steps=STEPS, fsdp=fsdp, save_every=3, keep_checkpoints=1,
-                  save_full_model=True, resume="auto")
+                  save_full_model=True, resume="auto", max_grad_norm=0.2)
     if mode == "full":
         fields.update(tune="full", unfreeze_tower=True, gradient_checkpointing=True, lr=2e-3, save_every=0)
     return tiny_recipe(out, data, **fields)

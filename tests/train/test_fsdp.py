@@ -49,6 +49,10 @@ def test_sharded_losses_and_model_equal_one_process(runs, mode):
     for rank in (0, 1):
         report = reports[mode][rank]
         torch.testing.assert_close(torch.tensor(report["losses"]), expected, rtol=1e-5, atol=1e-5)
+        norms = [h["grad_norm"] for h in report["history"]]  # of the whole gradient, before clipping
+        torch.testing.assert_close(torch.tensor(norms), torch.tensor([h["grad_norm"] for h in one.history]),
+                                   rtol=1e-4, atol=1e-6)
+        assert sum(n > 0.2 for n in norms) >= 3  # clipped (max_grad_norm 0.2) on several steps
         if report["before_kill"]:  # and the steps before the kill, trained sharded
             torch.testing.assert_close(torch.tensor([h["loss"] for h in report["before_kill"]]), expected[:7],
                                        rtol=1e-5, atol=1e-5)
