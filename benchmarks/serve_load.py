@@ -1,6 +1,7 @@
-"""Load on the OpenAI-compatible server: 1, 4 and 16 concurrent clients, on 127.0.0.1 only.
+"""Load on the OpenAI-compatible server (continuous batching), on 127.0.0.1 only.
 
-    .venv/bin/python -m benchmarks.serve_load [--clients 1 4 16] [--max-tokens 32] [--time-limit 120]
+    .venv/bin/python -m benchmarks.serve_load                      # mixed lengths, then 1 vs 16 clients
+    .venv/bin/python -m benchmarks.serve_load --skip-mixed --clients 1 4 16 --max-tokens 32
     .venv/bin/python -m benchmarks.serve_load --quantization     # int8 vs float32: memory, agreement, speed
 
 (Run as a module: benchmarks/select.py would shadow the standard library's `select`.)
@@ -8,15 +9,25 @@
 The model is the demo-sized one: SmolLM2-135M composed with the shipped 64-token tower (or
 a random SigLIP of the same shape when the tower is absent). Its projector is untrained, so
 the answers mean nothing; the server is told to accept images anyway, since only the cost
-matters here. Each client sends its requests back to back (closed loop); every level is
-bounded by a request count and a time limit. Prints requests/s, generated tokens/s, p50/p95
-latency, errors, and the 16-client / 1-client throughput ratio (target >= 3).
+matters here. Every request carries an image and is greedy.
+
+Mixed lengths: `--short-clients` clients (8) each send `--short-requests` requests for
+`--short-tokens` tokens (16) back to back, first alone, then again while one client's
+request for `--long-tokens` tokens (256) is being decoded. Targets: the short requests' p50
+latency with the long one running within 1.5x of their p50 alone; no errors. The short ones
+must join the long one's batch (counted by the scheduler), and the long one must still be
+running when the last short one ends, or the comparison says nothing.
+
+Throughput: each client sends its requests back to back (closed loop); every level is bounded
+by a request count and a time limit. Prints requests/s, generated tokens/s, p50/p95 latency,
+errors, and the ratios to one client (target: 16 clients >= 4x one client's tokens/s).
 """
 from __future__ import annotations
 
 import argparse
 import base64
 import io
+import json
 import platform
 import threading
 import time
@@ -35,25 +46,30 @@ def data_url(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+IMAGES = [data_url(i) for i in range(8)]
+
+
+def request_body(i: int, max_tokens: int, stream: bool = False) -> dict:
+    return {"model": "bench", "max_tokens": max_tokens, "temperature": 0, "stream": stream, "messages": [{
+        "role": "user", "content": [{"type": "image_url", "image_url": {"url": IMAGES[i % 8]}},
+                                    {"type": "text", "text": f"Describe picture number {i} in detail."}]}]}
+
+
 def run_level(url: str, clients: int, n_requests: int, max_tokens: int, time_limit: float) -> dict:
     """`clients` threads share `n_requests` requests; stops early at `time_limit` seconds."""
-    images = [data_url(i) for i in range(8)]
     lock, counter = threading.Lock(), iter(range(n_requests))
     latencies, tokens, errors = [], [], []
     start = time.perf_counter()
 
     def client() -> None:
-        with httpx.Client(timeout=300) as http:
+        with httpx.Client(timeout=600) as http:
             while time.perf_counter() - start < time_limit:
                 with lock:
                     i = next(counter, None)
                 if i is None:
                     return
-                body = {"model": "bench", "max_tokens": max_tokens, "temperature": 0, "messages": [{
-                    "role": "user", "content": [{"type": "image_url", "image_url": {"url": images[i % 8]}},
-                                                {"type": "text", "text": f"Describe picture number {i} in detail."}]}]}
                 t = time.perf_counter()
-                r = http.post(url + "/v1/chat/completions", json=body)
+                r = http.post(url + "/v1/chat/completions", json=request_body(i, max_tokens))
                 with lock:
                     if r.status_code == 200:
                         latencies.append(time.perf_counter() - t)
@@ -68,10 +84,56 @@ def run_level(url: str, clients: int, n_requests: int, max_tokens: int, time_lim
         t.join()
     wall = time.perf_counter() - start
     return {"clients": clients, "requests": len(latencies), "errors": len(errors), "wall_s": wall,
-            "req_s": len(latencies) / wall, "tok_s": sum(tokens) / wall,
+            "req_s": len(latencies) / wall, "tok_s": sum(tokens) / wall, "tokens": tokens,
             "p50_s": float(np.percentile(latencies, 50)) if latencies else float("nan"),
             "p95_s": float(np.percentile(latencies, 95)) if latencies else float("nan"),
             "first_error": errors[0] if errors else ""}
+
+
+def long_request(url: str, max_tokens: int, started: threading.Event, result: dict) -> None:
+    """One streamed request for `max_tokens` tokens; `started` is set at its first content."""
+    t = time.perf_counter()
+    n, error = 0, ""
+    with httpx.Client(timeout=600) as http:
+        with http.stream("POST", url + "/v1/chat/completions", json=request_body(99, max_tokens, stream=True)) as r:
+            if r.status_code != 200:
+                error = f"{r.status_code}: {r.read()[:200]!r}"
+            for line in r.iter_lines() if not error else ():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                if "error" in chunk:
+                    error = chunk["error"]["message"]
+                elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    n += 1  # a chunk per text delta: close to one per token
+                    started.set()
+    started.set()
+    result.update(latency_s=time.perf_counter() - t, chunks=n, error=error, ended_at=time.perf_counter())
+
+
+def mixed_lengths(url: str, args, scheduler) -> dict:
+    """Short requests alone, then beside one long request; p50 latencies and their ratio."""
+    n = args.short_clients * args.short_requests
+    alone = run_level(url, args.short_clients, n, args.short_tokens, args.time_limit)
+    print(f"short alone ({args.short_clients} clients, {args.short_tokens} tokens): {describe(alone)}", flush=True)
+    joined_before = scheduler.joined_running
+    started, long_result = threading.Event(), {}
+    long_thread = threading.Thread(target=long_request, args=(url, args.long_tokens, started, long_result))
+    long_thread.start()
+    started.wait(300)
+    mixed = run_level(url, args.short_clients, n, args.short_tokens, args.time_limit)
+    shorts_ended = time.perf_counter()
+    long_thread.join()
+    return {"alone": alone, "mixed": mixed, "long": long_result,
+            "long_outlived_shorts": long_result.get("ended_at", 0) > shorts_ended,
+            "joined_running": scheduler.joined_running - joined_before,
+            "ratio": mixed["p50_s"] / alone["p50_s"]}
+
+
+def describe(r: dict) -> str:
+    return (f"{r['requests']:3d} requests in {r['wall_s']:6.1f} s, {r['req_s']:5.2f} req/s, "
+            f"{r['tok_s']:6.1f} generated tok/s, p50 {r['p50_s']:5.2f} s, p95 {r['p95_s']:5.2f} s, "
+            f"errors {r['errors']} {r['first_error']}")
 
 
 def load_benchmark(args) -> None:
@@ -83,23 +145,38 @@ def load_benchmark(args) -> None:
     model, processor = build_model("smollm2-135m", tower=tower_folder())
     model.eval()
     model.config.projector_trained = True  # random projector: fine for timing, see the docstring
-    app = create_app(model, processor, ServerSettings(model_name="bench", max_batch_size=max(args.clients)))
+    batch = max(args.clients + [args.short_clients + 1])
+    app = create_app(model, processor, ServerSettings(model_name="bench", max_batch_size=batch,
+                                                      max_new_tokens_cap=max(1024, args.long_tokens)))
+    scheduler = app.state.scheduler
+    failed = []
     with running_server(app) as server:
         run_level(server.url, 1, 1, args.max_tokens, args.time_limit)  # warm-up
+        if not args.skip_mixed:
+            m = mixed_lengths(server.url, args, scheduler)
+            print(f"short beside a {args.long_tokens}-token request: {describe(m['mixed'])}")
+            print(f"long request: {m['long'].get('latency_s', float('nan')):.1f} s, {m['long'].get('chunks')} "
+                  f"text chunks, error {m['long'].get('error') or 'none'}; still running when the short ones "
+                  f"ended: {m['long_outlived_shorts']}; rows that joined a running batch: {m['joined_running']}")
+            print(f"short p50 beside the long request / alone: {m['ratio']:.2f}x (target <= 1.5)", flush=True)
+            if m["ratio"] > 1.5 or m["alone"]["errors"] or m["mixed"]["errors"] or m["long"].get("error"):
+                failed.append("mixed lengths")
         results = []
         for clients in args.clients:
             n = max(args.min_requests, args.requests_per_client * clients)
             results.append(run_level(server.url, clients, n, args.max_tokens, args.time_limit))
-            r = results[-1]
-            print(f"clients {r['clients']:3d}: {r['requests']:3d} requests in {r['wall_s']:6.1f} s, "
-                  f"{r['req_s']:5.2f} req/s, {r['tok_s']:6.1f} generated tok/s, p50 {r['p50_s']:5.2f} s, "
-                  f"p95 {r['p95_s']:5.2f} s, errors {r['errors']} {r['first_error']}", flush=True)
-        scheduler = app.state.scheduler
-        print(f"batches run: {scheduler.batches_run}, largest batch: {scheduler.largest_batch}")
+            print(f"clients {clients:3d}: {describe(results[-1])}", flush=True)
+            failed += ["errors"] if results[-1]["errors"] else []
+        print(f"prefills: {scheduler.prefills_run}, decode steps: {scheduler.steps_run}, "
+              f"largest batch: {scheduler.largest_batch}")
     base = results[0]
     for r in results[1:]:
-        print(f"{r['clients']} clients / 1 client: {r['req_s'] / base['req_s']:.2f}x requests/s, "
-              f"{r['tok_s'] / base['tok_s']:.2f}x tokens/s")
+        ratio = r["tok_s"] / base["tok_s"]
+        print(f"{r['clients']} clients / {base['clients']} client: {r['req_s'] / base['req_s']:.2f}x requests/s, "
+              f"{ratio:.2f}x tokens/s" + (" (target >= 4)" if r["clients"] == 16 else ""))
+        if r["clients"] == 16 and base["clients"] == 1 and ratio < 4:
+            failed.append("16-client throughput")
+    print("targets missed: " + ", ".join(failed) if failed else "targets met")
 
 
 def quantization_report(args) -> None:
@@ -153,11 +230,16 @@ def quantization_report(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--max-tokens", type=int, default=32, help="tokens per request in the throughput levels")
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--min-requests", type=int, default=6)
-    ap.add_argument("--time-limit", type=float, default=120.0, help="seconds per level, at most")
+    ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per level, at most")
+    ap.add_argument("--skip-mixed", action="store_true", help="only the throughput levels")
+    ap.add_argument("--short-clients", type=int, default=8)
+    ap.add_argument("--short-requests", type=int, default=2, help="per short client, back to back")
+    ap.add_argument("--short-tokens", type=int, default=16)
+    ap.add_argument("--long-tokens", type=int, default=256)
     ap.add_argument("--quantization", action="store_true", help="measure int8 vs float32 instead")
     args = ap.parse_args()
     with open("/proc/loadavg") as f:
