@@ -258,6 +258,10 @@ def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = N
             optimizer.zero_grad(set_to_none=True)
             if not holdings:
                 holdings = sharding.holdings(wrapped, optimizer)
+                if sharded:
+                    acc.print(f"fsdp: {world} processes; this one holds "
+                              f"{holdings['params_local'] / holdings['params_total']:.1%} of the parameters and "
+                              f"{holdings['optim_local'] / max(1, holdings['optim_total']):.1%} of the optimizer state")
             step += 1
             dt = time.perf_counter() - t0
             train_time += dt
