@@ -35,3 +35,10 @@ def test_builtin_variants_use_known_demo_settings(sweep):
         for key in overrides:
             head = key.split(".", 1)[0]
             assert head in fields or head in ("pretrain", "finetune"), (name, key)
+
+
+def test_missed_targets_names_each_metric_below_its_floor(sweep):
+    row = {"yes_no_accuracy": 0.9, "yes_no_accuracy_hard": 0.79, "open_colour_accuracy": 1.0,
+           "open_shape_accuracy": 0.8, "open_count_accuracy": 0.95, "open_position_accuracy": None}
+    assert sweep.missed_targets(row) == ["yes_no_accuracy_hard", "open_position_accuracy"]
+    assert sweep.missed_targets({k: 1.0 for k in sweep.TARGETS}) == []

@@ -1,20 +1,21 @@
-"""Word-grounded projector start for the demo (`projector_word_init: true` in demo.yaml).
+"""Word-grounded projector start for the demo: an option (`projector_word_init: true`),
+off by default, and a shortcut outside the paper's method.
 
-Why: a text-only control (benchmarks/demo_text_probe.py) learns the demo's yes/no questions in
-~1000 questions when the scene is given as words, while the image demo learns nothing in ~3000:
-the LLM matches a question's "green" against a "green" *token* in its context with circuits it
-already has, and projected image tokens do not look like any token. So before stage 1 the
-projector is set to the least-squares linear map from the tower's patch features to the LLM's
-input embeddings of the words that name the patch's object (its colour word + its shape word;
-background patches to zero), fitted on scenes drawn from the generator's own `projector-init`
-split with its per-patch labels (the labels the tower was pre-trained with). The demo's recipes
-then train the projector at 1e-5 only: at stage 1's usual rates captioning through the frozen
-LLM pulls image tokens to ~150x the embeddings' norm and the word start is lost (docs/training.md,
-runs W-W3: yes/no 52% -> 77.5% when it is kept).
+The projector is set to the least-squares linear map from the tower's patch features to the
+LLM's input embeddings of the words that name the patch's object (its colour word + its
+shape word; background patches to zero), fitted on scenes drawn from the generator's own
+`projector-init` split with its per-patch labels. The paper has nothing like it: there the
+projector starts random and learns from captions in stage 1, which is what the demo does by
+default. Why the option exists: the LLM matches a question's "green" against a "green"
+*token* in its context with circuits it already has, so image tokens that start next to
+their words give stage 2 a head start (benchmarks/demo_text_probe.py is the text-only control).
+With this start, keep stage 1 and the stage-2 projector at a low rate (~1e-5): at stage 1's
+usual rates captioning through the frozen LLM pulls image tokens to ~150x the embeddings'
+norm and the word start is lost (docs/training.md).
 
 The map is written into the mlp2x_gelu projector exactly: with the first layer [P; -P] and the
 second [M, -M], GELU(z) - GELU(-z) = z gives M P x + b for every x. This step uses the
-synthetic generator's labels, so it exists only for the demo; the reference has nothing like it.
+synthetic generator's labels, so it exists only for the demo.
 """
 from __future__ import annotations
 
