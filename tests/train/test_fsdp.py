@@ -2,8 +2,8 @@
 same recipe on 1 process with the same global batch.
 
 One torchrun launch runs two sharded runs (LoRA with checkpoints, killed after step 7 and
-resumed; full fine-tuning with the tower trained and gradient checkpointing); the
-references run here, in one process."""
+resumed; full fine-tuning with the tower trained, gradient checkpointing and gradient
+accumulation); the references run here, in one process."""
 import json
 import os
 import subprocess
@@ -36,7 +36,7 @@ def runs(tmp_path_factory):
 
 
 def reference(mode: str, root: Path, data: Path):
-    result = train(recipe_for(mode, data, root / "one" / mode, 4, False), *make_tiny_bunny())
+    result = train(recipe_for(mode, data, root / "one" / mode, 1), *make_tiny_bunny())
     return result
 
 
@@ -98,7 +98,7 @@ def test_a_sharded_checkpoint_resumes_on_one_process(runs, tmp_path):
     trains step 10 to the one-process run's loss."""
     reports, root, data = runs
     checkpoint = root / "two" / "lora" / "run" / "checkpoints" / "step-0000009"
-    recipe = recipe_for("lora", data, tmp_path, 4, False)
+    recipe = recipe_for("lora", data, tmp_path, 1)
     recipe.resume = str(checkpoint)
     result = train(recipe, *make_tiny_bunny())
     assert len(result.history) == STEPS
