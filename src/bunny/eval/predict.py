@@ -132,9 +132,13 @@ def predict(benchmark: str, samples: list[dict], model, processor, predictions: 
     any of them (an earlier run with another --limit), never to anything else.
     """
     from bunny.model.generation import SamplingSettings, generate
+    from bunny.serve.llamacpp_engine import LlamaCppEngine
 
     if batch_size < 1:
         raise BunnyError(f"batch size must be at least 1, got {batch_size}")
+    engine = model if isinstance(model, LlamaCppEngine) else None
+    if engine is not None and share_prefix:
+        raise BunnyError("--share-prefix runs on the torch engine; the llama.cpp engine answers one prompt at a time")
     path = Path(predictions)
     path.parent.mkdir(parents=True, exist_ok=True)
     all_samples = samples if all_samples is None else all_samples
@@ -164,8 +168,11 @@ def predict(benchmark: str, samples: list[dict], model, processor, predictions: 
             chunk = order[start:start + batch_size]
             texts = [prompts[i][0] for i in chunk]
             images = [[decode_image(ref) for ref in prompts[i][1]] for i in chunk]
-            answers = generate(model, proc, texts, images if any(images) else None, settings,
-                               share_prefix=share_prefix)
+            if engine is not None:  # llama.cpp: one prompt at a time; share_prefix refused above
+                answers = engine.generate(proc, texts, images, settings)
+            else:
+                answers = generate(model, proc, texts, images if any(images) else None, settings,
+                                   share_prefix=share_prefix)
             records = [prediction_record(benchmark, todo[i], a) for i, a in zip(chunk, answers)]
             append_records(path, records)
             done.update((question_key(r["question_id"]), r) for r in records)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 from typing import Callable, TextIO
 
 from bunny.errors import BunnyError
@@ -45,16 +46,27 @@ class ChatSession:
 
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> str:
         prompt, images = self._prompt(question)
+        run_generate, run_stream = engine_calls(self.model)
         if on_text is None:
-            answer = generate(self.model, self.processor, [prompt], [images], self.settings)[0]
+            answer = run_generate(self.processor, [prompt], [images], self.settings)[0]
         else:
             pieces = []
-            for piece in stream(self.model, self.processor, prompt, images, self.settings):
+            for piece in run_stream(self.processor, prompt, images, self.settings):
                 pieces.append(piece)
                 on_text(piece)
             answer = "".join(pieces).strip()
         self.messages.append({"role": "assistant", "content": answer})
         return answer
+
+
+def engine_calls(model):
+    """(generate, stream) taking (processor, ...) for `model`: a torch Bunny runs
+    bunny.model.generation's; an engine (LlamaCppEngine) runs its own."""
+    from bunny.serve.llamacpp_engine import LlamaCppEngine
+
+    if isinstance(model, LlamaCppEngine):
+        return model.generate, model.stream
+    return partial(generate, model), partial(stream, model)
 
 
 def run_chat(model, processor, settings: SamplingSettings, image: str | None = None,

@@ -1,6 +1,8 @@
 """`bunny chat` (and the serving commands)."""
 from __future__ import annotations
 
+from bunny.serve.llamacpp_engine import add_engine_arguments, check_engine_arguments  # light: no torch
+
 MODEL_HELP = "bunny checkpoint, reference checkpoint or plain LLM: a local folder, a hub id (ORG/NAME), or smollm2-135m"
 REVISION_HELP = "branch, tag or commit of a --model given by hub id (default: the repo's main branch)"
 MODEL_BASE_HELP = "base LLM (folder or hub id) of a stage-1 / LoRA reference checkpoint"
@@ -26,6 +28,7 @@ def add_parsers(sub, groups) -> None:
     p.add_argument("--compile", action="store_true",
                    help="decode with a static KV cache and a torch.compile'd step (compiled once per process; "
                         "docs/serving.md, Decode)")
+    add_engine_arguments(p)
     p.set_defaults(func=_chat)
     add_serve_parser(sub)
 
@@ -35,6 +38,15 @@ def _chat(args) -> int:
     from bunny.model.loading import load_pretrained
     from bunny.serve.chat import run_chat
 
+    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed, compile=args.compile)
+    check_engine_arguments(args, {"--device": args.device, "--revision": args.revision,
+                                  "--model-base": args.model_base, "--vision-tower": args.vision_tower})
+    if args.engine == "llama.cpp":
+        from bunny.serve.llamacpp_engine import open_engine
+
+        engine, processor = open_engine(args.model, args.gguf, args.mmproj, template=args.template)
+        return run_chat(engine, processor, settings, image=args.image, prompt=args.prompt)
     import torch
 
     from bunny.model.dtypes import check_dtype
@@ -44,8 +56,6 @@ def _chat(args) -> int:
                                        template=args.template, revision=args.revision,
                                        vision_tower=args.vision_tower,
                                        dtype=getattr(torch, args.dtype) if args.dtype else None)
-    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, seed=args.seed, compile=args.compile)
     return run_chat(model, processor, settings, image=args.image, prompt=args.prompt)
 
 
@@ -69,12 +79,13 @@ def add_serve_parser(sub) -> None:
                    help="int8 / int4: weight-only (the LLM's linear layers; any device, less memory, "
                         "answers kept, slower on a CPU); 8bit/4bit: bitsandbytes (GPU)")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128],
-                   help="--quantize int4: inputs sharing one scale (default 128)")
+                   help="--quantize int4: inputs sharing one scale (default 64)")
     p.add_argument("--template", help="override the checkpoint's template")
     p.add_argument("--model-base", help=MODEL_BASE_HELP)
     p.add_argument("--vision-tower", help=VISION_TOWER_HELP)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    add_engine_arguments(p)
     p.set_defaults(func=_serve)
 
 
@@ -85,6 +96,9 @@ def _serve(args) -> int:
     from bunny.model.loading import fetch_model
     from bunny.serve.server import serve
 
+    check_engine_arguments(args, {"--device": args.device, "--revision": args.revision, "--quantize": args.quantize,
+                                  "--dtype": args.dtype, "--model-base": args.model_base,
+                                  "--vision-tower": args.vision_tower})
     from bunny.model.dtypes import check_dtype
 
     check_dtype(args.dtype, args.device)
@@ -96,5 +110,6 @@ def _serve(args) -> int:
           max_image_pixels=args.max_image_pixels, max_body_bytes=int(args.max_body_mb * 2**20),
           allow_remote_images=args.allow_remote_images, quantize=args.quantize, group_size=args.group_size,
           template=args.template,
-          model_base=args.model_base, vision_tower=args.vision_tower, device=args.device, dtype=args.dtype)
+          model_base=args.model_base, vision_tower=args.vision_tower, device=args.device, dtype=args.dtype,
+          engine=args.engine, gguf=args.gguf, mmproj=args.mmproj)
     return 0

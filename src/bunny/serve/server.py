@@ -17,7 +17,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           served_model_name: str | None = None, max_batch_size: int = 8, max_queue: int = 64,
           max_new_tokens_cap: int = 1024, max_images: int = 4, max_image_pixels: int = 4096 * 4096,
           max_body_bytes: int = 20 * 2**20, allow_remote_images: bool = False, quantize: str | None = None,
-          group_size: int | None = None,
+          group_size: int | None = None, engine: str = "torch", gguf: str | None = None, mmproj: str | None = None,
           template: str | None = None, model_base: str | None = None, vision_tower: str | None = None,
           device: str = "cpu",
           dtype: str | None = None) -> None:
@@ -30,13 +30,22 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
 
     if not _is_loopback(host) and api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
+    scheduler = None
+    if engine == "llama.cpp":  # one request at a time (LlamaCppScheduler)
+        from bunny.serve.llamacpp_engine import open_engine, serving
+
+        if quantize or dtype:
+            raise BunnyError("--engine llama.cpp takes no --quantize or --dtype: the GGUF's types are its own")
+
+        loaded, processor, scheduler = serving(*open_engine(model, gguf, mmproj, template=template), max_queue)
     torch_dtype = getattr(torch, dtype) if dtype else None
     # bitsandbytes quantises while moving to the GPU, so the model is loaded on the CPU first.
     load_device = "cpu" if quantize in ("8bit", "4bit") else device
     if quantize in ("8bit", "4bit") and not torch.cuda.is_available():
         raise BunnyError(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes); on the CPU use --quantize int8")
-    loaded, processor = load_pretrained(model, device=load_device, dtype=torch_dtype, model_base=model_base,
-                                        template=template, vision_tower=vision_tower)
+    if scheduler is None:
+        loaded, processor = load_pretrained(model, device=load_device, dtype=torch_dtype, model_base=model_base,
+                                            template=template, vision_tower=vision_tower)
     if quantize:
         quantize_model(loaded, quantize, device, group_size=group_size)
     settings = ServerSettings(
@@ -45,7 +54,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         max_body_bytes=max_body_bytes,
         images=ImageLimits(max_pixels=max_image_pixels, max_images=max_images, allow_remote=allow_remote_images),
     )
-    app = create_app(loaded, processor, settings)
+    app = create_app(loaded, processor, settings, scheduler=scheduler)
     print(f"bunny: serving {settings.model_name!r} on http://{host}:{port} (demo at /, API at /v1)", flush=True)
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, log_level="info")
 
