@@ -83,7 +83,7 @@ def test_static_logits_match_plain_logits(attention):
 
     with torch.inference_mode():
         out, mask = prefill()
-        plain = _plain_steps(lm, out.cache, mask)
+        plain = _plain_steps(lm, out.cache, mask, 8)
         out2, mask2 = prefill()
         static = StaticDecoder(lm, mask.shape[0], cache_length(mask.shape[1] + 8), compile=False)
         static.load_prefill(out2.cache, mask2)

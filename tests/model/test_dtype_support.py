@@ -24,7 +24,8 @@ def test_rule_on_fake_flag_sets():
 
 
 def test_cpu_flags_parsing():
-    x86 = "processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\nbugs\t\t: spectre\n\nprocessor\t: 1\nflags\t\t: fpu avx2 avx512_bf16\n"
+    x86 = ("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\nbugs\t\t: spectre\n\n"
+           "processor\t: 1\nflags\t\t: fpu avx2 avx512_bf16\n")
     assert cpu_flags(x86) == {"fpu", "avx2", "avx512_bf16"}
     arm = "processor\t: 0\nFeatures\t: fp asimd bf16\nCPU implementer\t: 0x41\n"
     assert cpu_flags(arm) == {"fp", "asimd", "bf16"}

@@ -76,7 +76,8 @@ def iter_tokens(
                  cache=DynamicCache(config=lm.config), use_cache=True, logits_to_keep=1)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     eos = torch.tensor(eos_token_ids or [-1], device=input_ids.device)
-    next_logits = _static_steps(lm, out.cache, mask, settings) if settings.compile else _plain_steps(lm, out.cache, mask)
+    steps = _static_steps if settings.compile else _plain_steps
+    next_logits = steps(lm, out.cache, mask, settings.max_new_tokens)
     logits = out.logits[:, -1]
     for step in range(settings.max_new_tokens):
         token = _pick(logits, settings, generator)
@@ -87,7 +88,8 @@ def iter_tokens(
         logits = next_logits(token)
 
 
-def _plain_steps(lm, cache: DynamicCache, mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def _plain_steps(lm, cache: DynamicCache, mask: torch.Tensor, max_new_tokens: int
+                 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """token (B,) -> next logits (B, V), growing the DynamicCache and the mask by one column."""
     def step(token: torch.Tensor) -> torch.Tensor:
         nonlocal mask
@@ -98,11 +100,13 @@ def _plain_steps(lm, cache: DynamicCache, mask: torch.Tensor) -> Callable[[torch
     return step
 
 
-def _static_steps(lm, cache: DynamicCache, mask: torch.Tensor, settings: SamplingSettings):
+def _static_steps(lm, cache: DynamicCache, mask: torch.Tensor, max_new_tokens: int
+                  ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The same, on a static cache with a compiled step (bunny.model.decode_static)."""
     from bunny.model.decode_static import StaticDecoder, cache_length
 
     # The first new token comes from the prefill; each later one takes a column.
-    decoder = StaticDecoder(lm, mask.shape[0], cache_length(mask.shape[1] + settings.max_new_tokens))
+    decoder = StaticDecoder(lm, mask.shape[0], cache_length(mask.shape[1] + max_new_tokens))
     decoder.load_prefill(cache, mask)
     return decoder.step
 
