@@ -10,12 +10,16 @@ is the torch path's whenever the two engines pick the same tokens (tests compare
 One llama.cpp context holds one conversation: requests run one at a time (a lock), and a
 batch of prompts is answered prompt by prompt. `--engine llama.cpp` is chosen by the user,
 never in place of the torch path.
+
+(Over 400 lines: the engine, how it is opened from a checkpoint, and the server's scheduler
+for it share one rule, one conversation per llama.cpp context, and read best together.)
 """
 from __future__ import annotations
 
 import ctypes
 import json
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -33,13 +37,26 @@ CACHE_SUFFIX = ".llamacpp"  # the export cache beside a model folder: MODEL.llam
 STAMP_FILE = "bunny_source.json"
 
 
+_LOG_CALLBACK = None  # kept alive for as long as llama.cpp may call it
+GGML_LOG_LEVEL_ERROR = 4
+
+
 def _import_llama_cpp():
+    global _LOG_CALLBACK
     try:
         import llama_cpp
         from llama_cpp import mtmd_cpp
     except ImportError:
         raise BunnyError("--engine llama.cpp needs llama-cpp-python (pip install llama-cpp-python); "
                          "or use --engine torch") from None
+    if _LOG_CALLBACK is None:  # mtmd logs every image it encodes; keep its errors only
+        def log(level, text, user_data):
+            if level == GGML_LOG_LEVEL_ERROR:
+                print(text.decode("utf-8", "replace"), end="", file=sys.stderr, flush=True)
+
+        _LOG_CALLBACK = llama_cpp.llama_log_callback(log)
+        mtmd_cpp.mtmd_log_set(_LOG_CALLBACK, None)
+        mtmd_cpp.mtmd_helper_log_set(_LOG_CALLBACK, None)
     return llama_cpp, mtmd_cpp
 
 
