@@ -76,12 +76,6 @@ def shard(model, groups: list[dict], reshard_after_forward: bool = True) -> list
     return [{**g, "params": [params[n] for n in ns]} for g, ns in zip(groups, group_names)]
 
 
-def is_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def _full_options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
