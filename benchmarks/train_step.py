@@ -270,7 +270,8 @@ def packing_main(argv: list[str]) -> dict:
                     f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "data", "json")]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode:
-                    raise SystemExit(f"{side} run failed:\n{done.stderr[-3000:]}")
+                    raise SystemExit(f"{side} run failed (exit status {done.returncode}; -9: killed, often for "
+                                     f"memory):\n{done.stderr[-3000:]}")
                 results[side].append(json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[7:]))
     finally:
         if own_dir:
