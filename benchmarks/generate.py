@@ -169,7 +169,8 @@ def main() -> None:
 
     ours_ids = generate_ids(model, inputs, SamplingSettings(max_new_tokens=n), eos_token_ids=[])[0]
     # The compiled path: its first call per (batch, cache length) compiles; same tokens asserted.
-    assert generate_ids(model, inputs, SamplingSettings(max_new_tokens=n, compile=True), eos_token_ids=[])[0] == ours_ids
+    compiled_ids = generate_ids(model, inputs, SamplingSettings(max_new_tokens=n, compile=True), eos_token_ids=[])
+    assert compiled_ids[0] == ours_ids, "the compiled path's greedy tokens differ from the plain path's"
     batch8 = processor(text=[prompt] * 8, images=[[image]] * 8)
     for compile in (False, True):  # warm up (and compile) batch 8
         assert generate_ids(model, batch8, SamplingSettings(max_new_tokens=n, compile=compile), eos_token_ids=[]) \
@@ -212,7 +213,8 @@ def main() -> None:
     print(f"ours compiled: {compiled_tps:7.1f} tokens/s   (static cache, torch.compile'd step; compile s by "
           f"(batch, cache length): " + ", ".join(f"{k}: {v:.0f}" for k, v in compile_s.items()) + ")")
     print(f"llava: {llava_tps:7.1f} tokens/s   (transformers LlavaForConditionalGeneration.generate)")
-    print(f"ratio ours/llava: {ours_tps / llava_tps:.2f}   (target >= 1.0); compiled/plain: {compiled_tps / ours_tps:.2f}")
+    print(f"ratio ours/llava: {ours_tps / llava_tps:.2f}   (target >= 1.0); "
+          f"compiled/plain: {compiled_tps / ours_tps:.2f}")
     for c, name in ((False, "plain"), (True, "compiled")):
         ms = per_token[c]
         print(f"{name}: decode ms/token at 16 / 128 new tokens: {ms[16]:.1f} / {ms[128]:.1f}; "
