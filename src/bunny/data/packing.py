@@ -18,9 +18,9 @@ Two layouts, chosen by the model's attention implementation:
   restarts at 0), as transformers does for padding-free batches. Needs a GPU and the
   flash-attn package.
 
-A token's label is moved nowhere: the model predicts token t from position t - 1 within the
-row, so each sample's first token (which would be predicted from the previous sample's last
-token) is never a target, exactly as in its own padded row.
+Labels stay with their tokens. The model predicts token t from position t - 1 of the row, so
+each sample's first token would be predicted from the previous sample's last token: it is
+never a target, as in the sample's own padded row, where nothing precedes it.
 """
 from __future__ import annotations
 
