@@ -181,7 +181,8 @@ def load_benchmark(args) -> None:
                   f"text chunks, error {m['long'].get('error') or 'none'}; still running when the short ones "
                   f"ended: {m['long_outlived_shorts']}; rows that joined a running batch: {m['joined_running']}")
             print(f"short p50 beside the long request / alone: {m['ratio']:.2f}x (target <= 1.5)", flush=True)
-            if m["ratio"] > 1.5 or m["alone"]["errors"] or m["mixed"]["errors"] or m["long"].get("error"):
+            if (m["ratio"] > 1.5 or m["alone"]["errors"] or m["mixed"]["errors"] or m["long"].get("error")
+                    or not m["long_outlived_shorts"] or not m["joined_running"]):
                 failed.append("mixed lengths")
         results = []
         for clients in args.clients:
