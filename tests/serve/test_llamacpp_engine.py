@@ -158,9 +158,9 @@ def test_prompt_and_context_refusals(pair):
 
 def test_cli_options_the_engine_does_not_take_are_refused():
     args = argparse.Namespace(engine="llama.cpp", gguf=None, mmproj=None)
-    with pytest.raises(BunnyError, match="runs on the CPU without --device, --quantize; use --engine torch for them"):
+    with pytest.raises(BunnyError, match=r"does not take --device, --quantize \(it runs the GGUF on the CPU"):
         check_engine_arguments(args, {"--device": "cuda", "--quantize": "int8", "--dtype": None})
     check_engine_arguments(args, {"--device": "cpu", "--share-prefix": False})
     torch_args = argparse.Namespace(engine="torch", gguf="m.gguf", mmproj=None)
-    with pytest.raises(BunnyError, match="--gguf apply to --engine llama.cpp only"):
+    with pytest.raises(BunnyError, match="--gguf applies to --engine llama.cpp only"):
         check_engine_arguments(torch_args, {})

@@ -255,12 +255,13 @@ def check_engine_arguments(args, unsupported: dict[str, object]) -> None:
     if args.engine != "llama.cpp":
         given = [name for name, value in (("--gguf", args.gguf), ("--mmproj", args.mmproj)) if value]
         if given:
-            raise BunnyError(f"{' and '.join(given)} apply to --engine llama.cpp only")
+            raise BunnyError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} "
+                             f"to --engine llama.cpp only")
         return
     given = [name for name, value in unsupported.items() if value not in (None, False, "cpu")]
     if given:
-        raise BunnyError(f"--engine llama.cpp runs on the CPU without {', '.join(given)}; "
-                         f"use --engine torch for {'them' if len(given) > 1 else 'it'}")
+        raise BunnyError(f"--engine llama.cpp does not take {', '.join(given)} (it runs the GGUF on the CPU, "
+                         f"one prompt at a time); use --engine torch for {'them' if len(given) > 1 else 'it'}")
 
 
 def open_engine(model: str | os.PathLike, gguf: str | os.PathLike | None = None,
