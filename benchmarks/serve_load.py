@@ -156,6 +156,38 @@ def small_llm(folder: Path) -> str:
     return str(folder)
 
 
+@torch.inference_mode()
+def step_costs(args) -> None:
+    """The LLM's own costs behind the server's: a 90-token prefill and a decode step (one row
+    left padded by 10, as in a batch) at batch 1, 4 and 16."""
+    from transformers import DynamicCache
+
+    from bunny.model.loading import build_model
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        llm = "smollm2-135m" if args.llm == "demo" else small_llm(Path(tmp))
+        model, _ = build_model(llm, tower=tower_folder())
+    lm = model.language_model.eval()
+    for batch in (1, 4, 16):
+        ids = torch.randint(0, 1000, (batch, 90))
+        mask = torch.ones(batch, 90, dtype=torch.long)
+        mask[0, :10] = 0
+        t = time.perf_counter()
+        out = lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                 cache=DynamicCache(), use_cache=True, logits_to_keep=1)
+        prefill = time.perf_counter() - t
+        token, steps = out.logits[:, -1].argmax(-1), 10
+        t = time.perf_counter()
+        for _ in range(steps):
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], 1)
+            out = lm(input_ids=token[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                     cache=out.cache, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1].argmax(-1)
+        print(f"batch {batch:2d}: prefill of 90 tokens {prefill * 1000:6.0f} ms, "
+              f"decode step {(time.perf_counter() - t) / steps * 1000:6.1f} ms", flush=True)
+
+
 def load_benchmark(args) -> None:
     from bunny.model.loading import build_model
     from bunny.serve.app import ServerSettings, create_app
@@ -260,6 +292,8 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per level, at most")
     ap.add_argument("--llm", choices=["demo", "small"], default="demo",
                     help="demo: SmolLM2-135M; small: a random 6-layer, 256-wide Llama with its tokenizer")
+    ap.add_argument("--step-costs", action="store_true",
+                    help="only the LLM's prefill and decode-step times at batch 1, 4 and 16 (no server)")
     ap.add_argument("--skip-mixed", action="store_true", help="only the throughput levels")
     ap.add_argument("--short-clients", type=int, default=8)
     ap.add_argument("--short-requests", type=int, default=2, help="per short client, back to back")
@@ -276,7 +310,12 @@ def main() -> None:
         load = f.read().split()[:3]
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"load average {' '.join(load)}")
-    quantization_report(args) if args.quantization else load_benchmark(args)
+    if args.quantization:
+        quantization_report(args)
+    elif args.step_costs:
+        step_costs(args)
+    else:
+        load_benchmark(args)
 
 
 if __name__ == "__main__":
