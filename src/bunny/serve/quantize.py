@@ -8,10 +8,10 @@ second copy of that table (more memory, not less).
 
 Weight-only means the activations stay in the model's float dtype: each forward dequantises
 the weight (plain torch ops) and runs an ordinary float `linear`. The stored weight is 1 byte
-(int8) or half a byte (int4) per value; the answers stay those of the float model almost
-everywhere (docs/serving.md has the measured share), unlike dynamic activation quantisation.
-On a CPU the dequantisation costs time: these modes save memory, they do not make decoding
-faster (`--engine llama.cpp` is the fast CPU path).
+(int8) or half a byte (int4) per value, each within half a quantisation step of the original.
+How many answers stay the same depends on the model's weights (docs/benchmarks.md, "Weight-only
+quantisation"). On a CPU the dequantisation costs time: these modes save memory, they do not
+make decoding faster (`--engine llama.cpp` is the fast CPU path).
 """
 from __future__ import annotations
 
