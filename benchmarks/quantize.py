@@ -25,7 +25,8 @@ from bunny.model.templates import IMAGE_PLACEHOLDER
 from bunny.serve.quantize import quantize_model, weight_bytes
 from bunny.train.demo_ground import fit_word_projector
 
-MODES = [("float32", None, None), ("int8", "int8", None), ("int4 g32", "int4", 32), ("int4 g64", "int4", 64)]
+MODES = [("float32", None, None), ("int8", "int8", None), ("int8 g32", "int8", 32), ("int4 g32", "int4", 32),
+         ("int4 g64", "int4", 64)]
 # int4 g128 is refused on SmolLM2-135M: its 576-wide layers are not a multiple of 128.
 
 

@@ -53,6 +53,19 @@ def test_int8_round_trip_within_half_a_step():
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int8_groups_round_trip_within_half_a_step(group_size):
+    layer = _linear(8, 256, seed=group_size)
+    q = Int8WeightOnlyLinear.from_linear(layer, group_size)
+    assert q.scale.shape == (8, 256 // group_size)
+    err = (q.dequantize() - layer.weight.detach()).abs().reshape(8, -1, group_size)
+    assert (err <= q.scale[..., None] / 2 + 1e-7).all()
+    # The outlier's group has a large step; the rest of its row keeps a fine one.
+    assert q.scale[0, 0] > 10 * q.scale[0, 1:].max()
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantize(), layer.bias), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_int4_round_trip_within_half_a_step(group_size):
     layer = _linear(8, 256, seed=group_size)
     q = Int4WeightOnlyLinear.from_linear(layer, group_size)
@@ -70,7 +83,8 @@ def _prompts(processor):
     return processor(text=texts, images=[[random_image(i)] for i in range(len(texts))], padding_side="left")
 
 
-@pytest.mark.parametrize("mode,group_size,min_same,max_logit_diff", [("int8", None, 0.98, 0.01), ("int4", 32, 0.9, 0.1)])
+@pytest.mark.parametrize("mode,group_size,min_same,max_logit_diff",
+                         [("int8", None, 0.98, 0.01), ("int8", 32, 0.98, 0.01), ("int4", 32, 0.9, 0.1)])
 def test_tiny_model_greedy_tokens_mostly_equal(mode, group_size, min_same, max_logit_diff):
     model, processor = make_tiny_bunny(seed=6)
     reference, _ = make_tiny_bunny(seed=6)
@@ -119,8 +133,10 @@ def test_bad_modes_and_group_sizes_are_refused():
         quantize_model(model, "int3")
     with pytest.raises(BunnyError, match="group size 48 is not supported; choose one of 32, 64, 128"):
         quantize_model(model, "int4", group_size=48)
-    with pytest.raises(BunnyError, match="group size applies to --quantize int4 only"):
-        quantize_model(model, "int8", group_size=32)
+    with pytest.raises(BunnyError, match="group size applies to --quantize int8 and int4 only, not 8bit"):
+        quantize_model(model, "8bit", "cpu", group_size=32)
+    with pytest.raises(BunnyError, match="int8 with group size 64: layer 'language_model.model.layers.0"):
+        quantize_model(model, "int8", group_size=64)
 
 
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])

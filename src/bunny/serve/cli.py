@@ -79,7 +79,8 @@ def add_serve_parser(sub) -> None:
                    help="int8 / int4: weight-only (the LLM's linear layers; any device, less memory, "
                         "answers kept, slower on a CPU); 8bit/4bit: bitsandbytes (GPU)")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128],
-                   help="--quantize int4: inputs sharing one scale (default 64)")
+                   help="--quantize int8 / int4: inputs sharing one scale (int4 default 64; "
+                        "int8 default: one scale per output channel)")
     p.add_argument("--template", help="override the checkpoint's template")
     p.add_argument("--model-base", help=MODEL_BASE_HELP)
     p.add_argument("--vision-tower", help=VISION_TOWER_HELP)

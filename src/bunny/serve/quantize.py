@@ -27,35 +27,46 @@ DEFAULT_GROUP_SIZE = 64  # divides the inputs of more small LLMs than 128 does (
 
 
 class Int8WeightOnlyLinear(nn.Module):
-    """y = (x @ q^T) * scale + bias, with q int8 in [-127, 127] (out, in) and one float32 scale
-    per output channel (absmax / 127): the dequantised weight is within scale / 2 of the original."""
+    """y = x @ (q * scale)^T + bias, with q int8 in [-127, 127] (out, in) and float32 scales
+    (absmax / 127): one per output channel, or with `group_size` one per group of that many
+    consecutive inputs of a row. The dequantised weight is within scale / 2 of the original."""
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 group_size: int | None = None):
         super().__init__()
         self.out_features, self.in_features = qweight.shape
+        self.group_size = group_size
         self.register_buffer("qweight", qweight)  # (out, in) int8
-        self.register_buffer("scale", scale)  # (out,) float32
+        self.register_buffer("scale", scale)  # (out,) float32, or (out, in / group) with groups
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8WeightOnlyLinear":
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1) / 127
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
-        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    def from_linear(cls, linear: nn.Linear, group_size: int | None = None) -> "Int8WeightOnlyLinear":
+        out_f, in_f = linear.weight.shape
+        w = linear.weight.detach().float().reshape(out_f, -1, group_size or in_f)  # (out, groups, group)
+        scale = w.abs().amax(dim=2) / 127
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group stays zero
+        q = torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int8).reshape(out_f, in_f)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(q, scale, bias)
+        return cls(q, scale if group_size else scale[:, 0], bias, group_size)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.qweight.float() * self.scale[:, None]).to(dtype)
+        if self.group_size is None:
+            return (self.qweight.float() * self.scale[:, None]).to(dtype)
+        w = self.qweight.float().reshape(self.out_features, -1, self.group_size) * self.scale[..., None]
+        return w.reshape(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The per-channel scale is applied to the output: (out,) products instead of (out, in).
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.group_size is not None:
+            return F.linear(x, self.dequantize(x.dtype), bias)
+        # One scale per output channel is applied to the output: (out,) products instead of (out, in).
         y = F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
 
 
 class Int4WeightOnlyLinear(nn.Module):
@@ -104,30 +115,36 @@ def quantize_model(model, mode: str, device: str | torch.device = "cpu", group_s
     """Quantise `model.language_model` in place for `device`; returns the model.
 
     int8 / int4: weight-only (this module's layers), on the model's current device; `group_size`
-    (int4 only; 32, 64 or 128, default 128) inputs share one scale. 8bit / 4bit: bitsandbytes on
-    a CUDA GPU."""
+    (32, 64 or 128) inputs share one scale: int4 default 64, int8 default one scale per output
+    channel. 8bit / 4bit: bitsandbytes on a CUDA GPU."""
     if mode not in MODES:
         raise BunnyError(f"unknown quantisation {mode!r}; choose one of {', '.join(MODES)}")
-    if group_size is not None and mode != "int4":
-        raise BunnyError(f"a group size applies to --quantize int4 only, not {mode}")
     device = torch.device(device)
-    if mode == "int8":
-        _replace_linears(model, Int8WeightOnlyLinear.from_linear)
+    if mode in ("int8", "int4"):
+        if mode == "int4" and group_size is None:
+            group_size = DEFAULT_GROUP_SIZE
+        if group_size is not None:
+            _check_groups(model, mode, group_size)
+        if mode == "int8":
+            _replace_linears(model, lambda linear: Int8WeightOnlyLinear.from_linear(linear, group_size))
+        else:
+            _replace_linears(model, lambda linear: Int4WeightOnlyLinear.from_linear(linear, group_size))
         return model
-    if mode == "int4":
-        group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
-        if group_size not in GROUP_SIZES:
-            raise BunnyError(f"int4 group size {group_size} is not supported; choose one of "
-                             f"{', '.join(map(str, GROUP_SIZES))}")
-        targets = _llm_linears(model)
-        for name, linear in targets:  # every layer checked before any is replaced
-            if linear.in_features % group_size:
-                raise BunnyError(f"--quantize int4 with group size {group_size}: layer {name!r} has "
-                                 f"{linear.in_features} inputs, not a multiple of {group_size}; "
-                                 f"choose a group size that divides it ({', '.join(map(str, GROUP_SIZES))})")
-        _replace_linears(model, lambda linear: Int4WeightOnlyLinear.from_linear(linear, group_size))
-        return model
+    if group_size is not None:
+        raise BunnyError(f"a group size applies to --quantize int8 and int4 only, not {mode}")
     return _bitsandbytes(model, mode, device)
+
+
+def _check_groups(model, mode: str, group_size: int) -> None:
+    """Every layer checked before any is replaced: a refusal leaves the model as it was."""
+    if group_size not in GROUP_SIZES:
+        raise BunnyError(f"{mode} group size {group_size} is not supported; choose one of "
+                         f"{', '.join(map(str, GROUP_SIZES))}")
+    for name, linear in _llm_linears(model):
+        if linear.in_features % group_size:
+            raise BunnyError(f"--quantize {mode} with group size {group_size}: layer {name!r} has "
+                             f"{linear.in_features} inputs, not a multiple of {group_size}; "
+                             f"choose a group size that divides it ({', '.join(map(str, GROUP_SIZES))})")
 
 
 def _llm_linears(model) -> list[tuple[str, nn.Linear]]:
