@@ -178,6 +178,22 @@ def test_resume_refuses_another_model_or_budget(tmp_path, loaded):
         run_benchmark("pope", "b", data=str(data), out=tmp_path, max_new_tokens=3, progress=False, loaded=loaded)
     with pytest.raises(BunnyError, match="max_new_tokens: 3 -> 4"):
         run_benchmark("pope", "a", data=str(data), out=tmp_path, max_new_tokens=4, progress=False, loaded=loaded)
+    # Answers written by one engine are never resumed by the other.
+    with pytest.raises(BunnyError, match="engine: 'torch' -> 'llama.cpp'"):
+        run_benchmark("pope", "a", data=str(data), out=tmp_path, max_new_tokens=3, progress=False, loaded=loaded,
+                      engine="llama.cpp")
+
+
+def test_resume_reads_run_files_without_an_engine_as_torch(tmp_path, loaded):
+    data = _pope(tmp_path / "pope", n=2)
+    run_benchmark("pope", "a", data=str(data), out=tmp_path, max_new_tokens=3, progress=False, loaded=loaded)
+    run_file = tmp_path / "pope.run.json"
+    settings = json.loads(run_file.read_text())
+    assert settings["engine"] == "torch"
+    del settings["engine"]
+    run_file.write_text(json.dumps(settings))
+    again = run_benchmark("pope", "a", data=str(data), out=tmp_path, max_new_tokens=3, progress=False, loaded=loaded)
+    assert again.generated == 0
 
 
 def test_mmbench_dev_is_scored_circularly_with_limit(tmp_path, loaded):

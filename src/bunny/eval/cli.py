@@ -73,6 +73,6 @@ def _run(args) -> int:
                            max_new_tokens=args.max_new_tokens,
                            reference_fallback=args.reference_fallback, seed=args.seed,
                            device=args.device, progress=not args.no_progress, share_prefix=args.share_prefix,
-                           loaded=loaded)
+                           loaded=loaded, engine=args.engine)
     print(open(result.files["results_md"], encoding="utf-8").read(), end="")
     return 0

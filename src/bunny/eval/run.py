@@ -34,7 +34,7 @@ HUB_SOURCES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "mmmu": ("MMMU/MMMU", "validation", ("*validation-*.parquet",)),
 }
 # Settings that must match when a run resumes an existing predictions file.
-_RESUME_KEYS = ("benchmark", "model", "revision", "split", "max_new_tokens")
+_RESUME_KEYS = ("benchmark", "model", "revision", "split", "max_new_tokens", "engine")
 
 
 @dataclass
@@ -100,11 +100,12 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
                   limit: int | None = None, batch_size: int = 1, out: str | Path = "outputs/eval",
                   max_new_tokens: int | None = None, reference_fallback: bool = False, seed: int = 0,
                   device: str = "cpu", progress: bool = True, loaded=None, share_prefix: bool = False,
-                  revision: str | None = None) -> RunResult:
+                  revision: str | None = None, engine: str = "torch") -> RunResult:
     """Evaluate `model` (a checkpoint folder, hub id at `revision`, or embedded name) on `benchmark`.
 
     `loaded` = (model, processor) skips loading (Python callers, tests, benchmarks);
-    `model` then only names it in the outputs.
+    `model` then only names it in the outputs. `engine` ("torch" or "llama.cpp") names what
+    answers; a run resumes only with the engine that wrote its predictions.
     """
     from bunny.eval.predict import count_pending, predict
 
@@ -127,7 +128,7 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
     stem = out / (f"{benchmark}-{split}" if split else benchmark)
     new_tokens = max_new_tokens or MAX_NEW_TOKENS[benchmark]
     settings = {"benchmark": benchmark, "model": str(model), "revision": revision, "split": split,
-                "data": str(data or path), "max_new_tokens": new_tokens}
+                "data": str(data or path), "max_new_tokens": new_tokens, "engine": engine}
     _check_resume(stem.with_name(stem.name + ".run.json"), settings)
 
     if loaded is None:
@@ -158,6 +159,7 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
 def _check_resume(run_file: Path, settings: dict) -> None:
     if run_file.is_file():
         previous = json.loads(run_file.read_text())
+        previous.setdefault("engine", "torch")  # run files written before the engine choice existed
         changed = [k for k in _RESUME_KEYS if previous.get(k) != settings[k]]
         if changed:
             details = ", ".join(f"{k}: {previous.get(k)!r} -> {settings[k]!r}" for k in changed)
