@@ -11,8 +11,9 @@ step (`bunny.model.decode_static`), which gives the same greedy tokens.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from transformers import DynamicCache
@@ -167,14 +168,18 @@ def stream(model, processor, prompt: str, images: list | None = None,
     inputs = processor(text=[prompt], images=images, padding_side="left").to(model.device)
     eos = processor.stop_token_ids()
     stops = [s for s in settings.stop_strings + processor.stop_strings if s]
+    tokens = (int(token[0]) for token in iter_tokens(model, inputs["input_ids"], inputs["attention_mask"],
+                                                      inputs.get("pixel_values"), settings, eos))
+    yield from text_deltas(itertools.takewhile(lambda t: t not in eos, tokens), processor, stops)
+
+
+def text_deltas(token_ids: Iterable[int], processor, stops: list[str]) -> Iterator[str]:
+    """Text deltas of one answer from its new token ids (stop tokens already left out): a
+    completed stop string ends the answer and never appears, nor does half a character."""
     ids: list[int] = []
     shown = ""
-    for token in iter_tokens(model, inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"),
-                             settings, eos):
-        t = int(token[0])
-        if t in eos:
-            break
-        ids.append(t)
+    for token in token_ids:
+        ids.append(token)
         text = processor.decode(ids)
         final = cut_at_stop(text, stops)
         if final != text:  # a stop string completed

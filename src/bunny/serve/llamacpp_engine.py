@@ -122,27 +122,11 @@ class LlamaCppEngine:
     def stream(self, processor, prompt: str, images: list | None = None,
                settings: SamplingSettings | None = None) -> Iterator[str]:
         """Text deltas of one answer; stop strings never appear (as generation.stream)."""
-        from bunny.model.generation import SamplingSettings, cut_at_stop, safe_stream_length
+        from bunny.model.generation import SamplingSettings, text_deltas
 
         settings = settings or SamplingSettings()
         stops = [s for s in settings.stop_strings + processor.stop_strings if s]
-        ids: list[int] = []
-        shown = ""
-        for token in self.token_ids(processor, prompt, _as_list(images), settings):
-            ids.append(token)
-            text = processor.decode(ids)
-            final = cut_at_stop(text, stops)
-            if final != text:  # a stop string completed
-                if len(final) > len(shown):
-                    yield final[len(shown):]
-                return
-            safe = text[:safe_stream_length(text, stops)]
-            if len(safe) > len(shown):
-                yield safe[len(shown):]
-                shown = safe
-        final = cut_at_stop(processor.decode(ids), stops)
-        if len(final) > len(shown):
-            yield final[len(shown):]
+        yield from text_deltas(self.token_ids(processor, prompt, _as_list(images), settings), processor, stops)
 
     def token_ids(self, processor, prompt: str, images: list, settings: SamplingSettings) -> Iterator[int]:
         """New token ids of one prompt, up to (not including) the first stop token; holds the
