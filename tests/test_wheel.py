@@ -17,10 +17,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # A demo small enough to run in a minute or two on 2 CPU cores: one step per stage.
-MINI_DEMO = ["train_images=2", "eval_images=2", "eval_batch_size=8", "max_turns=1",
+MINI_DEMO = ["train_images=2", "eval_images=2", "eval_batch_size=8", "max_turns=2",
              "pretrain.max_samples=2", "pretrain.per_device_batch_size=2",
              "finetune.per_device_batch_size=2", "finetune.lora_r=4", "finetune.epochs=1"]
 
@@ -95,8 +96,10 @@ def test_wheel_runs_the_demo_outside_the_source_tree(tmp_path):
     _run([bin_dir / "bunny", "demo", "--out", out, *[a for kv in MINI_DEMO for a in ("--set", kv)]], work, env)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stage1"]["steps"] == 1 and summary["stage2"]["steps"] == 1
-    # demo.yaml of the installed package was read (projector_word_init is on only there) ...
-    assert summary["settings"]["projector_word_init"] is True and summary["projector_word_init"]["r2"] is not None
+    # the installed package's stage recipes were read (template and lora_alpha differ from Recipe's defaults) ...
+    assert summary["settings"]["projector_word_init"] is False
+    stage2 = yaml.safe_load((out / "stage2" / "recipe.yaml").read_text())
+    assert stage2["template"] == "bunny-nosystem" and stage2["lora_alpha"] == 64
     # ... and the shipped tower came from the installed package too.
     recipe = (out / "stage1" / "recipe.yaml").read_text()
     tower_line = next(line for line in recipe.splitlines() if line.startswith("tower:"))
