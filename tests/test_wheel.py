@@ -96,8 +96,9 @@ def test_wheel_runs_the_demo_outside_the_source_tree(tmp_path):
     _run([bin_dir / "bunny", "demo", "--out", out, *[a for kv in MINI_DEMO for a in ("--set", kv)]], work, env)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stage1"]["steps"] == 1 and summary["stage2"]["steps"] == 1
-    # the installed package's stage recipes were read (template and lora_alpha differ from Recipe's defaults) ...
-    assert summary["settings"]["projector_word_init"] is False
+    # demo.yaml of the installed package was read (projector_word_init is on only there) and its stage
+    # recipes (template and lora_alpha differ from Recipe's defaults) ...
+    assert summary["settings"]["projector_word_init"] is True and summary["projector_word_init"]["r2"] is not None
     stage2 = yaml.safe_load((out / "stage2" / "recipe.yaml").read_text())
     assert stage2["template"] == "bunny-nosystem" and stage2["lora_alpha"] == 64
     # ... and the shipped tower came from the installed package too.

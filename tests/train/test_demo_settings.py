@@ -12,7 +12,7 @@ from bunny.train.demo import DEMO_CONFIGS, load_settings
 def test_shipped_settings_and_stage_overrides():
     settings, over1, over2 = load_settings(DEMO_CONFIGS, {"train_images": 96, "finetune.lr": 2e-3,
                                                           "word_init_background": "background"})
-    assert settings.train_images == 96 and settings.projector_word_init is False
+    assert settings.train_images == 96 and settings.projector_word_init is True
     assert settings.word_init_background == "background" and over2 == {"lr": 2e-3} and over1 == {}
 
 
