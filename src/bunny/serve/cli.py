@@ -60,7 +60,7 @@ def _chat(args) -> int:
 
 
 def add_serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with dynamic batching and a web demo at /")
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a web demo at /")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--revision", help=REVISION_HELP)
     p.add_argument("--served-model-name", help="the model id clients send (default: the --model value's name)")
