@@ -115,3 +115,24 @@ def save_tiny_bunny(folder: Path, **kwargs) -> Path:
 
     model, processor = make_tiny_bunny(**kwargs)
     return save_pretrained(model, processor, folder)
+
+
+def saved_lora_run(recipe: dict, run_dir: Path, seed: int = 5):
+    """A LoRA run's folder as training leaves it (`adapter/` + `recipe.yaml`), built from `recipe`
+    with its trainable weights moved off their initial values (so a merge has something to
+    fold); returns the (model, processor) the adapter was saved from."""
+    import yaml
+
+    from bunny.train.parts import build_for_recipe, configure_trainables, save_adapter
+    from bunny.train.recipe import Recipe
+
+    model, processor = build_for_recipe(Recipe(**recipe))
+    configure_trainables(model, Recipe(**recipe))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    save_adapter(model, Path(run_dir) / "adapter")
+    (Path(run_dir) / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return model, processor

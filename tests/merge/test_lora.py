@@ -164,8 +164,7 @@ def test_run_built_from_llm_and_tower_merges_with_its_recipe_settings(tmp_path):
     which a base composed from `llm` + `tower` alone would lack."""
     from transformers import SiglipVisionModel
 
-    from bunny.testing import random_image, tiny_image_processor, tiny_llm, tiny_vision_config
-    from bunny.train.parts import build_for_recipe
+    from bunny.testing import random_image, saved_lora_run, tiny_image_processor, tiny_llm, tiny_vision_config
 
     llm, tokenizer = tiny_llm("llama", seed=3)
     llm.save_pretrained(tmp_path / "llm")
@@ -175,15 +174,7 @@ def test_run_built_from_llm_and_tower_merges_with_its_recipe_settings(tmp_path):
     tiny_image_processor("siglip").save_pretrained(tmp_path / "tower")
     recipe = dict(stage="finetune", tune="lora", llm=str(tmp_path / "llm"), tower=str(tmp_path / "tower"),
                   image_token_pool=2, lora_r=R, lora_alpha=ALPHA, lora_dropout=0.0)
-    model, processor = build_for_recipe(Recipe(**recipe))
-    configure_trainables(model, Recipe(**recipe))
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    save_adapter(model, tmp_path / "run" / "adapter")
-    (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    model, processor = saved_lora_run(recipe, tmp_path / "run")
 
     merged, merged_processor = load_pretrained(merge_lora_adapter(tmp_path / "run", tmp_path / "merged"))
     assert merged.config.image_token_pool == 2

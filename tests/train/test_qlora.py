@@ -5,14 +5,12 @@ import importlib.util
 
 import pytest
 import torch
-import yaml
 
 from bunny.errors import BunnyError
 from bunny.merge.lora import merge_lora_adapter
 from bunny.model.loading import load_pretrained
-from bunny.testing import random_image, tiny_image_processor, tiny_llm, tiny_vision_config
+from bunny.testing import random_image, saved_lora_run, tiny_image_processor, tiny_llm, tiny_vision_config
 from bunny.train import qlora
-from bunny.train.parts import build_for_recipe, configure_trainables, save_adapter
 from bunny.train.recipe import Recipe
 from bunny.train.trainer import train
 from trainhelp import tiny_recipe, write_dataset
@@ -88,15 +86,7 @@ def test_a_qlora_run_merges_into_its_full_precision_base(parts, tmp_path):
     full-precision base with the LoRA applied."""
     recipe = dict(stage="finetune", tune="lora", llm=str(parts / "llm"), tower=str(parts / "tower"),
                   quantize_base="4bit", lora_r=4, lora_alpha=8, lora_dropout=0.0)
-    model, processor = build_for_recipe(Recipe(**recipe))
-    configure_trainables(model, Recipe(**recipe))
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    save_adapter(model, tmp_path / "run" / "adapter")
-    (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    model, processor = saved_lora_run(recipe, tmp_path / "run")
     merged, _ = load_pretrained(merge_lora_adapter(tmp_path / "run", tmp_path / "merged"))
     prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
                                                                         {"type": "text", "text": "what?"}]}],
