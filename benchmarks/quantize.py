@@ -17,12 +17,11 @@ import time
 
 import torch
 
-from bunny.data.synthetic import draw_example
-from bunny.data.synthetic_render import render_scene
 from bunny.model.generation import SamplingSettings, generate, generate_ids
 from bunny.model.loading import build_model
 from bunny.model.templates import IMAGE_PLACEHOLDER
 from bunny.serve.quantize import quantize_model, weight_bytes
+from bunny.testing import held_out_questions
 from bunny.train.demo_ground import fit_word_projector
 
 MODES = [("float32", None, None), ("int8", "int8", None), ("int8 g32", "int8", 32), ("int4 g32", "int4", 32),
@@ -35,17 +34,6 @@ def demo_model():
     model, processor = build_model("smollm2-135m", template="bunny-nosystem")
     fit_word_projector(model, processor.tokenizer, seed=0, background_word="background")
     return model.eval(), processor
-
-
-def demo_questions(n: int) -> list[tuple]:
-    """(image, question) pairs of the synthetic held-out split, whole images, at least n."""
-    out, index = [], 0
-    while len(out) < n:
-        scene, qas = draw_example(0, "eval", index)
-        image = render_scene(scene)
-        out += [(image, qa["question"]) for qa in qas]
-        index += 1
-    return out
 
 
 def answers(model, processor, questions, max_new_tokens: int = 8) -> list[str]:
@@ -80,7 +68,7 @@ def main() -> None:
     for name, mode, group in MODES:
         models[name] = base if mode is None else quantize_model(copy.deepcopy(base), mode, group_size=group)
 
-    questions = demo_questions(args.questions)
+    questions = held_out_questions(args.questions)
     image, question = questions[0]
     prompt = processor.apply_chat_template([{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question}"}])
     inputs = processor(text=[prompt], images=[[image]])

@@ -136,3 +136,17 @@ def saved_lora_run(recipe: dict, run_dir: Path, seed: int = 5):
     save_adapter(model, Path(run_dir) / "adapter")
     (Path(run_dir) / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return model, processor
+
+
+def held_out_questions(n: int, seed: int = 0) -> list[tuple]:
+    """(image, question) pairs of the synthetic held-out split, whole images, at least n."""
+    from bunny.data.synthetic import draw_example
+    from bunny.data.synthetic_render import render_scene
+
+    out, index = [], 0
+    while len(out) < n:
+        scene, qas = draw_example(seed, "eval", index)
+        image = render_scene(scene)
+        out += [(image, qa["question"]) for qa in qas]
+        index += 1
+    return out

@@ -20,11 +20,10 @@ from llama_cpp.llama_chat_format import Llava15ChatHandler
 
 from bunny.convert.export_gguf import export_gguf
 from bunny.convert.gguf_tokenizer import CHECK_TEXT
-from bunny.data.synthetic import draw_example
-from bunny.data.synthetic_render import render_scene
 from bunny.model.generation import SamplingSettings, generate
 from bunny.model.loading import build_model, save_pretrained
 from bunny.model.templates import IMAGE_PLACEHOLDER
+from bunny.testing import held_out_questions
 from bunny.train.demo_ground import fit_word_projector
 from tests.convert.llamacpp_helpers import KV_TYPES, load_llm, text_logits
 
@@ -45,17 +44,6 @@ def demo(tmp_path_factory):
     return model.eval(), processor, llm_path, mmproj
 
 
-def _questions():
-    """(image, question) pairs of the synthetic held-out split, whole images, at least 100."""
-    out, index = [], 0
-    while len(out) < MIN_QUESTIONS:
-        scene, qas = draw_example(0, "eval", index)
-        image = render_scene(scene)
-        out += [(image, qa["question"]) for qa in qas]
-        index += 1
-    return out
-
-
 def _data_uri(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")  # lossless: llama.cpp decodes the same pixels
@@ -64,7 +52,7 @@ def _data_uri(image) -> str:
 
 def test_llamacpp_answers_equal_bunnys_on_demo_questions(demo):
     model, processor, llm_path, mmproj = demo
-    questions = _questions()
+    questions = held_out_questions(MIN_QUESTIONS)
     prompts = [processor.apply_chat_template([{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{q}"}])
                for _, q in questions]
     settings = SamplingSettings(max_new_tokens=MAX_NEW_TOKENS)
