@@ -2,6 +2,7 @@
 two-node cluster (`ray.cluster_utils.Cluster`, one CPU per node) through the command line with
 the input named by URL, when a node dies mid-run (its task is retried on the other), and on
 --resume after tasks failed for good. Bad addresses and bad input fail clearly."""
+import gc
 import os
 import threading
 import time
@@ -186,6 +187,26 @@ def test_a_node_dying_mid_run_is_retried_on_the_other(make_input, tmp_path, monk
     two_nodes.wait_for_nodes()
 
 
+def _object_refs_reachable_from(error: BaseException) -> list:
+    """The Ray object refs held by the frames of `error`'s tracebacks (and its causes')."""
+    import ray
+
+    found, errors = [], [error]
+    while errors:
+        e = errors.pop()
+        if e is None:
+            continue
+        tb = e.__traceback__
+        while tb is not None:
+            for value in tb.tb_frame.f_locals.values():
+                items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple, set)) \
+                    else [value]
+                found += [v for v in items if isinstance(v, ray.ObjectRef)]
+            tb = tb.tb_next
+        errors += [e.__cause__, e.__context__]
+    return found
+
+
 def _crashing(cluster_id: int, run_clusters):
     def task(layout, work, ids, centroids, p):
         import os
@@ -205,8 +226,12 @@ def test_tasks_that_keep_dying_fail_naming_resume_and_resume_gives_the_output(ma
                engine="ray", address=two_nodes.address, workers=2, cluster_batch=1, progress=False)
     real = engine.run_clusters
     monkeypatch.setattr(engine, "run_clusters", _crashing(2, real))
-    with pytest.raises(BunnyError, match="worker or node died.*--resume"):
+    with pytest.raises(BunnyError, match="worker or node died.*--resume") as failed:
         select(SelectConfig(**cfg))
+    # the driver has disconnected: a Ray object ref freed from now on would end this process
+    assert not _object_refs_reachable_from(failed.value)
+    del failed
+    gc.collect()
     assert os.listdir(tmp_path / "r/_work/clusters")  # the clusters finished are kept
     monkeypatch.setattr(engine, "run_clusters", real)
     select(SelectConfig(**cfg, resume=True))

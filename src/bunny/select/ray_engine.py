@@ -38,6 +38,17 @@ class RayMap:
         self.started = True
 
     def __call__(self, fn, arg_list, desc, show, weights=None):
+        try:
+            return self._run(fn, arg_list, desc, show, weights)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, without its frames
+            error = _without_tracebacks(exc)
+        # An ObjectRef still alive after ray.shutdown() ends the whole process when it is freed
+        # (Ray: "The core worker has already been shutdown ... The process will exit"). The
+        # frames of `_run` and of ray.get hold this run's refs, so the error leaves without them:
+        # a caller that keeps the error (a notebook, a retry loop, pytest.raises) stays alive.
+        raise error
+
+    def _run(self, fn, arg_list, desc, show, weights):
         ray = self.ray
         # a failed task is retried once elsewhere (a node that dies mid-task); every task
         # writes its result atomically and skips work already written, so a retry is safe
@@ -108,3 +119,17 @@ def _get(ray, ref, desc: str):
     except (NodeDiedError, WorkerCrashedError, ObjectLostError, OwnerDiedError) as exc:
         raise BunnyError(f"{desc}: a Ray task failed twice because its worker or node died ({exc}); the "
                          f"shards and clusters finished are kept: run again with --resume") from exc
+
+
+def _without_tracebacks(exc: BaseException) -> BaseException:
+    """`exc` with the tracebacks of it and of the errors it was raised from dropped (the
+    messages stay: a task's error carries its remote traceback as text)."""
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        stack += [e.__cause__, e.__context__]
+    return exc
