@@ -286,3 +286,35 @@ def test_predictions_file_of_another_dataset_is_refused(tmp_path, loaded):
     (out / "pope.predictions.jsonl").write_text(json.dumps({"question_id": "zzz", "prediction": "yes"}) + "\n")
     with pytest.raises(BunnyError, match="not in this dataset .*'zzz'"):
         run_benchmark("pope", "tiny", data=str(data), out=out, progress=False, loaded=loaded)
+
+
+def test_compile_gives_the_same_predictions_in_one_batch_shape(tmp_path, loaded, monkeypatch, capsys):
+    """--compile: the predictions file is the plain run's byte for byte; the last, short batch
+    is filled up to the batch size (one shape, one compile per cache bucket); a run resumes with
+    or without it. The static path's step runs eagerly here (the compiled step has its own test,
+    tests/model/test_decode_static.py)."""
+    from bunny.model.decode_static import StaticDecoder
+
+    batches = []
+    real = StaticDecoder.__init__
+
+    def init(self, lm, batch, length, compile=True):
+        batches.append(batch)
+        real(self, lm, batch, length, compile=False)
+    monkeypatch.setattr(StaticDecoder, "__init__", init)
+    data = _pope(tmp_path / "pope", n=8)
+    kw = dict(data=str(data), batch_size=3, max_new_tokens=NEW_TOKENS, progress=False, loaded=loaded)
+    run_benchmark("pope", "tiny", out=tmp_path / "plain", **kw)
+    assert batches == []
+    compiled = run_benchmark("pope", "tiny", out=tmp_path / "compiled", compile=True, **kw)
+    assert batches == [3, 3, 3]  # 8 questions: 3 + 3 + (2 filled up to 3)
+    assert (tmp_path / "plain" / "pope.predictions.jsonl").read_text() == \
+        (tmp_path / "compiled" / "pope.predictions.jsonl").read_text()
+    assert compiled.generated == 8 and compiled.compiled == {}  # nothing compiled with the eager step
+    assert json.loads((tmp_path / "compiled" / "pope.run.json").read_text())["compile"] is True
+    again = run_benchmark("pope", "tiny", out=tmp_path / "compiled", **kw)  # resumes without --compile
+    assert again.generated == 0 and again.metrics == compiled.metrics
+    # The llama.cpp engine decodes in its own loop: --compile is refused, not dropped.
+    assert main(["eval", "run", "pope", "--model", "x", "--data", str(data), "--engine", "llama.cpp",
+                 "--compile"]) == 2
+    assert "--engine llama.cpp does not take --compile" in capsys.readouterr().err

@@ -36,6 +36,9 @@ def add_parsers(sub, groups) -> None:
     r.add_argument("--share-prefix", action="store_true",
                    help="batch questions about the same image together and run the image once per "
                         "batch (POPE, MME: several questions per image); same answers up to float rounding")
+    r.add_argument("--compile", action="store_true",
+                   help="decode with a static KV cache and a torch.compile'd step (torch engine; same greedy "
+                        "answers; compiled once per batch size and cache length, per process; needs a C++ compiler)")
     r.add_argument("--out", default="outputs/eval",
                    help="folder for predictions, results and submission files")
     r.add_argument("--max-new-tokens", type=int,
@@ -66,13 +69,13 @@ def _run(args) -> int:
     from bunny.serve.llamacpp_engine import check_engine_arguments, open_engine
 
     check_engine_arguments(args, {"--device": args.device, "--revision": args.revision,
-                                  "--share-prefix": args.share_prefix})
+                                  "--share-prefix": args.share_prefix, "--compile": args.compile})
     loaded = open_engine(args.model, args.gguf, args.mmproj) if args.engine == "llama.cpp" else None
     result = run_benchmark(args.benchmark, args.model, revision=args.revision, data=args.data, split=args.split,
                            limit=args.limit, batch_size=args.batch_size, out=args.out,
                            max_new_tokens=args.max_new_tokens,
                            reference_fallback=args.reference_fallback, seed=args.seed,
                            device=args.device, progress=not args.no_progress, share_prefix=args.share_prefix,
-                           loaded=loaded, engine=args.engine)
+                           loaded=loaded, engine=args.engine, compile=args.compile)
     print(open(result.files["results_md"], encoding="utf-8").read(), end="")
     return 0

@@ -121,12 +121,17 @@ def rewrite_in_order(path: Path, records: list[dict]) -> None:
 # -- generation -----------------------------------------------------------------------------
 def predict(benchmark: str, samples: list[dict], model, processor, predictions: str | Path,
             batch_size: int = 1, max_new_tokens: int | None = None, all_samples: list[dict] | None = None,
-            progress: bool = True, share_prefix: bool = False) -> list[dict]:
+            progress: bool = True, share_prefix: bool = False, compile: bool = False) -> list[dict]:
     """Answer every sample not yet in the `predictions` file; return the records of
     `samples` in their order.
 
     `share_prefix`: questions about the same images are batched together and the prompt
     start they share (the images above all) runs once per batch (`generation.share_prefix`).
+
+    `compile`: decode with a static KV cache and a compiled step (`bunny.model.decode_static`),
+    the same greedy answers; a last batch smaller than `batch_size` is filled up with copies of
+    its last prompt (answers dropped), so every batch has one shape and compiles at most once
+    per cache-length bucket.
 
     `all_samples` (default: `samples`) is the whole dataset: the file may hold answers to
     any of them (an earlier run with another --limit), never to anything else.
@@ -137,8 +142,9 @@ def predict(benchmark: str, samples: list[dict], model, processor, predictions: 
     if batch_size < 1:
         raise BunnyError(f"batch size must be at least 1, got {batch_size}")
     engine = model if isinstance(model, LlamaCppEngine) else None
-    if engine is not None and share_prefix:
-        raise BunnyError("--share-prefix runs on the torch engine; the llama.cpp engine answers one prompt at a time")
+    if engine is not None and (share_prefix or compile):
+        raise BunnyError(f"{'--share-prefix' if share_prefix else '--compile'} runs on the torch engine; "
+                         "the llama.cpp engine answers one prompt at a time")
     path = Path(predictions)
     path.parent.mkdir(parents=True, exist_ok=True)
     all_samples = samples if all_samples is None else all_samples
@@ -150,7 +156,7 @@ def predict(benchmark: str, samples: list[dict], model, processor, predictions: 
                          f"dataset (e.g. question_id {json.loads(unknown[0])!r}); "
                          f"use another --out or remove the file")
     todo = [s for s in samples if question_key(s["question_id"]) not in done]
-    settings = SamplingSettings(max_new_tokens=max_new_tokens or MAX_NEW_TOKENS[benchmark])
+    settings = SamplingSettings(max_new_tokens=max_new_tokens or MAX_NEW_TOKENS[benchmark], compile=compile)
     proc = eval_processor(processor, benchmark)
     prompts = [chat_prompt(proc, benchmark, s) for s in todo]
     # Longest first: similar lengths share a batch, and memory errors show at once.
@@ -166,13 +172,14 @@ def predict(benchmark: str, samples: list[dict], model, processor, predictions: 
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            texts = [prompts[i][0] for i in chunk]
-            images = [[decode_image(ref) for ref in prompts[i][1]] for i in chunk]
+            rows = chunk + chunk[-1:] * (batch_size - len(chunk)) if compile else chunk
+            texts = [prompts[i][0] for i in rows]
+            images = [[decode_image(ref) for ref in prompts[i][1]] for i in rows]
             if engine is not None:  # llama.cpp: one prompt at a time; share_prefix refused above
                 answers = engine.generate(proc, texts, images, settings)
             else:
                 answers = generate(model, proc, texts, images if any(images) else None, settings,
-                                   share_prefix=share_prefix)
+                                   share_prefix=share_prefix)[:len(chunk)]
             records = [prediction_record(benchmark, todo[i], a) for i, a in zip(chunk, answers)]
             append_records(path, records)
             done.update((question_key(r["question_id"]), r) for r in records)

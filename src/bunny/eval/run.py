@@ -51,6 +51,9 @@ class RunResult:
     metrics: dict | None = None  # None for server splits
     submission: dict | None = None  # server splits: format, files, counts
     files: dict = field(default_factory=dict)
+    # --compile: "BATCHxCACHE" -> seconds of the compiling first call, for the shapes this
+    # process compiled (paid once per process; included in `seconds`)
+    compiled: dict | None = None
 
     @property
     def questions_per_second(self) -> float | None:
@@ -100,12 +103,15 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
                   limit: int | None = None, batch_size: int = 1, out: str | Path = "outputs/eval",
                   max_new_tokens: int | None = None, reference_fallback: bool = False, seed: int = 0,
                   device: str = "cpu", progress: bool = True, loaded=None, share_prefix: bool = False,
-                  revision: str | None = None, engine: str = "torch") -> RunResult:
+                  revision: str | None = None, engine: str = "torch", compile: bool = False) -> RunResult:
     """Evaluate `model` (a checkpoint folder, hub id at `revision`, or embedded name) on `benchmark`.
 
     `loaded` = (model, processor) skips loading (Python callers, tests, benchmarks);
     `model` then only names it in the outputs. `engine` ("torch" or "llama.cpp") names what
-    answers; a run resumes only with the engine that wrote its predictions.
+    answers; a run resumes only with the engine that wrote its predictions. `compile`: the
+    torch engine decodes with a static cache and a compiled step (same greedy answers; a run
+    may resume with or without it); the seconds each compiled shape took are in
+    `RunResult.compiled`.
     """
     from bunny.eval.predict import count_pending, predict
 
@@ -128,7 +134,7 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
     stem = out / (f"{benchmark}-{split}" if split else benchmark)
     new_tokens = max_new_tokens or MAX_NEW_TOKENS[benchmark]
     settings = {"benchmark": benchmark, "model": str(model), "revision": revision, "split": split,
-                "data": str(data or path), "max_new_tokens": new_tokens, "engine": engine}
+                "data": str(data or path), "max_new_tokens": new_tokens, "engine": engine, "compile": compile}
     _check_resume(stem.with_name(stem.name + ".run.json"), settings)
 
     if loaded is None:
@@ -141,12 +147,12 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
     started = time.perf_counter()
     records = predict(benchmark, samples, net, processor, predictions, batch_size=batch_size,
                       max_new_tokens=new_tokens, all_samples=all_samples, progress=progress,
-                      share_prefix=share_prefix)
+                      share_prefix=share_prefix, compile=compile)
     seconds = time.perf_counter() - started
 
     result = RunResult(benchmark, split, str(model), settings["data"], len(samples), generated,
                        round(seconds, 3), new_tokens, batch_size,
-                       files={"predictions": str(predictions)})
+                       files={"predictions": str(predictions)}, compiled=_compiled(net) if compile else None)
     if server:
         files, info = write_submission(benchmark, records, samples, stem, reference_fallback, seed)
         result.submission = info | {"files": [str(f) for f in files]}
@@ -154,6 +160,12 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
         result.metrics = score_records(benchmark, records, reference_fallback=reference_fallback, seed=seed)
     write_results(result, stem)
     return result
+
+
+def _compiled(net) -> dict:
+    from bunny.model.decode_static import compiled_shapes
+
+    return {f"{b}x{length}": round(s, 3) for (b, length), s in compiled_shapes(net.language_model).items()}
 
 
 def _check_resume(run_file: Path, settings: dict) -> None:
