@@ -83,6 +83,9 @@ def test_eval_predictions_equal(pair, tmp_path):
     assert got == want
     with pytest.raises(BunnyError, match="--share-prefix runs on the torch engine"):
         predict("pope", samples, engine, engine_processor, tmp_path / "x.jsonl", share_prefix=True, progress=False)
+    with pytest.raises(BunnyError, match="--share-prefix and --compile run on the torch engine"):
+        predict("pope", samples, engine, engine_processor, tmp_path / "x.jsonl", share_prefix=True, compile=True,
+                progress=False)
     with pytest.raises(BunnyError, match="image mode 'square' differs from the exported mmproj's 'pad'"):
         predict("scienceqa", [{"question_id": 0, "question": "Which?", "choices": ["a", "b"], "hint": "",
                                "images": [random_image(0)], "answer": 0}],

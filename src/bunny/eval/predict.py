@@ -142,9 +142,10 @@ def predict(benchmark: str, samples: list[dict], model, processor, predictions: 
     if batch_size < 1:
         raise BunnyError(f"batch size must be at least 1, got {batch_size}")
     engine = model if isinstance(model, LlamaCppEngine) else None
-    if engine is not None and (share_prefix or compile):
-        raise BunnyError(f"{'--share-prefix' if share_prefix else '--compile'} runs on the torch engine; "
-                         "the llama.cpp engine answers one prompt at a time")
+    torch_only = [name for name, given in (("--share-prefix", share_prefix), ("--compile", compile)) if given]
+    if engine is not None and torch_only:
+        raise BunnyError(f"{' and '.join(torch_only)} {'run' if len(torch_only) > 1 else 'runs'} on the torch "
+                         "engine; the llama.cpp engine answers one prompt at a time")
     path = Path(predictions)
     path.parent.mkdir(parents=True, exist_ok=True)
     all_samples = samples if all_samples is None else all_samples
@@ -175,7 +176,7 @@ def predict(benchmark: str, samples: list[dict], model, processor, predictions: 
             rows = chunk + chunk[-1:] * (batch_size - len(chunk)) if compile else chunk
             texts = [prompts[i][0] for i in rows]
             images = [[decode_image(ref) for ref in prompts[i][1]] for i in rows]
-            if engine is not None:  # llama.cpp: one prompt at a time; share_prefix refused above
+            if engine is not None:  # llama.cpp: one prompt at a time; share_prefix, compile refused above
                 answers = engine.generate(proc, texts, images, settings)
             else:
                 answers = generate(model, proc, texts, images if any(images) else None, settings,
