@@ -53,25 +53,15 @@ def test_int8_round_trip_within_half_a_step():
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_int8_groups_round_trip_within_half_a_step(group_size):
+@pytest.mark.parametrize("cls, slack", [(Int8WeightOnlyLinear, 1e-7), (Int4WeightOnlyLinear, 1e-6)])
+def test_groups_round_trip_within_half_a_step(cls, slack, group_size):
     layer = _linear(8, 256, seed=group_size)
-    q = Int8WeightOnlyLinear.from_linear(layer, group_size)
+    q = cls.from_linear(layer, group_size)
     assert q.scale.shape == (8, 256 // group_size)
     err = (q.dequantize() - layer.weight.detach()).abs().reshape(8, -1, group_size)
-    assert (err <= q.scale[..., None] / 2 + 1e-7).all()
+    assert (err <= q.scale[..., None] / 2 + slack).all()
     # The outlier's group has a large step; the rest of its row keeps a fine one.
     assert q.scale[0, 0] > 10 * q.scale[0, 1:].max()
-    x = torch.randn(3, 256)
-    torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantize(), layer.bias), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_int4_round_trip_within_half_a_step(group_size):
-    layer = _linear(8, 256, seed=group_size)
-    q = Int4WeightOnlyLinear.from_linear(layer, group_size)
-    assert q.scale.shape == (8, 256 // group_size)
-    err = (q.dequantize() - layer.weight.detach()).abs().reshape(8, -1, group_size)
-    assert (err <= q.scale[..., None] / 2 + 1e-6).all()
     x = torch.randn(3, 256)
     torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantize(), layer.bias), atol=1e-5, rtol=1e-5)
 
