@@ -90,3 +90,23 @@ def test_word_split_by_the_tokenizer_is_refused():
 
     with pytest.raises(BunnyError, match="word 'greenish' is 9 tokens"):
         word_ids(Split(), ["greenish"])
+
+
+def test_position_word_weight_scales_only_the_position_word():
+    embed = torch.arange(40, dtype=torch.float32).view(10, 4)
+    tables = [torch.cat([torch.zeros(1, 4), embed[[k]]]) for k in (1, 2, 5)]
+    out = patch_targets(tables[0], tables[1], torch.tensor([0, 1]), torch.tensor([0, 1]), tables[2],
+                        torch.tensor([0, 1]), position_weight=0.5)
+    torch.testing.assert_close(out[0], torch.zeros(4))
+    torch.testing.assert_close(out[1], embed[1] + embed[2] + 0.5 * embed[5])
+
+
+@pytest.mark.parametrize("kw,match", [({"position_weight": 0.0}, "position weight must be positive"),
+                                      ({"scale": -1.0}, "scale must be positive")])
+def test_fit_refuses_non_positive_weights(kw, match):
+    from bunny.testing import make_tiny_bunny
+    from bunny.train.demo_ground import fit_word_projector
+
+    model, proc = make_tiny_bunny()
+    with pytest.raises(BunnyError, match=match):
+        fit_word_projector(model, proc.tokenizer, **kw)

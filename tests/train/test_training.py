@@ -170,3 +170,13 @@ def test_deepspeed_without_a_gpu_is_an_error_not_a_silent_ddp_run(tmp_path, data
         train(tiny_recipe(tmp_path, data, max_steps=1, deepspeed=str(CONFIGS / "deepspeed" / "zero2.json")), model, proc)
     with pytest.raises(BunnyError, match="DeepSpeed config not found"):
         train(tiny_recipe(tmp_path, data, max_steps=1, deepspeed=str(CONFIGS / "deepspeed" / "nope.json")), model, proc)
+
+
+def test_on_step_sees_each_step_record_as_it_is_made(tmp_path, data):
+    model, proc = make_tiny_bunny()
+    seen = []
+    result = train(tiny_recipe(tmp_path, data), model, proc,
+                   on_step=lambda step, record: seen.append((step, dict(record), model.training)))
+    assert [s for s, _, _ in seen] == [1, 2, 3]
+    assert [r for _, r, _ in seen] == result.history  # the same records, in step order
+    assert all(training for _, _, training in seen)  # called inside the loop, model still training

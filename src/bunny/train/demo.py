@@ -37,12 +37,14 @@ class DemoSettings:
     eval_batch_size: int = 32
     num_threads: int = 0  # 0 = torch's default (all cores)
     fresh_seed: int = 12345  # seed of the freshly drawn image asked about at the end
-    # A shortcut outside the paper's method, off by default: start the projector from a
+    # A shortcut outside the paper's method (on in the shipped demo.yaml; off here, so a
+    # demo.yaml without the field runs the paper's method): start the projector from a
     # least-squares map of patch features to the LLM's embeddings of the words naming each
     # patch's object, fitted with the synthetic generator's per-patch labels
     # (bunny/train/demo_ground.py); replaces stage 1's projector_norm_init.
     projector_word_init: bool = False
     word_init_position: bool = False  # also the object's cell word ("left", "top", ...) in its patches' targets
+    word_init_position_weight: float = 1.0  # that cell word's weight in the target (with word_init_position)
     word_init_background: str = ""  # background patches -> this word's embedding ("" = zero vector)
     word_init_scale: float = 1.0  # multiplies every word target
 
@@ -168,6 +170,7 @@ def run_demo(out: str | Path = "outputs/demo", configs: str | Path | None = None
              "features to the words naming their objects, fitted with the generator's labels")
         grounding = fit_word_projector(model, processor.tokenizer, seed=settings.seed,
                                        position_words=settings.word_init_position,
+                                       position_weight=settings.word_init_position_weight,
                                        background_word=settings.word_init_background,
                                        scale=settings.word_init_scale)
         r1.projector_norm_init = False  # the map already has the embeddings' scale

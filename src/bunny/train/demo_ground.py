@@ -1,12 +1,12 @@
-"""Word-grounded projector start for the demo: an option (`projector_word_init: true`),
-off by default, and a shortcut outside the paper's method.
+"""Word-grounded projector start for the demo: an option (`projector_word_init: true`, on in
+the shipped demo.yaml) and a shortcut outside the paper's method.
 
 The projector is set to the least-squares linear map from the tower's patch features to the
 LLM's input embeddings of the words that name the patch's object (its colour word + its
-shape word; background patches to zero), fitted on scenes drawn from the generator's own
+shape word, optionally + a weighted cell word; background patches to zero), fitted on scenes drawn from the generator's own
 `projector-init` split with its per-patch labels. The paper has nothing like it: there the
-projector starts random and learns from captions in stage 1, which is what the demo does by
-default. Why the option exists: the LLM matches a question's "green" against a "green"
+projector starts random and learns from captions in stage 1 (the demo with
+`projector_word_init: false`). Why the option exists: the LLM matches a question's "green" against a "green"
 *token* in its context with circuits it already has, so image tokens that start next to
 their words give stage 2 a head start (benchmarks/demo_text_probe.py is the text-only control).
 With this start, keep stage 1 and the stage-2 projector at a low rate (~1e-5): at stage 1's
@@ -40,13 +40,14 @@ def word_tables(embed: torch.Tensor, tokenizer) -> tuple[torch.Tensor, torch.Ten
 
 def patch_targets(colour_table: torch.Tensor, shape_table: torch.Tensor, patch_colour: torch.Tensor,
                   patch_shape: torch.Tensor, position_table: torch.Tensor | None = None,
-                  patch_position: torch.Tensor | None = None, background: torch.Tensor | None = None) -> torch.Tensor:
+                  patch_position: torch.Tensor | None = None, background: torch.Tensor | None = None,
+                  position_weight: float = 1.0) -> torch.Tensor:
     """(..., H) targets: embedding(colour word) + embedding(shape word) of the object under
-    each patch (+ embedding(position word) when `position_table` is given); background
-    patches (class 0) get `background`, or zero."""
+    each patch (+ position_weight x embedding(position word) when `position_table` is given);
+    background patches (class 0) get `background`, or zero."""
     out = colour_table[patch_colour] + shape_table[patch_shape]
     if position_table is not None:
-        out = out + position_table[patch_position]
+        out = out + position_weight * position_table[patch_position]
     if background is not None:
         out = torch.where((patch_colour == 0).unsqueeze(-1), background.to(out), out)
     return out
@@ -89,11 +90,13 @@ def install_linear(proj: torch.nn.Sequential, w: torch.Tensor, b: torch.Tensor) 
 
 @torch.no_grad()
 def fit_word_projector(model, tokenizer, seed: int = 0, n_images: int = 384, ridge: float = 1e-3,
-                       position_words: bool = False, background_word: str = "", scale: float = 1.0) -> dict:
+                       position_words: bool = False, background_word: str = "", scale: float = 1.0,
+                       position_weight: float = 1.0) -> dict:
     """Fit and install the map; returns fit figures (R^2, nearest-word accuracy on held-out
     scenes). `position_words` adds the object's cell word ("left", "top", ...) to its patches'
-    targets; `background_word` gives background patches that word's embedding instead of zero
-    (a zero token is all noise after the LLM's first RMSNorm); `scale` multiplies every target."""
+    targets, times `position_weight`; `background_word` gives background patches that word's
+    embedding instead of zero (a zero token is all noise after the LLM's first RMSNorm); `scale`
+    multiplies every target."""
     from bunny.train.tower_pretrain import scene_batch
 
     proj = model.mm_projector
@@ -103,6 +106,8 @@ def fit_word_projector(model, tokenizer, seed: int = 0, n_images: int = 384, rid
         raise BunnyError("projector_word_init needs the tower's own patch grid (no S2)")
     if scale <= 0:
         raise BunnyError(f"word-init scale must be positive, got {scale}")
+    if position_weight <= 0:
+        raise BunnyError(f"word-init position weight must be positive, got {position_weight}")
     pool = model.config.image_token_pool
     first = proj[0]
     d_in = first.in_features
@@ -113,7 +118,8 @@ def fit_word_projector(model, tokenizer, seed: int = 0, n_images: int = 384, rid
     def targets(batch_labels):
         colour, shape, position = batch_labels
         return scale * patch_targets(colour_table, shape_table, colour, shape,
-                                     position_table if position_words else None, position, background)
+                                     position_table if position_words else None, position, background,
+                                     position_weight)
 
     tower = model.vision_tower
 
@@ -153,7 +159,8 @@ def fit_word_projector(model, tokenizer, seed: int = 0, n_images: int = 384, rid
     mixed = float(((colour > 0) & ~pure).sum() / (colour > 0).sum())
     return {"r2": round(r2, 4), "object_patch_words_right": round(right, 4), "images": n_images,
             "object_tokens_mixed": round(mixed, 4), "image_token_pool": pool,
-            "position_words": position_words, "background_word": background_word, "scale": scale}
+            "position_words": position_words, "position_weight": position_weight,
+            "background_word": background_word, "scale": scale}
 
 
 def token_labels(colour: torch.Tensor, shape: torch.Tensor, pool: int) -> tuple[torch.Tensor, ...]:

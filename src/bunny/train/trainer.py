@@ -141,10 +141,13 @@ def sharded_state(model, optimizer) -> tuple[dict, dict]:
     return sharding.gather_trainable(model), sharding.gather_optimizer(model, optimizer)
 
 
-def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = None) -> TrainResult:
+def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = None,
+          on_step=None) -> TrainResult:
     """Run one stage as the recipe says. `model`/`processor` may be given (tests, the demo)
     instead of being built from the recipe. `stop_after` ends the loop early after that
-    many optimizer steps, as a killed run would (tests of resuming)."""
+    many optimizer steps, as a killed run would (tests of resuming). `on_step(step, record)`
+    is called on the main process after every optimizer step with that step's history record
+    (loss, throughput, rates), e.g. to probe the model mid-run."""
     start = time.perf_counter()
     qlora.check(recipe)  # before anything is built or written: no GPU, no bitsandbytes, fields that do not fit
     if recipe.num_threads:
@@ -273,6 +276,8 @@ def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = N
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             history.append(record)
+            if on_step is not None and acc.is_main_process:
+                on_step(step, record)
             if sink is not None and (step % recipe.log_every == 0 or step == total_steps):
                 sink.log(step, {k: v for k, v in record.items() if k != "step"})
             if bar is not None:
