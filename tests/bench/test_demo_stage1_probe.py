@@ -7,10 +7,23 @@ import json
 import torch
 
 from bunny.data.collate import collate
-from bunny.testing import make_tiny_bunny
+from bunny.testing import make_tiny_bunny, random_image
+from bunny.train.recipe import Recipe
 from bunny.train.trainer import build_dataset
 
-from trainhelp import tiny_recipe, write_dataset
+
+def caption_data(folder, n: int):
+    """n stage-1 samples: an image and a one-word caption."""
+    (folder / "images").mkdir(parents=True)
+    records = []
+    for i in range(n):
+        random_image(seed=i, size=(28, 28)).save(folder / "images" / f"{i}.png")
+        records.append({"id": f"s{i}", "image": f"images/{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image."},
+            {"from": "gpt", "value": ["red", "blue", "green"][i % 3]}]})
+    path = folder / "data.json"
+    path.write_text(json.dumps(records))
+    return path
 
 
 def test_word_group_accuracy_golden(load_benchmark):
@@ -22,13 +35,9 @@ def test_word_group_accuracy_golden(load_benchmark):
 
 def test_probe_matches_the_full_logits(tmp_path, load_benchmark):
     bench = load_benchmark("demo_stage1_probe")
-    path = write_dataset(tmp_path / "caps", n=5)
-    records = json.loads(path.read_text())
-    for r in records:
-        r["conversations"] = r["conversations"][:2]  # one caption-like turn per image
-    path.write_text(json.dumps(records))
+    path = caption_data(tmp_path / "caps", n=5)
     model, proc = make_tiny_bunny()
-    dataset, _ = build_dataset(tiny_recipe(tmp_path, path, stage="pretrain", tune="projector"), proc)
+    dataset, _ = build_dataset(Recipe(stage="pretrain", tune="projector", data_path=str(path)), proc)
 
     # The figures from full logits (no trimming to trained positions), one sample at a time.
     targets, predicted = [], []
