@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 
 def word_group_accuracy(targets: list[int], predicted: list[int], groups: dict[str, set[int]]) -> dict:
@@ -46,14 +47,14 @@ def probe(model, processor, dataset, groups: dict[str, set[int]], batch: int = 2
     targets, predicted, losses = [], [], []
     for lo in range(0, len(dataset), batch):
         b = collate([dataset[i] for i in range(lo, min(lo + batch, len(dataset)))], processor.pad_token_id)
-        out = model(**b)
-        # The model keeps logits only at positions some row trains on (image tokens never do).
-        labels = b["labels"].masked_fill(b["input_ids"] == model.config.image_token_index, -100)[:, 1:]
-        labels = labels[:, (labels != -100).any(0).nonzero().squeeze(-1)]
+        # Full logits (no labels: the model would keep only trained positions); the dataset
+        # already gives image tokens and prompts no label.
+        logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits[:, :-1]
+        labels = b["labels"][:, 1:]
         keep = labels != -100
         targets += labels[keep].tolist()
-        predicted += out.logits.argmax(-1)[keep].tolist()
-        losses.append(out.loss.item())
+        predicted += logits[keep].argmax(-1).tolist()
+        losses.append(F.cross_entropy(logits[keep].float(), labels[keep]).item())  # the model's loss
     if was_training:
         model.train()
         model.vision_tower.eval()

@@ -3,27 +3,18 @@ teacher-forced predictions against the model's full logits."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from bunny.data.collate import collate
-from bunny.testing import make_tiny_bunny, random_image
-from bunny.train.recipe import Recipe
+from bunny.testing import make_tiny_bunny
 from bunny.train.trainer import build_dataset
 
-
-def caption_data(folder, n: int):
-    """n stage-1 samples: an image and a one-word caption."""
-    (folder / "images").mkdir(parents=True)
-    records = []
-    for i in range(n):
-        random_image(seed=i, size=(28, 28)).save(folder / "images" / f"{i}.png")
-        records.append({"id": f"s{i}", "image": f"images/{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image."},
-            {"from": "gpt", "value": ["red", "blue", "green"][i % 3]}]})
-    path = folder / "data.json"
-    path.write_text(json.dumps(records))
-    return path
+sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+from trainhelp import tiny_recipe, write_dataset  # noqa: E402
 
 
 def test_word_group_accuracy_golden(load_benchmark):
@@ -35,9 +26,13 @@ def test_word_group_accuracy_golden(load_benchmark):
 
 def test_probe_matches_the_full_logits(tmp_path, load_benchmark):
     bench = load_benchmark("demo_stage1_probe")
-    path = caption_data(tmp_path / "caps", n=5)
+    path = write_dataset(tmp_path / "caps", n=5)
+    records = json.loads(path.read_text())
+    for r in records:  # stage 1 data: one caption-like turn per image
+        r["conversations"] = r["conversations"][:2]
+    path.write_text(json.dumps(records))
     model, proc = make_tiny_bunny()
-    dataset, _ = build_dataset(Recipe(stage="pretrain", tune="projector", data_path=str(path)), proc)
+    dataset, _ = build_dataset(tiny_recipe(tmp_path, path, stage="pretrain", tune="projector"), proc)
 
     # The figures from full logits (no trimming to trained positions), one sample at a time.
     targets, predicted = [], []
@@ -47,7 +42,7 @@ def test_probe_matches_the_full_logits(tmp_path, load_benchmark):
             b = collate([dataset[i]], proc.pad_token_id)
             logits = model(input_ids=b["input_ids"], pixel_values=b["pixel_values"],
                            attention_mask=b["attention_mask"]).logits[0, :-1]
-            labels = b["labels"][0, 1:].masked_fill(b["input_ids"][0, 1:] == model.config.image_token_index, -100)
+            labels = b["labels"][0, 1:]
             keep = labels != -100
             targets += labels[keep].tolist()
             predicted += logits[keep].argmax(-1).tolist()
@@ -56,8 +51,12 @@ def test_probe_matches_the_full_logits(tmp_path, load_benchmark):
     assert expected["first"][1] >= 1 and expected["other"][1] >= 1
 
     model.train()
-    got = bench.probe(model, proc, dataset, groups, batch=2)  # batched, padded, trimmed logits
+    got = bench.probe(model, proc, dataset, groups, batch=2)  # batched and padded
     for name, (right, total) in expected.items():
         assert got[f"{name}_accuracy"] == round(right / total, 4)
-    assert got["loss"] > 0
     assert model.training and not model.vision_tower.training  # back to training, the tower frozen
+    model.eval()
+    with torch.no_grad():  # the probe's loss is the mean of the model's own per-batch losses
+        losses = [model(**collate([dataset[i] for i in range(lo, min(lo + 2, len(dataset)))],
+                                  proc.pad_token_id)).loss.item() for lo in range(0, len(dataset), 2)]
+    assert got["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-4)

@@ -3,12 +3,13 @@ the shipped demo.yaml) and a shortcut outside the paper's method.
 
 The projector is set to the least-squares linear map from the tower's patch features to the
 LLM's input embeddings of the words that name the patch's object (its colour word + its
-shape word, optionally + a weighted cell word; background patches to zero), fitted on scenes drawn from the generator's own
-`projector-init` split with its per-patch labels. The paper has nothing like it: there the
-projector starts random and learns from captions in stage 1 (the demo with
-`projector_word_init: false`). Why the option exists: the LLM matches a question's "green" against a "green"
-*token* in its context with circuits it already has, so image tokens that start next to
-their words give stage 2 a head start (benchmarks/demo_text_probe.py is the text-only control).
+shape word, optionally + a weighted cell word; background patches to zero), fitted on scenes
+drawn from the generator's own `projector-init` split with its per-patch labels. The paper has
+nothing like it: there the projector starts random and learns from captions in stage 1 (the
+demo with `projector_word_init: false`). Why the option exists: the LLM matches a question's
+"green" against a "green" *token* in its context with circuits it already has, so image tokens
+that start next to their words give stage 2 a head start (benchmarks/demo_text_probe.py is the
+text-only control).
 With this start, keep stage 1 and the stage-2 projector at a low rate (~1e-5): at stage 1's
 usual rates captioning through the frozen LLM pulls image tokens to ~150x the embeddings'
 norm and the word start is lost (docs/training.md).
