@@ -91,6 +91,7 @@ def main() -> None:
                           "output_dir": str(work / "stage1"), "max_samples": 0, "lr": args.lr,
                           "epochs": args.epochs, "progress_bar": False, "tensorboard": False}, stage="pretrain")
     recipe.resume = "none"
+    torch.manual_seed(recipe.seed)  # the fresh projector's init: the same in every run
     model, processor = build_model(recipe.llm, tower=DEFAULT_TOWER, projector_type=recipe.projector_type,
                                    template="bunny-nosystem")
     if args.word_init:

@@ -159,6 +159,7 @@ def run_demo(out: str | Path = "outputs/demo", configs: str | Path | None = None
     timings["data_seconds"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    torch.manual_seed(settings.seed)  # the fresh projector's init, as train() seeds a model it builds
     model, processor = build_model(r1.llm, tower=tower, projector_type=r1.projector_type, template=r2.template,
                                    image_token_pool=r1.image_token_pool or 1)
     timings["load_seconds"] = time.perf_counter() - t
