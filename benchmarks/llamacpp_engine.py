@@ -28,7 +28,8 @@ from bunny.model.generation import SamplingSettings
 from bunny.model.loading import save_pretrained
 from bunny.serve.chat import ChatSession
 from bunny.serve.llamacpp_engine import open_engine
-from benchmarks.quantize import demo_model, demo_questions
+from bunny.testing import held_out_questions
+from benchmarks.quantize import demo_model
 
 QUESTION = "Describe the picture in detail, then tell a long story about it."
 
@@ -50,7 +51,7 @@ def main() -> None:
         model, processor = demo_model()
         src = save_pretrained(model, processor, root / "model")
         engine, engine_processor = open_engine(src)
-        image = demo_questions(1)[0][0]
+        image = held_out_questions(1)[0][0]
         settings = SamplingSettings(max_new_tokens=args.new_tokens)
 
         handler = Llava15ChatHandler(clip_model_path=str(engine.mmproj), verbose=False)

@@ -7,8 +7,9 @@ import torch
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from bunny.convert.export_gguf import export_gguf
+from bunny.convert.export_gguf import check_q8_0, export_gguf
 from bunny.convert.gguf_tokenizer import CHECK_TEXT
+from bunny.errors import BunnyError
 from bunny.model.loading import load_pretrained
 from bunny.testing import random_image, save_tiny_bunny
 from tests.convert.llamacpp_helpers import image_embeddings, load_llm, text_logits
@@ -103,3 +104,31 @@ def test_mmproj_gives_bunnys_image_features_in_llamacpp(tmp_path, feature_layer)
     model.config.vision_feature_layer = feature_layer - 1  # one block fewer: not within tolerance
     with torch.no_grad():
         assert np.abs(model.get_image_features(pixels)[0].numpy() - got).max() > 10 * tol
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_q8_0_export_runs_in_llamacpp_near_the_float_logits(tmp_path, family):
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    model, processor, path, mmproj = _export(tmp_path, "q8_0", family=family)
+    assert path.name == "model-q8_0.gguf" and mmproj.name == "mmproj-model-q8_0.gguf"
+    types = {t.name: t.tensor_type for t in GGUFReader(str(path)).tensors}
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == GGMLQuantizationType.Q8_0
+    assert types["blk.0.attn_norm.weight"] == GGMLQuantizationType.F32
+    assert {t.tensor_type for t in GGUFReader(str(mmproj)).tensors} == {GGMLQuantizationType.F32}
+    llm = load_llm(path)
+    ids = processor.tokenizer(TEXTS[0] + " " + TEXTS[1]).input_ids
+    got = text_logits(llm, ids)
+    with torch.no_grad():
+        want = model.language_model(torch.tensor([ids])).logits[0].numpy()
+    # 8-bit weights in blocks of 32 (llama.cpp also rounds the activations to 8 bits for its products):
+    # near the float logits, far from f32's 1e-5, and the same next token almost everywhere.
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert 1e-5 < err < 2e-2, err
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
+
+
+def test_q8_0_refuses_rows_that_are_not_whole_blocks():
+    layers = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Linear(8, 48), torch.nn.Linear(48, 4))
+    with pytest.raises(BunnyError, match=r"--outtype q8_0: 1.weight has rows of 8 values, not a multiple of 32"):
+        check_q8_0(layers)

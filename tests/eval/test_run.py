@@ -318,3 +318,44 @@ def test_compile_gives_the_same_predictions_in_one_batch_shape(tmp_path, loaded,
     assert main(["eval", "run", "pope", "--model", "x", "--data", str(data), "--engine", "llama.cpp",
                  "--compile"]) == 2
     assert "--engine llama.cpp does not take --compile" in capsys.readouterr().err
+
+
+def test_quantised_run_answers_as_the_quantised_model_and_resumes_only_so(tmp_path, checkpoint, capsys):
+    from bunny.serve.quantize import Int8WeightOnlyLinear, quantize_model
+
+    data = _pope(tmp_path / "pope", n=3)
+    out = tmp_path / "out"
+    args = ["eval", "run", "pope", "--model", str(checkpoint), "--data", str(data), "--out", str(out),
+            "--max-new-tokens", "3", "--no-progress", "--quantize", "int8", "--group-size", "32"]
+    assert main(args) == 0
+    assert "quantised: int8/g32" in capsys.readouterr().out
+    results = json.loads((out / "pope.results.json").read_text())
+    assert results["quantize"] == "int8/g32"
+    # The answers are the int8 model's: the same model quantised here and passed in answers alike.
+    model, processor = load_pretrained(checkpoint)
+    quantize_model(model, "int8", group_size=32)
+    assert isinstance(model.language_model.get_output_embeddings(), Int8WeightOnlyLinear)
+    run_benchmark("pope", str(checkpoint), data=str(data), out=tmp_path / "given", max_new_tokens=3,
+                  progress=False, loaded=(model, processor))
+    assert (out / "pope.predictions.jsonl").read_text() == (tmp_path / "given" / "pope.predictions.jsonl").read_text()
+    # Resuming with another quantisation (or none) is refused; the same one resumes.
+    with pytest.raises(BunnyError, match="quantize: 'int8/g32' -> None"):
+        run_benchmark("pope", str(checkpoint), data=str(data), out=out, max_new_tokens=3, progress=False)
+    with pytest.raises(BunnyError, match="quantize: 'int8/g32' -> 'int4'"):
+        run_benchmark("pope", str(checkpoint), data=str(data), out=out, max_new_tokens=3, progress=False,
+                      quantize="int4")
+    again = run_benchmark("pope", str(checkpoint), data=str(data), out=out, max_new_tokens=3, progress=False,
+                          quantize="int8", group_size=32)
+    assert again.generated == 0
+
+
+def test_quantise_refusals(tmp_path, checkpoint, loaded, capsys):
+    data = _pope(tmp_path / "pope", n=1)
+    with pytest.raises(BunnyError, match="--group-size 32 applies with --quantize int8 or int4"):
+        run_benchmark("pope", str(checkpoint), data=str(data), out=tmp_path, progress=False, group_size=32)
+    with pytest.raises(BunnyError, match="quantize applies to a model it loads"):
+        run_benchmark("pope", "x", data=str(data), out=tmp_path, progress=False, loaded=loaded, quantize="int8")
+    assert not (tmp_path / "pope.run.json").exists()  # refused before the run's settings were written
+    assert main(["eval", "run", "pope", "--model", str(checkpoint), "--data", str(data), "--engine", "llama.cpp",
+                 "--quantize", "int8"]) != 0
+    assert "--engine llama.cpp does not take --quantize" in capsys.readouterr().err

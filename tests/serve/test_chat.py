@@ -18,6 +18,26 @@ def test_one_shot_cli_prints_answer(tmp_path, capsys):
     assert capsys.readouterr().out.endswith("\n")  # the answer line (random weights: any text)
 
 
+def test_one_shot_cli_quantised_answers_as_the_quantised_model(tmp_path, capsys):
+    from bunny.model.generation import generate
+    from bunny.model.loading import load_pretrained
+    from bunny.serve.quantize import quantize_model
+
+    folder = save_tiny_bunny(tmp_path / "ckpt")
+    image = tmp_path / "img.png"
+    random_image(0).save(image)
+    assert main(["chat", "--model", str(folder), "--image", str(image), "--prompt", "What is it?",
+                 "--max-new-tokens", "4", "--quantize", "int4", "--group-size", "32"]) == 0
+    model, processor = load_pretrained(folder)
+    quantize_model(model, "int4", group_size=32)
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                       {"type": "text", "text": "What is it?"}]}])
+    want = generate(model, processor, [prompt], [[random_image(0)]], SamplingSettings(max_new_tokens=4))[0]
+    assert capsys.readouterr().out == want + "\n"
+    assert main(["chat", "--model", str(folder), "--prompt", "hi", "--group-size", "32"]) == 2
+    assert "--group-size 32 applies with --quantize int8 or int4" in capsys.readouterr().err
+
+
 def test_cli_error_names_missing_image(tmp_path, capsys):
     folder = save_tiny_bunny(tmp_path / "ckpt")
     assert main(["chat", "--model", str(folder), "--image", str(tmp_path / "x.png"), "--prompt", "hi"]) == 2

@@ -6,7 +6,8 @@ from torch import nn
 
 from bunny.errors import BunnyError
 from bunny.model.generation import SamplingSettings, generate_ids
-from bunny.serve.quantize import Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_model, weight_bytes
+from bunny.serve.quantize import (Int4WeightOnlyLinear, Int8WeightOnlyLinear, QuantizedEmbedding, quantize_model,
+                                  weight_bytes)
 from bunny.testing import make_tiny_bunny, random_image
 
 
@@ -82,8 +83,10 @@ def test_tiny_model_greedy_tokens_mostly_equal(mode, group_size, min_same, max_l
     quantize_model(model, mode, group_size=group_size)
     kind = Int8WeightOnlyLinear if mode == "int8" else Int4WeightOnlyLinear
     lm = model.language_model
-    assert [m for m in lm.modules() if type(m) is nn.Linear] == [lm.get_output_embeddings()]  # all but the head
-    assert sum(isinstance(m, kind) for m in lm.modules()) == 7 * lm.config.num_hidden_layers
+    assert not [m for m in lm.modules() if type(m) is nn.Linear]  # the head included
+    head = lm.get_output_embeddings()
+    assert isinstance(head, Int8WeightOnlyLinear) and head.group_size is None  # int8 per row in every mode
+    assert sum(isinstance(m, kind) and m is not head for m in lm.modules()) == 7 * lm.config.num_hidden_layers
     assert all(torch.equal(a, b) for a, b in zip(projector_before, model.mm_projector.parameters()))
     assert weight_bytes(lm) < weight_bytes(reference.language_model)
 
@@ -97,6 +100,38 @@ def test_tiny_model_greedy_tokens_mostly_equal(mode, group_size, min_same, max_l
     assert same >= min_same, (mode, same)
     assert (want - got).abs().max() <= max_logit_diff * want.abs().max()
     assert generate_ids(model, inputs, SamplingSettings(max_new_tokens=4), [])  # decoding runs with the cache
+
+
+@pytest.mark.parametrize("mode,group_size", [("int8", None), ("int8", 32), ("int4", 32)])
+def test_tied_embeddings_become_a_lookup_into_the_quantised_head(mode, group_size):
+    model, _ = make_tiny_bunny(seed=2)
+    lm = model.language_model
+    lm.lm_head.weight = lm.get_input_embeddings().weight  # tied, as in SmolLM2 or Qwen2-0.5B
+    table = lm.get_input_embeddings().weight.detach().clone()
+    before = weight_bytes(lm)
+    quantize_model(model, mode, group_size=group_size)
+    embedding, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    assert isinstance(embedding, QuantizedEmbedding) and embedding.head is head
+    ids = torch.tensor([[0, 5, 399], [7, 7, 1]])
+    rows = embedding(ids)
+    assert rows.shape == (2, 3, 32) and rows.dtype == torch.float32
+    torch.testing.assert_close(rows, head.dequantize()[ids], atol=0, rtol=0)
+    assert head.group_size is None  # int8, one scale per row, in every mode
+    assert ((rows - table[ids]).abs() <= head.scale[ids][..., None] / 2 + 1e-7).all()  # within half a step
+    # One table: the embedding adds no bytes of its own.
+    assert weight_bytes(lm) == weight_bytes(nn.ModuleList(m for m in lm.modules() if m is not embedding
+                                                          and not list(m.children())))
+    assert weight_bytes(lm) < before / 3
+
+
+def test_untied_embeddings_stay_float():
+    model, _ = make_tiny_bunny(seed=3)
+    lm = model.language_model
+    assert lm.get_input_embeddings().weight is not lm.get_output_embeddings().weight
+    embedding = lm.get_input_embeddings()
+    quantize_model(model, "int8")
+    assert lm.get_input_embeddings() is embedding and embedding.weight.dtype == torch.float32
+    assert isinstance(lm.get_output_embeddings(), Int8WeightOnlyLinear)
 
 
 def test_bf16_activations_stay_bf16():

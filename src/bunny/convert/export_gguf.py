@@ -21,7 +21,11 @@ from bunny.convert.gguf_llm import add_llm_metadata, check_llm_exportable, llm_t
 from bunny.convert.gguf_tokenizer import add_tokenizer, check_tokenizer, gguf_name
 from bunny.errors import BunnyError
 
-OUTTYPES = ("f32", "f16")
+OUTTYPES = ("f32", "f16", "q8_0")
+# q8_0: llama.cpp's 8-bit type (blocks of 32 values sharing one f16 scale) for the LLM's
+# matrices, as llama.cpp's own converter writes it; norms and biases stay f32, and the mmproj
+# file stays f32 (it runs once per image, so its size costs no decoding time).
+Q8_0_BLOCK = 32
 
 
 def write_llm_gguf(model, tokenizer, path: Path, outtype: str = "f16", name: str = "bunny",
@@ -31,23 +35,36 @@ def write_llm_gguf(model, tokenizer, path: Path, outtype: str = "f16", name: str
     fam = check_llm_exportable(model.config.text_config)
     llm = model.language_model
     lcfg = llm.config
-    tensors = llm_tensors(llm, outtype)  # before the writer: a failure leaves no file
+    tensors = llm_tensors(llm, "f32" if outtype == "q8_0" else outtype)  # before the writer: a failure leaves no file
     jinja = chat_template(template, tokenizer)
     eot = stop_token_id(template, tokenizer)
     writer = gguf.GGUFWriter(str(path), fam.arch)
     writer.add_name(gguf_name(name, tokenizer))
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
     add_llm_metadata(writer, lcfg)
     add_tokenizer(writer, tokenizer, lcfg.vocab_size, jinja)
     if eot is not None:
         writer.add_eot_token_id(eot)
     for key, array in tensors.items():
-        writer.add_tensor(key, array)
+        if outtype == "q8_0" and array.ndim == 2:
+            writer.add_tensor(key, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(key, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def check_q8_0(language_model) -> None:
+    """q8_0 needs every matrix's rows to be whole blocks of 32: refuse naming the first that is not."""
+    for name, p in language_model.named_parameters():
+        if p.ndim == 2 and p.shape[1] % Q8_0_BLOCK:
+            raise BunnyError(f"--outtype q8_0: {name} has rows of {p.shape[1]} values, not a multiple of "
+                             f"{Q8_0_BLOCK}; export this model as f16 or f32")
 
 
 def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, outtype: str = "f16") -> tuple[Path, Path]:
@@ -62,9 +79,12 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, outtype: 
     check_mmproj_exportable(model.config)
     check_llm_exportable(model.config.text_config)
     check_tokenizer(processor.tokenizer)
+    if outtype == "q8_0":
+        check_q8_0(model.language_model)
     out = Path(out)
     with atomic_folder(out) as tmp:
         name = Path(model_path).name
         write_llm_gguf(model, processor.tokenizer, tmp / f"model-{outtype}.gguf", outtype, name, processor.template)
-        write_mmproj_gguf(model, processor.image_processor, tmp / f"mmproj-model-{outtype}.gguf", outtype, name)
+        write_mmproj_gguf(model, processor.image_processor, tmp / f"mmproj-model-{outtype}.gguf",
+                          "f32" if outtype == "q8_0" else outtype, name)
     return out / f"model-{outtype}.gguf", out / f"mmproj-model-{outtype}.gguf"

@@ -49,8 +49,10 @@ def add_parsers(sub, groups) -> None:
                         "(scienceqa, mmmu); default counts it wrong")
     r.add_argument("--seed", type=int, default=0, help="seed of the reference fallback")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from bunny.serve.cli import add_quantize_arguments
     from bunny.serve.llamacpp_engine import add_engine_arguments
 
+    add_quantize_arguments(r)
     add_engine_arguments(r)
     r.set_defaults(func=_run)
 
@@ -69,13 +71,15 @@ def _run(args) -> int:
     from bunny.serve.llamacpp_engine import check_engine_arguments, open_engine
 
     check_engine_arguments(args, {"--device": args.device, "--revision": args.revision,
-                                  "--share-prefix": args.share_prefix, "--compile": args.compile})
+                                  "--share-prefix": args.share_prefix, "--compile": args.compile,
+                                  "--quantize": args.quantize, "--group-size": args.group_size})
     loaded = open_engine(args.model, args.gguf, args.mmproj) if args.engine == "llama.cpp" else None
     result = run_benchmark(args.benchmark, args.model, revision=args.revision, data=args.data, split=args.split,
                            limit=args.limit, batch_size=args.batch_size, out=args.out,
                            max_new_tokens=args.max_new_tokens,
                            reference_fallback=args.reference_fallback, seed=args.seed,
                            device=args.device, progress=not args.no_progress, share_prefix=args.share_prefix,
-                           loaded=loaded, engine=args.engine, compile=args.compile)
+                           loaded=loaded, engine=args.engine, compile=args.compile,
+                           quantize=args.quantize, group_size=args.group_size)
     print(open(result.files["results_md"], encoding="utf-8").read(), end="")
     return 0

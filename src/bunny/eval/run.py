@@ -34,7 +34,7 @@ HUB_SOURCES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "mmmu": ("MMMU/MMMU", "validation", ("*validation-*.parquet",)),
 }
 # Settings that must match when a run resumes an existing predictions file.
-_RESUME_KEYS = ("benchmark", "model", "revision", "split", "max_new_tokens", "engine")
+_RESUME_KEYS = ("benchmark", "model", "revision", "split", "max_new_tokens", "engine", "quantize")
 
 
 @dataclass
@@ -54,6 +54,7 @@ class RunResult:
     # --compile: "BATCHxCACHE" -> seconds of the compiling first call, for the shapes this
     # process compiled (paid once per process; included in `seconds`)
     compiled: dict | None = None
+    quantize: str | None = None  # "int8", "int4/g64", ...: the torch engine's weight quantisation
 
     @property
     def questions_per_second(self) -> float | None:
@@ -103,7 +104,8 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
                   limit: int | None = None, batch_size: int = 1, out: str | Path = "outputs/eval",
                   max_new_tokens: int | None = None, reference_fallback: bool = False, seed: int = 0,
                   device: str = "cpu", progress: bool = True, loaded=None, share_prefix: bool = False,
-                  revision: str | None = None, engine: str = "torch", compile: bool = False) -> RunResult:
+                  revision: str | None = None, engine: str = "torch", compile: bool = False,
+                  quantize: str | None = None, group_size: int | None = None) -> RunResult:
     """Evaluate `model` (a checkpoint folder, hub id at `revision`, or embedded name) on `benchmark`.
 
     `loaded` = (model, processor) skips loading (Python callers, tests, benchmarks);
@@ -111,7 +113,9 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
     answers; a run resumes only with the engine that wrote its predictions. `compile`: the
     torch engine decodes with a static cache and a compiled step (same greedy answers; a run
     may resume with or without it); the seconds each compiled shape took are in
-    `RunResult.compiled`.
+    `RunResult.compiled`. `quantize` / `group_size`: the torch engine's model is quantised
+    (`bunny.serve.quantize`; "int8", "int8/g32", ... in the run's settings, and a run resumes
+    only with the same quantisation).
     """
     from bunny.eval.predict import count_pending, predict
 
@@ -134,13 +138,21 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
     stem = out / (f"{benchmark}-{split}" if split else benchmark)
     new_tokens = max_new_tokens or MAX_NEW_TOKENS[benchmark]
     settings = {"benchmark": benchmark, "model": str(model), "revision": revision, "split": split,
-                "data": str(data or path), "max_new_tokens": new_tokens, "engine": engine, "compile": compile}
+                "data": str(data or path), "max_new_tokens": new_tokens, "engine": engine, "compile": compile,
+                "quantize": quantize and (f"{quantize}/g{group_size}" if group_size else quantize)}
+    if loaded is not None and quantize:
+        raise BunnyError("run_benchmark: quantize applies to a model it loads; quantise a `loaded` model yourself "
+                         "(bunny.serve.quantize.quantize_model)")
+    if loaded is None and (quantize or group_size):
+        from bunny.serve.quantize import check_request
+
+        check_request(quantize, group_size)
     _check_resume(stem.with_name(stem.name + ".run.json"), settings)
 
     if loaded is None:
-        from bunny.model.loading import load_pretrained
+        from bunny.serve.quantize import load_quantized
 
-        loaded = load_pretrained(model, device=device, revision=revision)
+        loaded = load_quantized(model, quantize, group_size, device, revision=revision)
     net, processor = loaded
     predictions = stem.with_name(stem.name + ".predictions.jsonl")
     generated = count_pending(predictions, samples)
@@ -152,7 +164,8 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
 
     result = RunResult(benchmark, split, str(model), settings["data"], len(samples), generated,
                        round(seconds, 3), new_tokens, batch_size,
-                       files={"predictions": str(predictions)}, compiled=_compiled(net) if compile else None)
+                       files={"predictions": str(predictions)}, compiled=_compiled(net) if compile else None,
+                       quantize=settings["quantize"])
     if server:
         files, info = write_submission(benchmark, records, samples, stem, reference_fallback, seed)
         result.submission = info | {"files": [str(f) for f in files]}
@@ -172,6 +185,7 @@ def _check_resume(run_file: Path, settings: dict) -> None:
     if run_file.is_file():
         previous = json.loads(run_file.read_text())
         previous.setdefault("engine", "torch")  # run files written before the engine choice existed
+        previous.setdefault("quantize", None)  # or before quantised evaluation
         changed = [k for k in _RESUME_KEYS if previous.get(k) != settings[k]]
         if changed:
             details = ", ".join(f"{k}: {previous.get(k)!r} -> {settings[k]!r}" for k in changed)
@@ -193,7 +207,7 @@ def results_markdown(result: RunResult) -> str:
     title = f"# {result.benchmark}" + (f" ({result.split})" if result.split else "")
     lines = [title, "", f"model: `{result.model}`  ", f"data: `{result.data}`  ",
              f"questions: {result.questions}, max_new_tokens: {result.max_new_tokens}, "
-             f"batch size: {result.batch_size}", ""]
+             f"batch size: {result.batch_size}" + (f", quantised: {result.quantize}" if result.quantize else ""), ""]
     if result.metrics is not None:
         lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in flatten_metrics(result.metrics)]

@@ -10,6 +10,17 @@ VISION_TOWER_HELP = ("tower (folder, preset or hub id) in place of a reference c
                      "for one that names a folder not on this machine (Bunny-v1_1-4B)")
 
 
+def add_quantize_arguments(p) -> None:
+    """--quantize and --group-size, as chat, serve and eval run take them (bunny.serve.quantize
+    MODES and GROUP_SIZES, spelled out here so that building the parser imports no torch)."""
+    p.add_argument("--quantize", choices=["int8", "int4", "8bit", "4bit"],
+                   help="int8 / int4: weight-only (the LLM's linear layers and vocabulary head; any device; "
+                        "less memory); 8bit / 4bit: bitsandbytes (CUDA GPU). docs/serving.md, Quantised loading")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128],
+                   help="--quantize int8 / int4: inputs sharing one scale (int4 default 64; "
+                        "int8 default: one scale per output channel)")
+
+
 def add_parsers(sub, groups) -> None:
     p = sub.add_parser("chat", help="chat with a model in the terminal (or answer one --prompt)")
     p.add_argument("--model", required=True, help=MODEL_HELP)
@@ -28,6 +39,7 @@ def add_parsers(sub, groups) -> None:
     p.add_argument("--compile", action="store_true",
                    help="decode with a static KV cache and a torch.compile'd step (compiled once per process; "
                         "docs/serving.md, Decode)")
+    add_quantize_arguments(p)
     add_engine_arguments(p)
     p.set_defaults(func=_chat)
     add_serve_parser(sub)
@@ -35,13 +47,15 @@ def add_parsers(sub, groups) -> None:
 
 def _chat(args) -> int:
     from bunny.model.generation import SamplingSettings
-    from bunny.model.loading import load_pretrained
     from bunny.serve.chat import run_chat
+    from bunny.serve.quantize import load_quantized
 
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed, compile=args.compile)
     check_engine_arguments(args, {"--device": args.device, "--revision": args.revision,
-                                  "--model-base": args.model_base, "--vision-tower": args.vision_tower})
+                                  "--model-base": args.model_base, "--vision-tower": args.vision_tower,
+                                  "--dtype": args.dtype, "--compile": args.compile, "--quantize": args.quantize,
+                                  "--group-size": args.group_size})
     if args.engine == "llama.cpp":
         from bunny.serve.llamacpp_engine import open_engine
 
@@ -52,10 +66,10 @@ def _chat(args) -> int:
     from bunny.model.dtypes import check_dtype
 
     check_dtype(args.dtype, args.device)
-    model, processor = load_pretrained(args.model, device=args.device, model_base=args.model_base,
-                                       template=args.template, revision=args.revision,
-                                       vision_tower=args.vision_tower,
-                                       dtype=getattr(torch, args.dtype) if args.dtype else None)
+    model, processor = load_quantized(args.model, args.quantize, args.group_size, args.device,
+                                      model_base=args.model_base, template=args.template, revision=args.revision,
+                                      vision_tower=args.vision_tower,
+                                      dtype=getattr(torch, args.dtype) if args.dtype else None)
     return run_chat(model, processor, settings, image=args.image, prompt=args.prompt)
 
 
@@ -75,12 +89,7 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-body-mb", type=float, default=20.0)
     p.add_argument("--allow-remote-images", action="store_true",
                    help="also fetch http(s) image URLs (size and time limited); off: data: URLs only")
-    p.add_argument("--quantize", choices=["int8", "int4", "8bit", "4bit"],
-                   help="int8 / int4: weight-only (the LLM's linear layers; any device, less memory, "
-                        "answers kept, slower on a CPU); 8bit/4bit: bitsandbytes (GPU)")
-    p.add_argument("--group-size", type=int, choices=[32, 64, 128],
-                   help="--quantize int8 / int4: inputs sharing one scale (int4 default 64; "
-                        "int8 default: one scale per output channel)")
+    add_quantize_arguments(p)
     p.add_argument("--template", help="override the checkpoint's template")
     p.add_argument("--model-base", help=MODEL_BASE_HELP)
     p.add_argument("--vision-tower", help=VISION_TOWER_HELP)
@@ -98,7 +107,7 @@ def _serve(args) -> int:
     from bunny.serve.server import serve
 
     check_engine_arguments(args, {"--device": args.device, "--revision": args.revision, "--quantize": args.quantize,
-                                  "--dtype": args.dtype, "--model-base": args.model_base,
+                                  "--group-size": args.group_size, "--dtype": args.dtype, "--model-base": args.model_base,
                                   "--vision-tower": args.vision_tower})
     from bunny.model.dtypes import check_dtype
 

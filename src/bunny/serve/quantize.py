@@ -1,17 +1,17 @@
 """Quantised serving: weight-only int8 / int4 linear layers (any device), bitsandbytes 8/4-bit on GPU.
 
-Only the LLM's `nn.Linear` layers are quantised (they hold almost all of a Bunny's compute
-and, apart from the embedding table, its weights); the vision tower and projector stay in
-their own dtype, since image features are computed once per image. The vocabulary head stays
-as it is: in most small LLMs it is tied to the embedding table, so a quantised head would be a
-second copy of that table (more memory, not less).
+The LLM's `nn.Linear` layers and its vocabulary head are quantised (they hold almost all of a
+Bunny's compute and weights); the vision tower and projector stay in their own dtype, since image
+features are computed once per image. When the head is tied to the input embeddings (most small
+LLMs), the embedding table becomes a lookup into the quantised head, so the model keeps one
+table, as llama.cpp's quantised GGUFs do; an untied or scaled embedding stays as it is (a token
+reads one row of it, which costs no decode time).
 
-Weight-only means the activations stay in the model's float dtype: each forward dequantises
-the weight (plain torch ops) and runs an ordinary float `linear`. The stored weight is 1 byte
-(int8) or half a byte (int4) per value, each within half a quantisation step of the original.
-How many answers stay the same depends on the model's weights (docs/benchmarks.md, "Weight-only
-quantisation"). On a CPU the dequantisation costs time: these modes save memory, they do not
-make decoding faster (`--engine llama.cpp` is the fast CPU path).
+Weight-only means the activations stay in the model's float dtype. int8 with one scale per output
+channel multiplies by the integer weights converted to float and scales the outputs (reading 1
+byte per weight instead of 4); grouped scales and int4 dequantise the weight first. How many
+answers stay the same depends on the model's weights, and the speed on the CPU's kernels
+(docs/benchmarks.md, "Weight-only quantisation").
 """
 from __future__ import annotations
 
@@ -50,16 +50,25 @@ class Int8WeightOnlyLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(q, scale if group_size else scale[:, 0], bias, group_size)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (out, in) float weight, in `dtype` (default: the scales' dtype)."""
+        return self.rows(None, dtype)
+
+    def rows(self, ids: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows `ids` (any shape) of the dequantised weight, (*ids.shape, in); all rows for None.
+        One float tensor is allocated and scaled in place: on the CPU each large temporary costs
+        fresh pages."""
+        q, scale = (self.qweight, self.scale) if ids is None else (self.qweight[ids], self.scale[ids])
+        w = q.to(dtype or self.scale.dtype)
         if self.group_size is None:
-            return (self.qweight.float() * self.scale[:, None]).to(dtype)
-        w = self.qweight.float().reshape(self.out_features, -1, self.group_size) * self.scale[..., None]
-        return w.reshape(self.out_features, self.in_features).to(dtype)
+            return w.mul_(scale[..., None].to(w.dtype))
+        w.view(*q.shape[:-1], -1, self.group_size).mul_(scale[..., None].to(w.dtype))
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.group_size is not None:
-            return F.linear(x, self.dequantize(x.dtype), bias)
+            return F.linear(x, self.rows(None, x.dtype), bias)
         # One scale per output channel is applied to the output: (out,) products instead of (out, in).
         y = F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if bias is None else y + bias
@@ -97,18 +106,42 @@ class Int4WeightOnlyLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(packed, scale, lo, bias, group_size)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        q = torch.stack([self.packed & 0xF, self.packed >> 4], dim=-1)  # (out, in / 2, 2)
-        q = q.reshape(self.out_features, -1, self.group_size).float()  # (out, groups, group)
-        w = q * self.scale[..., None] + self.minimum[..., None]
-        return w.reshape(self.out_features, self.in_features).to(dtype)
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (out, in) float weight, in `dtype` (default: the scales' dtype)."""
+        return self.rows(None, dtype)
+
+    def rows(self, ids: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows `ids` (any shape) of the dequantised weight, (*ids.shape, in); all rows for None."""
+        packed, scale, minimum = ((self.packed, self.scale, self.minimum) if ids is None
+                                  else (self.packed[ids], self.scale[ids], self.minimum[ids]))
+        dtype = dtype or self.scale.dtype
+        w = torch.empty(*packed.shape, 2, dtype=dtype, device=packed.device)  # (..., in / 2, 2)
+        w[..., 0] = packed & 0xF  # low nibble first
+        w[..., 1] = packed >> 4
+        groups = w.view(*packed.shape[:-1], -1, self.group_size)
+        groups.mul_(scale[..., None].to(dtype)).add_(minimum[..., None].to(dtype))
+        return w.view(*packed.shape[:-1], self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, self.rows(None, x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+class QuantizedEmbedding(nn.Module):
+    """Input embeddings that read their rows from a quantised vocabulary head holding the same
+    (tied) table: token ids -> the head's dequantised rows."""
+
+    def __init__(self, head: Int8WeightOnlyLinear | Int4WeightOnlyLinear, padding_idx: int | None = None):
+        super().__init__()
+        self.head = head
+        self.padding_idx = padding_idx
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head.rows(input_ids)
 
 
 def quantize_model(model, mode: str, device: str | torch.device = "cpu", group_size: int | None = None):
@@ -125,10 +158,13 @@ def quantize_model(model, mode: str, device: str | torch.device = "cpu", group_s
             group_size = DEFAULT_GROUP_SIZE
         if group_size is not None:
             _check_groups(model, mode, group_size)
+        # The head is int8 with one scale per vocabulary row in every mode: the next token is its argmax,
+        # so it is kept finer than int4 (llama.cpp's quantisations keep their output tensor finer too).
+        head = Int8WeightOnlyLinear.from_linear
         if mode == "int8":
-            _replace_linears(model, lambda linear: Int8WeightOnlyLinear.from_linear(linear, group_size))
+            _replace_linears(model, lambda linear: Int8WeightOnlyLinear.from_linear(linear, group_size), head)
         else:
-            _replace_linears(model, lambda linear: Int4WeightOnlyLinear.from_linear(linear, group_size))
+            _replace_linears(model, lambda linear: Int4WeightOnlyLinear.from_linear(linear, group_size), head)
         return model
     if group_size is not None:
         raise BunnyError(f"a group size applies to --quantize int8 and int4 only, not {mode}")
@@ -148,21 +184,30 @@ def _check_groups(model, mode: str, group_size: int) -> None:
 
 
 def _llm_linears(model) -> list[tuple[str, nn.Linear]]:
-    """(qualified name, layer) of every `nn.Linear` of the LLM except its vocabulary head."""
+    """(qualified name, layer) of every `nn.Linear` of the LLM except its vocabulary head (which
+    has one scale per row in every mode)."""
     lm = model.language_model
     head = lm.get_output_embeddings()
     return [(f"language_model.{name}", m) for name, m in lm.named_modules()
             if isinstance(m, nn.Linear) and m is not head]
 
 
-def _replace_linears(model, make) -> None:
+def _replace_linears(model, make, head=None) -> None:
+    """Replace the LLM's linear layers by `make(layer)`; with `head` (a function of the layer), the
+    vocabulary head by `head(layer)`, and input embeddings tied to it (a plain `nn.Embedding`) by
+    a lookup into the replaced head."""
     lm = model.language_model
-    head = lm.get_output_embeddings()
+    old_head, embedding = lm.get_output_embeddings(), lm.get_input_embeddings()
+    tied = type(embedding) is nn.Embedding and old_head is not None and embedding.weight is old_head.weight
+    replaced = {}
     with torch.no_grad():
         for parent in list(lm.modules()):
             for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and child is not head:
-                    setattr(parent, name, make(child))
+                if isinstance(child, nn.Linear) and (head or child is not old_head):
+                    replaced[id(child)] = (head if child is old_head else make)(child)
+                    setattr(parent, name, replaced[id(child)])
+    if head and tied:
+        lm.set_input_embeddings(QuantizedEmbedding(replaced[id(old_head)], embedding.padding_idx))
 
 
 def weight_bytes(module: nn.Module) -> int:
@@ -202,7 +247,31 @@ def _bitsandbytes(model, mode: str, device: torch.device):
         return new
 
     # The head stays in 16 bits: it is tied to the embeddings in many small LLMs.
-    _replace_linears(model, replacement)
+    _replace_linears(model, replacement, head=False)
     model.to(compute_dtype)
     model.to(device)  # moving bitsandbytes parameters to the GPU quantises them
     return model
+
+
+def check_request(quantize: str | None, group_size: int | None) -> None:
+    """Refuse, before anything is loaded, a group size without int8 / int4, and bitsandbytes without a GPU."""
+    if group_size is not None and quantize not in ("int8", "int4"):
+        raise BunnyError(f"--group-size {group_size} applies with --quantize int8 or int4"
+                         + (f", not {quantize}" if quantize else ""))
+    if quantize in ("8bit", "4bit") and not torch.cuda.is_available():
+        raise BunnyError(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes); on the CPU use --quantize int8")
+
+
+def load_quantized(model: str, quantize: str | None = None, group_size: int | None = None,
+                   device: str | torch.device = "cpu", **load_kwargs):
+    """`load_pretrained(model, device, **load_kwargs)`, then `quantize_model` when `quantize` is given.
+    bitsandbytes quantises while moving to the GPU, so for 8bit / 4bit the model is loaded on the
+    CPU first (and refused at once without a GPU)."""
+    from bunny.model.loading import load_pretrained
+
+    check_request(quantize, group_size)
+    bnb = quantize in ("8bit", "4bit")
+    loaded, processor = load_pretrained(model, device="cpu" if bnb else device, **load_kwargs)
+    if quantize:
+        quantize_model(loaded, quantize, device, group_size=group_size)
+    return loaded, processor

@@ -23,10 +23,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           dtype: str | None = None) -> None:
     import uvicorn
 
-    from bunny.model.loading import load_pretrained
     from bunny.serve.app import ServerSettings, create_app
     from bunny.serve.images import ImageLimits
-    from bunny.serve.quantize import quantize_model
+    from bunny.serve.quantize import load_quantized
 
     if not _is_loopback(host) and api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
@@ -38,16 +37,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
             raise BunnyError("--engine llama.cpp takes no --quantize or --dtype: the GGUF's types are its own")
 
         loaded, processor, scheduler = serving(*open_engine(model, gguf, mmproj, template=template), max_queue)
-    torch_dtype = getattr(torch, dtype) if dtype else None
-    # bitsandbytes quantises while moving to the GPU, so the model is loaded on the CPU first.
-    load_device = "cpu" if quantize in ("8bit", "4bit") else device
-    if quantize in ("8bit", "4bit") and not torch.cuda.is_available():
-        raise BunnyError(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes); on the CPU use --quantize int8")
     if scheduler is None:
-        loaded, processor = load_pretrained(model, device=load_device, dtype=torch_dtype, model_base=model_base,
-                                            template=template, vision_tower=vision_tower)
-    if quantize:
-        quantize_model(loaded, quantize, device, group_size=group_size)
+        loaded, processor = load_quantized(model, quantize, group_size, device,
+                                           dtype=getattr(torch, dtype) if dtype else None, model_base=model_base,
+                                           template=template, vision_tower=vision_tower)
     settings = ServerSettings(
         model_name=served_model_name or Path(str(model).rstrip("/")).name,
         api_key=api_key, max_batch_size=max_batch_size, max_queue=max_queue, max_new_tokens_cap=max_new_tokens_cap,
