@@ -5,8 +5,8 @@ float32's.
     .venv/bin/python -m benchmarks.quantize [--model FOLDER [--llamacpp]] [--questions 113] [--new-tokens 64]
         [--repeats 3]
 
---model: a bunny checkpoint, e.g. the demo's trained model (`bunny demo --out D`, then
-`bunny merge lora D/stage2 --out M`); without it, a demo-sized untrained model (the
+--model: a bunny checkpoint, e.g. the demo's trained model (`bunny demo` writes it, LoRA merged,
+to outputs/demo/stage2/model); without it, a demo-sized untrained model (the
 embedded SmolLM2-135M, the shipped tower, the demo's word-fitted projector, as
 tests/convert/test_llamacpp_demo.py builds it), whose answers ramble.
 

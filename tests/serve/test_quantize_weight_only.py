@@ -169,3 +169,16 @@ def test_bitsandbytes_modes_need_a_gpu(mode):
     model, _ = make_tiny_bunny()
     with pytest.raises(BunnyError, match="needs a CUDA GPU|needs bitsandbytes"):
         quantize_model(model, mode, "cpu")
+
+
+def test_compiled_decode_of_a_quantised_model_gives_its_plain_tokens():
+    """--quantize with --compile: the int8 layers, int8 head and the lookup into it compile into the
+    static-cache step, with the plain path's greedy tokens."""
+    model, processor = make_tiny_bunny(seed=8)
+    lm = model.language_model
+    lm.lm_head.weight = lm.get_input_embeddings().weight  # tied: the step's embedding is the lookup
+    quantize_model(model, "int8")
+    assert isinstance(lm.get_input_embeddings(), QuantizedEmbedding)
+    inputs = _prompts(processor)
+    plain = generate_ids(model, inputs, SamplingSettings(max_new_tokens=6), [])
+    assert generate_ids(model, inputs, SamplingSettings(max_new_tokens=6, compile=True), []) == plain
