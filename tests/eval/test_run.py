@@ -341,7 +341,7 @@ def test_quantised_run_answers_as_the_quantised_model_and_resumes_only_so(tmp_pa
     # Resuming with another quantisation (or none) is refused; the same one resumes.
     with pytest.raises(BunnyError, match="quantize: 'int8/g32' -> None"):
         run_benchmark("pope", str(checkpoint), data=str(data), out=out, max_new_tokens=3, progress=False)
-    with pytest.raises(BunnyError, match="quantize: 'int8/g32' -> 'int4'"):
+    with pytest.raises(BunnyError, match="quantize: 'int8/g32' -> 'int4/g64'"):
         run_benchmark("pope", str(checkpoint), data=str(data), out=out, max_new_tokens=3, progress=False,
                       quantize="int4")
     again = run_benchmark("pope", str(checkpoint), data=str(data), out=out, max_new_tokens=3, progress=False,
@@ -353,8 +353,9 @@ def test_quantise_refusals(tmp_path, checkpoint, loaded, capsys):
     data = _pope(tmp_path / "pope", n=1)
     with pytest.raises(BunnyError, match="--group-size 32 applies with --quantize int8 or int4"):
         run_benchmark("pope", str(checkpoint), data=str(data), out=tmp_path, progress=False, group_size=32)
-    with pytest.raises(BunnyError, match="quantize applies to a model it loads"):
-        run_benchmark("pope", "x", data=str(data), out=tmp_path, progress=False, loaded=loaded, quantize="int8")
+    for given in ({"quantize": "int8"}, {"group_size": 32}):
+        with pytest.raises(BunnyError, match="quantize applies to a model it loads"):
+            run_benchmark("pope", "x", data=str(data), out=tmp_path, progress=False, loaded=loaded, **given)
     assert not (tmp_path / "pope.run.json").exists()  # refused before the run's settings were written
     assert main(["eval", "run", "pope", "--model", str(checkpoint), "--data", str(data), "--engine", "llama.cpp",
                  "--quantize", "int8"]) != 0

@@ -6,8 +6,8 @@ from torch import nn
 
 from bunny.errors import BunnyError
 from bunny.model.generation import SamplingSettings, generate_ids
-from bunny.serve.quantize import (Int4WeightOnlyLinear, Int8WeightOnlyLinear, QuantizedEmbedding, quantize_model,
-                                  weight_bytes)
+from bunny.serve.quantize import (Int4WeightOnlyLinear, Int8WeightOnlyLinear, QuantizedEmbedding, describe,
+                                  quantize_model, weight_bytes)
 from bunny.testing import make_tiny_bunny, random_image
 
 
@@ -162,6 +162,12 @@ def test_bad_modes_and_group_sizes_are_refused():
         quantize_model(model, "8bit", "cpu", group_size=32)
     with pytest.raises(BunnyError, match="int8 with group size 64: layer 'language_model.model.layers.0"):
         quantize_model(model, "int8", group_size=64)
+
+
+def test_describe_names_every_quantisation_once():
+    assert describe("int4", None) == describe("int4", 64) == "int4/g64"  # int4's default group spelled out
+    assert describe("int8", None) == "int8" and describe("int8", 32) == "int8/g32"
+    assert describe("4bit", None) == "4bit" and describe(None, None) is None
 
 
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])

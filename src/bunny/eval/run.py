@@ -139,14 +139,15 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
     new_tokens = max_new_tokens or MAX_NEW_TOKENS[benchmark]
     settings = {"benchmark": benchmark, "model": str(model), "revision": revision, "split": split,
                 "data": str(data or path), "max_new_tokens": new_tokens, "engine": engine, "compile": compile,
-                "quantize": quantize and (f"{quantize}/g{group_size}" if group_size else quantize)}
-    if loaded is not None and quantize:
-        raise BunnyError("run_benchmark: quantize applies to a model it loads; quantise a `loaded` model yourself "
-                         "(bunny.serve.quantize.quantize_model)")
-    if loaded is None and (quantize or group_size):
-        from bunny.serve.quantize import check_request
+                "quantize": None}
+    if quantize or group_size:
+        from bunny.serve.quantize import check_request, describe
 
+        if loaded is not None:
+            raise BunnyError("run_benchmark: quantize applies to a model it loads; quantise a `loaded` model "
+                             "yourself (bunny.serve.quantize.quantize_model)")
         check_request(quantize, group_size)
+        settings["quantize"] = describe(quantize, group_size)
     _check_resume(stem.with_name(stem.name + ".run.json"), settings)
 
     if loaded is None:

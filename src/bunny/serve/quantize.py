@@ -262,6 +262,13 @@ def check_request(quantize: str | None, group_size: int | None) -> None:
         raise BunnyError(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes); on the CPU use --quantize int8")
 
 
+def describe(quantize: str | None, group_size: int | None) -> str | None:
+    """The quantisation as one name: "int8", "int8/g32", "int4/g64" (int4's default group spelled out), "4bit"."""
+    if quantize == "int4" and group_size is None:
+        group_size = DEFAULT_GROUP_SIZE
+    return quantize and (f"{quantize}/g{group_size}" if group_size else quantize)
+
+
 def load_quantized(model: str, quantize: str | None = None, group_size: int | None = None,
                    device: str | torch.device = "cpu", **load_kwargs):
     """`load_pretrained(model, device, **load_kwargs)`, then `quantize_model` when `quantize` is given.
