@@ -73,11 +73,11 @@ def time_ours(model, inputs, n: int, compile: bool = False) -> float:
     return time.perf_counter() - t
 
 
-def weight_products(lm, repeats: int = 20) -> float:
-    """Seconds of one token's matrix-vector products alone: F.linear of every linear layer of the
-    LLM (the vocabulary head included) on one input vector, the same weights as decoding reads."""
+def weight_products(lm, repeats: int = 20, batch: int = 1) -> float:
+    """Seconds of one decode step's matrix products alone: F.linear of every linear layer of the
+    LLM (the vocabulary head included) on `batch` input vectors, the same weights as decoding reads."""
     linears = [m for m in lm.modules() if isinstance(m, torch.nn.Linear)]
-    xs = [torch.randn(1, m.in_features, dtype=m.weight.dtype) for m in linears]
+    xs = [torch.randn(batch, m.in_features, dtype=m.weight.dtype) for m in linears]
     best = float("inf")
     with torch.inference_mode():
         for _ in range(repeats):
@@ -205,6 +205,7 @@ def main() -> None:
         per_token = {c: per_token_ms(model, inputs, (16, 128), args.repeats, c) for c in (False, True)}
         per_token8 = {c: per_token_ms(model, batch8, (16,), args.repeats, c) for c in (False, True)}
     products_ms = weight_products(model.language_model) * 1000
+    products8_ms = weight_products(model.language_model, batch=8) * 1000
 
     weight_bytes = sum(p.numel() * p.element_size() for p in model.language_model.parameters())
     bandwidth = memory_bandwidth()
@@ -224,6 +225,8 @@ def main() -> None:
               f"batch 8: {b8_tps[c]:.1f} tokens/s = {b8_tps[c] / (compiled_tps if c else ours_tps):.2f}x batch 1 "
               f"end to end, decoding alone {per_token8[c][16]:.1f} ms per step = "
               f"{8 * ms[16] / per_token8[c][16]:.2f}x batch 1's tokens/s (target >= 4)")
+    print(f"batch 8's products alone {products8_ms:.1f} ms against batch 1's {products_ms:.1f} ms: a batch-8 step "
+          f"with nothing but its products would give {8 * products_ms / products8_ms:.2f}x batch 1's tokens/s")
     print(f"weights read per token: {weight_bytes / 2**20:.0f} MiB; memory read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     print(f"machine limit: {limit:.1f} tokens/s; ours reaches {ours_tps / limit:.0%} of it, llava {llava_tps / limit:.0%}")
     print(f"llama.cpp f32 tokens equal to ours: {same}/{n} (first 8 asserted)")
