@@ -188,3 +188,22 @@ def test_compiled_decode_of_a_quantised_model_gives_its_plain_tokens():
     inputs = _prompts(processor)
     plain = generate_ids(model, inputs, SamplingSettings(max_new_tokens=6), [])
     assert generate_ids(model, inputs, SamplingSettings(max_new_tokens=6, compile=True), []) == plain
+
+
+def test_cli_spells_out_every_mode_and_group_size():
+    """bunny.serve.cli lists the modes and group sizes itself (building the parser imports no torch):
+    every one that quantize_model takes parses, and another is refused by the parser."""
+    import argparse
+
+    from bunny.serve.cli import add_quantize_arguments
+    from bunny.serve.quantize import GROUP_SIZES, MODES
+
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_quantize_arguments(parser)
+    for mode in MODES:
+        for size in GROUP_SIZES:
+            args = parser.parse_args(["--quantize", mode, "--group-size", str(size)])
+            assert (args.quantize, args.group_size) == (mode, size)
+    for bad in (["--quantize", "int3"], ["--group-size", "48"]):
+        with pytest.raises(argparse.ArgumentError):
+            parser.parse_args(bad)
