@@ -10,7 +10,7 @@ from PIL import Image
 
 from bunny.data.synthetic import (COLOURS, SHAPES, Scene, SceneObject, caption,
                                   colour_only_guess_accuracy, draw_example, easy_pairs,
-                                  hard_pairs, shape_only_guess_accuracy)
+                                  hard_pairs, majority_answer_accuracy, shape_only_guess_accuracy)
 from bunny.data.llava import load_conversations
 from bunny.data.synthetic_io import SHORT_ANSWER_SUFFIX, synthesize
 from bunny.data.synthetic_render import (BACKGROUND, RGB, patch_attribute_labels,
@@ -75,6 +75,18 @@ def test_guesser_golden_values():
     assert shape_only_guess_accuracy(records) == pytest.approx(2 / 3)
     with pytest.raises(BunnyError):
         colour_only_guess_accuracy([{"kind": "open"}])
+
+
+def test_majority_answer_golden_values(dataset):
+    records = [{"kind": "open", "category": "count", "answer": a} for a in ("1", "2", "1", "3")]
+    records += [{"kind": "open", "category": "colour", "answer": "red"}, {"kind": "yes_no", "answer": "yes"}]
+    assert majority_answer_accuracy(records, "count") == 0.5
+    assert majority_answer_accuracy(records, "colour") == 1.0
+    with pytest.raises(BunnyError, match="position"):
+        majority_answer_accuracy(records, "position")
+    _, meta, all_records = dataset  # meta.json carries count's answer prior
+    counts = [r["answer"] for r in all_records if r["kind"] == "open" and r["category"] == "count"]
+    assert meta["count_majority"] == Counter(counts).most_common(1)[0][1] / len(counts)
 
 
 def _expected(scene: list[dict], r: dict) -> str:

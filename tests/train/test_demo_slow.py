@@ -20,7 +20,7 @@ def test_miniature_demo(tmp_path):
                                             "finetune.per_device_batch_size": 4, "finetune.lora_r": 8})
     saved = json.loads((tmp_path / "summary.json").read_text())
     for key in ("wall_seconds", "yes_no_accuracy", "open_answer_accuracy", "yes_no_colour_only",
-                "yes_no_shape_only"):
+                "yes_no_shape_only", "count_majority"):
         assert key in saved and saved[key] is not None
     assert (tmp_path / "loss_curve.png").is_file()
     assert summary["stage1"]["steps"] == 2 and summary["stage2"]["steps"] == 8  # 2 epochs of 16 / 4

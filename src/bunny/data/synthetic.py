@@ -267,3 +267,14 @@ def colour_only_guess_accuracy(records) -> float:
 def shape_only_guess_accuracy(records) -> float:
     """Like `colour_only_guess_accuracy`, looking only at shapes."""
     return _guess_accuracy(records, "shape")
+
+
+def majority_answer_accuracy(records, category: str) -> float:
+    """Accuracy of giving every open question of `category` its most common answer (ties: the
+    first in sorted order), without looking at the image: the floor an answer prior reaches.
+    For count it is high (most questions ask about a shape present once, so "1"); a model at
+    this figure has learned the prior, not to count."""
+    answers = [r["answer"] for r in records if r.get("kind") == "open" and r.get("category") == category]
+    if not answers:
+        raise BunnyError(f"no open records of category {category!r} given")
+    return max(answers.count(a) for a in sorted(set(answers))) / len(answers)

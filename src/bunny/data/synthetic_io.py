@@ -22,7 +22,8 @@ from pathlib import Path
 from bunny.atomic import atomic_write
 from bunny.data.synthetic import (COLOURS, POSITIONS, SHAPES, caption,
                                   colour_only_guess_accuracy, draw_example,
-                                  extra_yes_no_qas, shape_only_guess_accuracy)
+                                  extra_yes_no_qas, majority_answer_accuracy,
+                                  shape_only_guess_accuracy)
 from bunny.data.synthetic_render import IMAGE_SIZE, render_scene
 from bunny.errors import BunnyError
 
@@ -148,4 +149,6 @@ def _meta(seed, n_train, n_eval, max_turns, suffix, records) -> dict:
     if any(r["kind"] == "yes_no" for r in records):
         meta["yes_no_colour_only"] = colour_only_guess_accuracy(records)
         meta["yes_no_shape_only"] = shape_only_guess_accuracy(records)
+    if any(r["kind"] == "open" and r["category"] == "count" for r in records):
+        meta["count_majority"] = majority_answer_accuracy(records, "count")
     return meta

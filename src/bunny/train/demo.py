@@ -200,6 +200,7 @@ def run_demo(out: str | Path = "outputs/demo", configs: str | Path | None = None
         **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},
         "yes_no_colour_only": meta.get("yes_no_colour_only"),
         "yes_no_shape_only": meta.get("yes_no_shape_only"),
+        "count_majority": meta.get("count_majority"),
         "stage1": stage_summary(s1, r1),
         "stage2": stage_summary(s2, r2),
         "timings": {k: round(v, 1) for k, v in timings.items()},
@@ -291,6 +292,7 @@ def print_summary(s: dict) -> None:
             ("  colour (target >= 95%)", pct("open_colour_accuracy")),
             ("  shape / count / position (targets >= 80%)",
              f"{pct('open_shape_accuracy')} {pct('open_count_accuracy')} {pct('open_position_accuracy')}"),
+            ("  count's answer prior (always the most common count)", pct("count_majority")),
             ("wall time", f"{s['wall_seconds']:.0f} s")]
     stages = [("stage 1 (projector, captions)", s["stage1"]), ("stage 2 (LoRA + projector, QA)", s["stage2"])]
     rows += [(name, f"{st['steps']} steps, loss {st['first_loss']} -> {st['final_loss']}, {st['seconds']:.0f} s")
