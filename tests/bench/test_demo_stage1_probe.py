@@ -2,7 +2,6 @@
 teacher-forced predictions against the model's full logits."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from bunny.testing import make_tiny_bunny
 from bunny.train.trainer import build_dataset
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
-from trainhelp import tiny_recipe, write_dataset  # noqa: E402
+from trainhelp import tiny_recipe, write_captions  # noqa: E402
 
 
 def test_word_group_accuracy_golden(load_benchmark):
@@ -26,11 +25,7 @@ def test_word_group_accuracy_golden(load_benchmark):
 
 def test_probe_matches_the_full_logits(tmp_path, load_benchmark):
     bench = load_benchmark("demo_stage1_probe")
-    path = write_dataset(tmp_path / "caps", n=5)
-    records = json.loads(path.read_text())
-    for r in records:  # stage 1 data: one caption-like turn per image
-        r["conversations"] = r["conversations"][:2]
-    path.write_text(json.dumps(records))
+    path = write_captions(tmp_path / "caps", n=5)
     model, proc = make_tiny_bunny()
     dataset, _ = build_dataset(tiny_recipe(tmp_path, path, stage="pretrain", tune="projector"), proc)
 
@@ -60,3 +55,13 @@ def test_probe_matches_the_full_logits(tmp_path, load_benchmark):
         losses = [model(**collate([dataset[i] for i in range(lo, min(lo + 2, len(dataset)))],
                                   proc.pad_token_id)).loss.item() for lo in range(0, len(dataset), 2)]
     assert got["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-4)
+
+
+def test_token_norm_is_the_mean_image_token_norm(tmp_path, load_benchmark):
+    bench = load_benchmark("demo_stage1_probe")
+    path = write_captions(tmp_path / "caps", n=3)
+    model, proc = make_tiny_bunny()
+    dataset, _ = build_dataset(tiny_recipe(tmp_path, path, stage="pretrain", tune="projector"), proc)
+    with torch.no_grad():
+        norms = [model.get_image_features(dataset[i]["pixel_values"]).norm(dim=-1) for i in range(3)]
+    assert bench.token_norm(model, dataset) == pytest.approx(float(torch.cat(norms).mean()), rel=1e-5)

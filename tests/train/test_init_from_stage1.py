@@ -17,7 +17,7 @@ from bunny.testing import tiny_image_processor, tiny_llm, tiny_vision_config
 from bunny.train.parts import build_for_recipe
 from bunny.train.trainer import train
 
-from trainhelp import tiny_recipe, write_dataset
+from trainhelp import tiny_recipe, write_captions, write_dataset
 
 
 @pytest.fixture()
@@ -39,13 +39,7 @@ def data(tmp_path):
 
 @pytest.fixture()
 def captions(tmp_path):
-    """Stage 1's data: one caption turn per image."""
-    path = write_dataset(tmp_path / "caps", n=4)
-    records = json.loads(path.read_text())
-    for r in records:
-        r["conversations"] = r["conversations"][:2]
-    path.write_text(json.dumps(records))
-    return path
+    return write_captions(tmp_path / "caps", n=4)
 
 
 def _assert_llm_is(model, llm):

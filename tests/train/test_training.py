@@ -14,7 +14,7 @@ from bunny.train.checkpoint import list_checkpoints
 from bunny.train.parts import load_projector
 from bunny.train.trainer import train
 
-from trainhelp import tiny_recipe, write_dataset
+from trainhelp import tiny_recipe, write_captions, write_dataset
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -26,12 +26,7 @@ def data(tmp_path):
 
 @pytest.fixture()
 def captions(tmp_path):
-    path = write_dataset(tmp_path / "caps", n=8)
-    records = json.loads(path.read_text())
-    for r in records:  # stage 1 data: one caption turn per image
-        r["conversations"] = r["conversations"][:2]
-    path.write_text(json.dumps(records))
-    return path
+    return write_captions(tmp_path / "caps", n=8)
 
 
 def snapshot(model, prefix):

@@ -30,6 +30,17 @@ def write_dataset(folder: Path, n: int = 8, text_only: int = 0, name: str = "dat
     return path
 
 
+def write_captions(folder: Path, n: int = 8) -> Path:
+    """Stage 1's data: `write_dataset`'s n image samples cut to their first turn (one caption-like
+    answer per image, as the `plain` template renders)."""
+    path = write_dataset(folder, n=n)
+    records = json.loads(path.read_text())
+    for r in records:
+        r["conversations"] = r["conversations"][:2]
+    path.write_text(json.dumps(records))
+    return path
+
+
 def tiny_recipe(tmp: Path, data: Path, **kw) -> Recipe:
     fields = dict(stage="finetune", tune="lora", data_path=str(data), output_dir=str(tmp / "run"),
                   per_device_batch_size=2, grad_accum=1, max_steps=3, lr=1e-2, lora_r=4, lora_alpha=8,

@@ -75,6 +75,11 @@ class Recipe:
     # A small tower's residual stream can be 50x larger than the LLM's embeddings, which
     # a short stage 1 cannot undo; the reference has no such step (default off).
     projector_norm_init: bool = False
+    # After every optimizer step, scale that layer back to the same norm (the same samples), so
+    # training moves only the directions of the image tokens. Captioning through a frozen LLM
+    # otherwise pulls them to ~20x the embeddings' norm, where its layers barely change them
+    # (docs/demo.md, "Stage 1 by the paper's method"). Also not in the reference (default off).
+    projector_norm_hold: bool = False
     tower_lr: float = 0.0  # 0 = projector_lr (an unfrozen tower trains at the projector's rate)
     unfreeze_tower: bool = False
     weight_decay: float = 0.0
@@ -134,6 +139,9 @@ class Recipe:
         for name in ("per_device_batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise BunnyError(f"recipe field {name} must be >= 1, got {getattr(self, name)}")
+        if self.projector_norm_hold and (self.fsdp or self.deepspeed):
+            raise BunnyError("projector_norm_hold rescales the projector in place after every step, which sharded "
+                             "parameters (fsdp, deepspeed) do not allow; train without it or unsharded")
         if self.lr <= 0:
             raise BunnyError(f"recipe field lr must be > 0, got {self.lr}")
         if self.init_from and Path(self.init_from).resolve() == Path(self.output_dir).resolve():

@@ -174,8 +174,11 @@ def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = N
                          f"with {model.config.image_token_pool}; it is fixed when the model is built")
     dataset, skipped = build_dataset(recipe, processor)
     groups = configure_trainables(model, recipe)
-    if recipe.projector_norm_init and find_resume_point(out_dir, recipe.resume) is None:
-        scale = match_projector_norm(model, [dataset[i] for i in range(min(len(dataset), 16))])
+    # The samples whose image tokens set the projector's norm (projector_norm_init / _hold).
+    scale_norm = recipe.projector_norm_init or recipe.projector_norm_hold
+    norm_samples = [dataset[i] for i in range(min(len(dataset), 16))] if scale_norm else []
+    if scale_norm and find_resume_point(out_dir, recipe.resume) is None:
+        scale = match_projector_norm(model, norm_samples)
         acc.print(f"projector scaled by {scale:.4g} to the LLM's embedding norm")
     world, rank = acc.num_processes, acc.process_index
     per_step = recipe.per_device_batch_size * world * recipe.grad_accum
@@ -259,6 +262,7 @@ def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = N
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            projector_scale = match_projector_norm(model, norm_samples) if recipe.projector_norm_hold else None
             if not holdings:
                 holdings = sharding.holdings(wrapped, optimizer)
                 if sharded:
@@ -275,6 +279,8 @@ def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = N
             record.update({f"lr_{name}": v for name, v in lrs.items()})
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
+            if projector_scale is not None:
+                record["projector_scale"] = projector_scale
             history.append(record)
             if on_step is not None and acc.is_main_process:
                 on_step(step, record)
