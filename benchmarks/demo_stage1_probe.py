@@ -65,11 +65,11 @@ def probe(model, processor, dataset, groups: dict[str, set[int]], batch: int = 2
             **{f"{name}_accuracy": round(r / max(1, n), 4) for name, (r, n) in hits.items()}}
 
 
-@torch.no_grad()
 def token_norm(model, dataset) -> float:
     """Mean norm of the projected image tokens of `dataset`'s images."""
-    pixels = torch.cat([dataset[i]["pixel_values"] for i in range(len(dataset))])
-    return float(model.get_image_features(pixels).norm(dim=-1).mean())
+    from bunny.train.parts import image_token_norm, projector_reference
+
+    return image_token_norm(model, projector_reference(model, [dataset[i] for i in range(len(dataset))]))
 
 
 def main() -> None:

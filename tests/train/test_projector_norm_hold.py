@@ -31,11 +31,13 @@ def mean_norms(model, recipe, processor) -> tuple[float, float]:
     return float(tokens), float(model.get_input_embeddings().weight.norm(dim=-1).mean())
 
 
-@pytest.mark.parametrize("stage, tune", [("pretrain", "projector"), ("finetune", "lora")])
-def test_every_step_ends_at_the_embedding_norm(tmp_path, data, captions, stage, tune):
+@pytest.mark.parametrize("stage, tune, unfreeze_tower", [("pretrain", "projector", False), ("finetune", "lora", False),
+                                                         ("finetune", "lora", True)])  # a training tower: measured anew
+def test_every_step_ends_at_the_embedding_norm(tmp_path, data, captions, stage, tune, unfreeze_tower):
     data = captions if stage == "pretrain" else data
     model, proc = make_tiny_bunny()
-    recipe = tiny_recipe(tmp_path, data, stage=stage, tune=tune, max_steps=4, lr=5e-2, projector_norm_hold=True)
+    recipe = tiny_recipe(tmp_path, data, stage=stage, tune=tune, max_steps=4, lr=5e-2, projector_norm_hold=True,
+                         unfreeze_tower=unfreeze_tower)
     seen = []
 
     def check(step, record):  # called after the step's update and the hold
@@ -51,7 +53,7 @@ def test_every_step_ends_at_the_embedding_norm(tmp_path, data, captions, stage, 
     # Without the hold the same run drifts away from the embeddings' norm.
     model, proc = make_tiny_bunny()
     plain = tiny_recipe(tmp_path / "plain", data, stage=stage, tune=tune, max_steps=4, lr=5e-2,
-                        projector_norm_init=True)
+                        projector_norm_init=True, unfreeze_tower=unfreeze_tower)
     train(plain, model, proc)
     tokens, embeddings = mean_norms(model, plain, proc)
     assert abs(tokens / embeddings - 1) > 1e-2

@@ -62,6 +62,10 @@ class BunnyForConditionalGeneration(BunnyPreTrainedModel, GenerationMixin):
     # -- images ----------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) images -> (N, image_seq_length, H_llm) projected features."""
+        return self.mm_projector(self.projector_inputs(pixel_values))
+
+    def projector_inputs(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) images -> what the projector reads: the tower's features (S2, pooled) in its dtype."""
         pixel_values = pixel_values.to(self.vision_tower.dtype)
         if self.config.s2_scales:
             from bunny.model.s2 import s2_features
@@ -71,7 +75,7 @@ class BunnyForConditionalGeneration(BunnyPreTrainedModel, GenerationMixin):
             features = self._tower_features(pixel_values)
         if self.config.image_token_pool > 1:
             features = pool_tokens(features, self.config.image_token_pool)
-        return self.mm_projector(features.to(self.mm_projector_dtype))
+        return features.to(self.mm_projector_dtype)
 
     def _tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return tower_features(

@@ -164,17 +164,35 @@ def save_projector(model, folder: str | Path) -> list[Path]:
     return out
 
 
+_NORM_NEEDS = "projector_norm_init needs image samples and a projector with a linear layer"
+
+
 @torch.no_grad()
-def match_projector_norm(model, samples: list[dict]) -> float:
-    """Scale the projector's last linear layer so the mean norm of projected image features
-    equals the mean norm of the LLM's token embeddings; returns the factor applied."""
+def projector_reference(model, samples: list[dict]) -> torch.Tensor:
+    """The projector's inputs for the images of `samples` (samples without one are passed over):
+    what `match_projector_norm` and `image_token_norm` measure the image tokens on."""
     pixels = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
+    if not pixels:
+        raise BunnyError(_NORM_NEEDS)
+    return model.projector_inputs(torch.cat(pixels).to(model.device))
+
+
+@torch.no_grad()
+def image_token_norm(model, reference: torch.Tensor) -> float:
+    """Mean norm of the image tokens the projector makes of `reference` (`projector_reference`)."""
+    return float(model.mm_projector(reference).float().norm(dim=-1).mean())
+
+
+@torch.no_grad()
+def match_projector_norm(model, reference: torch.Tensor) -> float:
+    """Scale the projector's last linear layer so the mean norm of the image tokens it makes of
+    `reference` (`projector_reference`) equals the mean norm of the LLM's token embeddings;
+    returns the factor applied."""
     last = [m for m in model.mm_projector.modules() if isinstance(m, nn.Linear)]
-    if not pixels or not last:
-        raise BunnyError("projector_norm_init needs image samples and a projector with a linear layer")
-    features = model.get_image_features(torch.cat(pixels).to(model.device))
+    if not last:
+        raise BunnyError(_NORM_NEEDS)
     target = model.get_input_embeddings().weight.float().norm(dim=-1).mean()
-    scale = float(target / features.float().norm(dim=-1).mean())
+    scale = float(target / image_token_norm(model, reference))
     last[-1].weight.mul_(scale)
     if last[-1].bias is not None:
         last[-1].bias.mul_(scale)

@@ -33,7 +33,8 @@ from bunny.data.packing import UNCUT, attention_layout, check_packable
 from bunny.data.sampler import modality_length_grouped_order, shuffled_order
 from bunny.errors import BunnyError
 from bunny.train.checkpoint import find_resume_point, load_checkpoint, save_checkpoint
-from bunny.train.parts import build_for_recipe, configure_trainables, match_projector_norm
+from bunny.train.parts import (build_for_recipe, configure_trainables, match_projector_norm,
+                               projector_reference)
 from bunny.train.recipe import Recipe, dump_recipe
 from bunny.train import qlora, sharding
 from bunny.train.reporting import MetricSink
@@ -174,11 +175,14 @@ def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = N
                          f"with {model.config.image_token_pool}; it is fixed when the model is built")
     dataset, skipped = build_dataset(recipe, processor)
     groups = configure_trainables(model, recipe)
-    # The samples whose image tokens set the projector's norm (projector_norm_init / _hold).
-    scale_norm = recipe.projector_norm_init or recipe.projector_norm_hold
-    norm_samples = [dataset[i] for i in range(min(len(dataset), 16))] if scale_norm else []
-    if scale_norm and find_resume_point(out_dir, recipe.resume) is None:
-        scale = match_projector_norm(model, norm_samples)
+    # The images whose tokens set the projector's norm (projector_norm_init / _hold): the first 16
+    # samples' tower features, computed once (again after each step only where the tower trains).
+    norm_samples, reference = [], None
+    if recipe.projector_norm_init or recipe.projector_norm_hold:
+        norm_samples = [dataset[i] for i in range(min(len(dataset), 16))]
+        reference = projector_reference(model, norm_samples)
+    if reference is not None and find_resume_point(out_dir, recipe.resume) is None:
+        scale = match_projector_norm(model, reference)
         acc.print(f"projector scaled by {scale:.4g} to the LLM's embedding norm")
     world, rank = acc.num_processes, acc.process_index
     per_step = recipe.per_device_batch_size * world * recipe.grad_accum
@@ -262,7 +266,11 @@ def train(recipe: Recipe, model=None, processor=None, stop_after: int | None = N
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            projector_scale = match_projector_norm(model, norm_samples) if recipe.projector_norm_hold else None
+            projector_scale = None
+            if recipe.projector_norm_hold:
+                if recipe.unfreeze_tower:
+                    reference = projector_reference(model, norm_samples)
+                projector_scale = match_projector_norm(model, reference)
             if not holdings:
                 holdings = sharding.holdings(wrapped, optimizer)
                 if sharded:
