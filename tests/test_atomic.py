@@ -106,3 +106,35 @@ def test_atomic_update_replaces_written_files_and_keeps_the_others(tmp_path):
         with atomic_update(folder) as tmp:
             (tmp / "sub").mkdir()
     assert sorted(os.listdir(folder)) == ["README.md", "config.json", "model.safetensors"]
+
+
+@pytest.fixture(params=[0o022, 0o077])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def _mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def test_written_files_and_folders_get_the_umask_permissions(tmp_path, umask):
+    """safetensors' writer creates 0600 files and mkdtemp 0700 folders whatever the umask; what
+    the helpers put in place has a plain create's permissions, so another user can read an
+    export or checkpoint where the umask allows it."""
+    import torch
+    from safetensors.torch import save_file
+
+    file_mode, folder_mode = 0o666 & ~umask, 0o777 & ~umask
+    with atomic_file(tmp_path / "one.safetensors") as tmp:
+        save_file({"a": torch.zeros(2)}, str(tmp))
+    assert _mode(tmp_path / "one.safetensors") == file_mode
+    with atomic_folder(tmp_path / "export") as tmp:
+        (tmp / "sub").mkdir()
+        save_file({"a": torch.zeros(2)}, str(tmp / "sub" / "model.safetensors"))
+    assert _mode(tmp_path / "export") == folder_mode and _mode(tmp_path / "export" / "sub") == folder_mode
+    assert _mode(tmp_path / "export" / "sub" / "model.safetensors") == file_mode
+    with atomic_update(tmp_path / "export") as tmp:
+        save_file({"a": torch.zeros(2)}, str(tmp / "extra.safetensors"))
+    assert _mode(tmp_path / "export" / "extra.safetensors") == file_mode

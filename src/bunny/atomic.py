@@ -11,6 +11,12 @@ mid-write leaves the targets as they were and a hidden `.NAME.*.tmp` beside them
 - `atomic_update(folder)`: files written by a library that saves into a folder (e.g.
   `save_pretrained`) replace their namesakes in `folder`; its other files stay.
 - `atomic_folder(path)`: a whole folder replaced at once (checkpoints, exports).
+
+What each of them puts in place gets the permissions a plain `open(path, "w")` / `mkdir` would
+give under the process's umask (`plain_permissions`): safetensors' writer creates its files
+0600 whatever the umask (safetensors/safetensors#782), and `tempfile.mkdtemp` creates folders
+0700, so a checkpoint or export written as one user (a training job, a Docker build) would be
+unreadable by another (the server, vLLM).
 """
 from __future__ import annotations
 
@@ -23,6 +29,32 @@ from pathlib import Path
 from typing import Iterator
 
 from bunny.errors import BunnyError
+
+
+def _umask() -> int:
+    try:  # Linux reports it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_permissions(path: str | os.PathLike) -> None:
+    """Give `path` (a file, or a folder and everything under it) the permission bits a plain
+    create gets under the current umask: files 0o666 & ~umask, folders 0o777 & ~umask."""
+    path = Path(path)
+    mask = _umask()
+    if path.is_dir():
+        for folder, _, files in os.walk(path):
+            os.chmod(folder, 0o777 & ~mask)
+            for name in files:
+                os.chmod(Path(folder) / name, 0o666 & ~mask)
+    elif path.exists():
+        os.chmod(path, 0o666 & ~mask)
 
 
 def _temporary_name(target: Path) -> Path:
@@ -42,6 +74,8 @@ def atomic_files(*targets: str | os.PathLike) -> Iterator[list[Path]]:
     temporaries = [_temporary_name(p) for p in paths]
     try:
         yield temporaries
+        for tmp in temporaries:
+            plain_permissions(tmp)
         for tmp, path in zip(temporaries, paths):
             os.replace(tmp, path)
     finally:
@@ -81,6 +115,7 @@ def atomic_update(folder: str | os.PathLike) -> Iterator[Path]:
         if folders:
             raise BunnyError(f"atomic_update({folder}) replaces files only; {', '.join(folders)} is a folder")
         for item in written:
+            plain_permissions(item)
             os.replace(item, folder / item.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -96,6 +131,7 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         yield tmp
+        plain_permissions(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}-old")
             shutil.rmtree(old, ignore_errors=True)

@@ -184,3 +184,18 @@ def test_run_built_from_llm_and_tower_merges_with_its_recipe_settings(tmp_path):
     inputs = processor(text=prompt, images=[random_image(1)], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).logits, model(**inputs).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_files_are_readable_by_others_where_the_umask_allows(stage2):
+    """The adapter folder a server or vLLM loads, possibly as another user: plain permissions
+    (safetensors alone would write its two files 0600), and nothing left beside it."""
+    import os
+
+    _, run, _ = stage2
+    mask = os.umask(0o022)
+    os.umask(mask)
+    adapter = run / "adapter"
+    assert os.stat(adapter).st_mode & 0o777 == 0o777 & ~mask
+    for name in ("adapter_model.safetensors", "non_lora_trainables.safetensors", "adapter_config.json"):
+        assert os.stat(adapter / name).st_mode & 0o777 == 0o666 & ~mask, name
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "recipe.yaml"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bunny.atomic import atomic_write
 from bunny.train.parts import merge_lora, save_adapter, save_projector
 from bunny.train.recipe import Recipe
 from bunny.train.reporting import plot_losses
@@ -22,7 +23,7 @@ def export_stage(model, processor, recipe: Recipe, history: list[dict]) -> dict:
 
     out = Path(recipe.output_dir)
     written: dict[str, str] = {}
-    (out / "losses.json").write_text(json.dumps(history) + "\n")
+    atomic_write(out / "losses.json", json.dumps(history) + "\n")
     written["losses"] = str(out / "losses.json")
     if history:
         written["loss_curve"] = str(plot_losses({recipe.stage: [(h["step"], h["loss"]) for h in history]},
@@ -31,7 +32,7 @@ def export_stage(model, processor, recipe: Recipe, history: list[dict]) -> dict:
     if recipe.stage == "pretrain":
         for path in save_projector(model, out):
             written[path.name] = str(path)
-        model.config.to_json_file(str(out / "config.json"))
+        atomic_write(out / "config.json", model.config.to_json_string())
     if recipe.tune == "lora":
         save_adapter(model, out / "adapter")
         written["adapter"] = str(out / "adapter")
@@ -48,6 +49,6 @@ def export_stage(model, processor, recipe: Recipe, history: list[dict]) -> dict:
               "final_loss_mean_last_10": sum(h["loss"] for h in tail) / len(tail) if tail else None,
               "samples_per_s_mean": sum(h["samples_per_s"] for h in history) / len(history) if history else None,
               "outputs": written}
-    (out / "train_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write(out / "train_report.json", json.dumps(report, indent=1) + "\n")
     written["report"] = str(out / "train_report.json")
     return written

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bunny.atomic import atomic_files
+from bunny.atomic import atomic_files, atomic_folder
 from bunny.errors import BunnyError
 from bunny.train.recipe import Recipe
 
@@ -263,16 +263,16 @@ def merge_lora(model) -> None:
 
 def save_adapter(model, folder: str | Path) -> None:
     """PEFT adapter files (adapter_config.json + adapter_model.safetensors, PEFT's key
-    layout) and the non-LoRA trainables (projector, tower if unfrozen)."""
+    layout) and the non-LoRA trainables (projector, tower if unfrozen), as one folder that
+    replaces `folder` whole (`atomic_folder`)."""
     from peft import get_peft_model_state_dict
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     config = model._bunny_lora_config
     state = get_peft_model_state_dict(model.language_model)
-    save_file({f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state.items()},
-              str(folder / "adapter_model.safetensors"))
-    config.save_pretrained(str(folder))
     extra = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
              if p.requires_grad and not n.startswith("language_model.")}
-    save_file(extra, str(folder / "non_lora_trainables.safetensors"))
+    with atomic_folder(folder) as tmp:
+        save_file({f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state.items()},
+                  str(tmp / "adapter_model.safetensors"))
+        config.save_pretrained(str(tmp))
+        save_file(extra, str(tmp / "non_lora_trainables.safetensors"))
