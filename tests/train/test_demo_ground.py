@@ -53,6 +53,23 @@ def test_fit_on_the_real_llm_and_shipped_tower():
     assert fit["r2"] > 0.85 and fit["object_patch_words_right"] > 0.9, fit
 
 
+@pytest.mark.slow
+def test_word_alignment_tells_a_word_fit_projector_from_a_random_one():
+    """word_alignment measures any projector the way the fit reports its own; a random
+    projector's tokens are near chance (1/6 colour, 1/4 shape, 1/24 both)."""
+    from bunny.model.loading import DEFAULT_TOWER, build_model
+    from bunny.train.demo_ground import fit_word_projector, word_alignment
+
+    torch.manual_seed(0)
+    model, proc = build_model("smollm2-135m", tower=DEFAULT_TOWER, projector_type="mlp2x_gelu", template="bunny")
+    random = word_alignment(model, proc.tokenizer)
+    assert random["colour"] < 0.4 and random["shape"] < 0.45 and random["both"] < 0.15, random
+    fit = fit_word_projector(model, proc.tokenizer, n_images=128)
+    fitted = word_alignment(model, proc.tokenizer)
+    assert fitted["both"] == fit["object_patch_words_right"] > 0.9, (fitted, fit)
+    assert fitted["colour"] >= fitted["both"] and fitted["shape"] >= fitted["both"]
+
+
 def test_patch_targets_with_position_words_and_background_word():
     embed = torch.arange(40, dtype=torch.float32).view(10, 4)
     colour_table = torch.cat([torch.zeros(1, 4), embed[[1]]])

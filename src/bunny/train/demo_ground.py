@@ -98,8 +98,6 @@ def fit_word_projector(model, tokenizer, seed: int = 0, n_images: int = 384, rid
     targets, times `position_weight`; `background_word` gives background patches that word's
     embedding instead of zero (a zero token is all noise after the LLM's first RMSNorm); `scale`
     multiplies every target."""
-    from bunny.train.tower_pretrain import scene_batch
-
     proj = model.mm_projector
     if not (isinstance(proj, torch.nn.Sequential) and len(proj) == 3):
         raise BunnyError(f"projector_word_init needs the mlp2x_gelu projector, got {type(proj).__name__}")
@@ -122,22 +120,8 @@ def fit_word_projector(model, tokenizer, seed: int = 0, n_images: int = 384, rid
                                      position_table if position_words else None, position, background,
                                      position_weight)
 
-    tower = model.vision_tower
-
-    def features_and_labels(split: str, n: int):
-        """Tower features (n, patches, d_in) and per-patch colour, shape, cell class ids (n, patches)."""
-        batch = scene_batch(seed, split, 0, n)  # the tower's own pre-training renderer and labels
-        x = torch.cat([model._tower_features(px.to(tower.device, tower.dtype)).float().cpu()
-                       for px in batch["pixel_values"].split(64)])
-        return x, (batch["patch_colour"], batch["patch_shape"], batch["patch_position"])
-
-    def pooled(t: torch.Tensor) -> torch.Tensor:
-        """As the model pools image tokens before the projector (image_token_pool); a linear
-        map commutes with the mean, so pooled features map to pooled targets."""
-        return (pool_tokens(t, pool) if pool > 1 else t).flatten(0, 1)
-
-    x, labels = features_and_labels("projector-init", n_images)
-    x, y = pooled(x), pooled(targets(labels))
+    x, labels = _features_and_labels(model, seed, "projector-init", n_images)
+    x, y = _pooled(x, pool), _pooled(targets(labels), pool)
     if x.shape[1] != d_in:
         raise BunnyError(f"tower features are {x.shape[1]} wide, the projector expects {d_in}")
     mean = x.mean(0)
@@ -146,22 +130,66 @@ def fit_word_projector(model, tokenizer, seed: int = 0, n_images: int = 384, rid
     b = y.mean(0) - mean @ w
     install_linear(proj, w, b)
 
-    hx, labels = features_and_labels("projector-init-check", 64)
-    hy = pooled(targets(labels))
-    pred = proj(pooled(hx).to(first.weight)).float().cpu()
+    hx, labels = _features_and_labels(model, seed, "projector-init-check", 64)
+    hy = _pooled(targets(labels), pool)
+    pred = proj(_pooled(hx, pool).to(first.weight)).float().cpu()
     r2 = 1 - float(((pred - hy) ** 2).sum() / ((hy - hy.mean(0)) ** 2).sum())
-    # Do object tokens sit closest to their own colour word and their own shape word? (Pooled
-    # tokens count when their object patches all show one colour-shape pair.)
-    colour, shape, pure = token_labels(labels[0], labels[1], pool)
-    obj = (colour > 0) & pure
-    nearest_colour = (pred[obj] @ colour_table[1:].T).argmax(-1) + 1
-    nearest_shape = (pred[obj] @ shape_table[1:].T).argmax(-1) + 1
-    right = ((nearest_colour == colour[obj]) & (nearest_shape == shape[obj])).float().mean().item()
+    aligned = _nearest_words(pred, labels, pool, colour_table, shape_table)
+    colour, _, pure = token_labels(labels[0], labels[1], pool)
     mixed = float(((colour > 0) & ~pure).sum() / (colour > 0).sum())
-    return {"r2": round(r2, 4), "object_patch_words_right": round(right, 4), "images": n_images,
+    return {"r2": round(r2, 4), "object_patch_words_right": aligned["both"], "images": n_images,
             "object_tokens_mixed": round(mixed, 4), "image_token_pool": pool,
             "position_words": position_words, "position_weight": position_weight,
             "background_word": background_word, "scale": scale}
+
+
+def _features_and_labels(model, seed: int, split: str, n: int):
+    """Tower features (n, patches, d_in) of `n` scenes of the generator's `split` and their
+    per-patch colour, shape, cell class ids (n, patches): the tower's own pre-training renderer
+    and labels."""
+    from bunny.train.tower_pretrain import scene_batch
+
+    tower = model.vision_tower
+    batch = scene_batch(seed, split, 0, n)
+    x = torch.cat([model._tower_features(px.to(tower.device, tower.dtype)).float().cpu()
+                   for px in batch["pixel_values"].split(64)])
+    return x, (batch["patch_colour"], batch["patch_shape"], batch["patch_position"])
+
+
+def _pooled(t: torch.Tensor, pool: int) -> torch.Tensor:
+    """As the model pools image tokens before the projector (image_token_pool); a linear map
+    commutes with the mean, so pooled features map to pooled targets."""
+    return (pool_tokens(t, pool) if pool > 1 else t).flatten(0, 1)
+
+
+def _nearest_words(tokens: torch.Tensor, labels, pool: int, colour_table: torch.Tensor,
+                   shape_table: torch.Tensor) -> dict[str, float]:
+    """Shares of object tokens whose largest dot product among the colour words is their own
+    colour's, among the shape words their own shape's, and both. (Pooled tokens count when
+    their object patches all show one colour-shape pair.)"""
+    colour, shape, pure = token_labels(labels[0], labels[1], pool)
+    obj = (colour > 0) & pure
+    right_colour = (tokens[obj] @ colour_table[1:].T).argmax(-1) + 1 == colour[obj]
+    right_shape = (tokens[obj] @ shape_table[1:].T).argmax(-1) + 1 == shape[obj]
+    return {name: round(v.float().mean().item(), 4)
+            for name, v in (("colour", right_colour), ("shape", right_shape), ("both", right_colour & right_shape))}
+
+
+@torch.no_grad()
+def word_alignment(model, tokenizer, seed: int = 0, n_images: int = 64) -> dict[str, float]:
+    """How word-like the projector's image tokens are, whatever made it: on `n_images` scenes
+    of the generator's `projector-init-check` split, the shares of object tokens nearest (dot
+    product) their own colour word, their own shape word, and both (chance: 1/6, 1/4, 1/24).
+    The LLM can match a question's words against tokens like these with circuits it already
+    has (the word-fit start puts ~97% of them nearest both)."""
+    embed = model.get_input_embeddings().weight.detach().float().cpu()
+    colour_table, shape_table, _ = word_tables(embed, tokenizer)
+    pool = model.config.image_token_pool
+    x, labels = _features_and_labels(model, seed, "projector-init-check", n_images)
+    proj = model.mm_projector
+    weight = next(proj.parameters())
+    tokens = proj(_pooled(x, pool).to(weight.device, weight.dtype)).float().cpu()
+    return _nearest_words(tokens, labels, pool, colour_table, shape_table)
 
 
 def token_labels(colour: torch.Tensor, shape: torch.Tensor, pool: int) -> tuple[torch.Tensor, ...]:
