@@ -138,3 +138,25 @@ def test_written_files_and_folders_get_the_umask_permissions(tmp_path, umask):
     with atomic_update(tmp_path / "export") as tmp:
         save_file({"a": torch.zeros(2)}, str(tmp / "extra.safetensors"))
     assert _mode(tmp_path / "export" / "extra.safetensors") == file_mode
+
+
+def test_protect_others_never_deletes_what_the_new_content_lacks(tmp_path):
+    """A user-named output folder holding other files is left as it was, with the files named;
+    an older version of the same output (every name present again) is replaced."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    (target / "config.json").write_text("old")
+    with pytest.raises(BunnyError, match=r"already holds notes\.txt, which .* would delete"):
+        with atomic_folder(target, protect_others=True) as tmp:
+            (tmp / "config.json").write_text("new")
+    assert (target / "notes.txt").read_text() == "mine" and (target / "config.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with atomic_folder(target, protect_others=True) as tmp:
+        (tmp / "config.json").write_text("new")
+        (tmp / "notes.txt").write_text("theirs")
+    assert (target / "notes.txt").read_text() == "theirs" and (target / "config.json").read_text() == "new"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BunnyError, match="is a file"):
+        with atomic_folder(tmp_path / "file", protect_others=True):
+            pass

@@ -10,7 +10,10 @@ mid-write leaves the targets as they were and a hidden `.NAME.*.tmp` beside them
 - `atomic_write(path, data)`: a whole str (UTF-8) or bytes payload.
 - `atomic_update(folder)`: files written by a library that saves into a folder (e.g.
   `save_pretrained`) replace their namesakes in `folder`; its other files stay.
-- `atomic_folder(path)`: a whole folder replaced at once (checkpoints, exports).
+- `atomic_folder(path)`: a whole folder replaced at once (checkpoints, exports). With
+  `protect_others=True` (user-named output folders) an existing folder is replaced only when
+  the new content has everything it holds, so `--out` naming a folder of other files is an
+  error, not a deletion.
 
 What each of them puts in place gets the permissions a plain `open(path, "w")` / `mkdir` would
 give under the process's umask (`plain_permissions`): safetensors' writer creates its files
@@ -122,15 +125,26 @@ def atomic_update(folder: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_folder(target: str | os.PathLike, protect_others: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; when the block ends without an error it
     replaces `target` (an existing one is moved aside first, then removed). On an error the
-    temporary folder is removed and `target` is left as it was."""
+    temporary folder is removed and `target` is left as it was. With `protect_others`, an
+    existing `target` holding anything the new content lacks (another model, the source of an
+    export, unrelated files) is left as it was and the block's end raises a BunnyError naming
+    what would have been deleted."""
     target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise BunnyError(f"{target} is a file; an output folder cannot replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         yield tmp
+        if protect_others and target.exists():
+            lost = sorted(p.name for p in target.iterdir() if not (tmp / p.name).exists())
+            if lost:
+                more = f" and {len(lost) - 8} more" if len(lost) > 8 else ""
+                raise BunnyError(f"{target} already holds {', '.join(lost[:8])}{more}, which writing this "
+                                 "output there would delete: choose a new or empty folder, or move them away")
         plain_permissions(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}-old")

@@ -130,6 +130,19 @@ def test_f16_and_cli(tmp_path):
     assert mm["v.patch_embd.weight"][1] == "F16" and mm["mm.0.bias"][1] == "F32"
 
 
+def test_gguf_files_go_beside_what_the_folder_holds(tmp_path):
+    """Exporting into the model's own folder (or one holding another outtype's export) adds the
+    two files; the model and the other export stay, and the model still loads."""
+    src = save_tiny_bunny(tmp_path / "m")
+    before = sorted(p.name for p in src.iterdir())
+    export_gguf(src, src, outtype="f32")
+    export_gguf(src, src, outtype="f16")
+    assert sorted(p.name for p in src.iterdir()) == sorted(
+        before + ["model-f32.gguf", "mmproj-model-f32.gguf", "model-f16.gguf", "mmproj-model-f16.gguf"])
+    load_pretrained(src)
+    assert _tensors(GGUFReader(str(src / "model-f32.gguf")))["blk.0.attn_q.weight"][1] == "F32"
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(s2_scales=[28, 56]), "S2 multi-scale"),
     (dict(image_token_pool=2), "image_token_pool 2"),

@@ -199,3 +199,17 @@ def test_demo_sized_model_answers_the_same_through_the_pipeline(tmp_path):
             if question == fixed:
                 by_image.append(ours)
     assert asked == 6 and len(set(by_image)) > 1, by_image  # the image changes the answer
+
+
+def test_export_never_deletes_the_model_or_other_files(tmp_path):
+    src = save_tiny_bunny(tmp_path / "m", tower="siglip", seed=3)
+    before = sorted(p.name for p in src.iterdir())
+    with pytest.raises(BunnyError, match="is the model being exported"):
+        export_llava_hf(src, src)
+    assert sorted(p.name for p in src.iterdir()) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(BunnyError, match=r"already holds notes\.txt"):
+        export_llava_hf(src, other)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bunny.atomic import atomic_folder
+from bunny.atomic import atomic_update
 from bunny.convert.gguf_chat import chat_template, stop_token_id
 from bunny.convert.gguf_llm import add_llm_metadata, check_llm_exportable, llm_tensors
 from bunny.convert.gguf_tokenizer import add_tokenizer, check_tokenizer, gguf_name
@@ -68,7 +68,8 @@ def check_q8_0(language_model) -> None:
 
 
 def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, outtype: str = "f16") -> tuple[Path, Path]:
-    """Write OUT/model-<outtype>.gguf (the LLM) and OUT/mmproj-model-<outtype>.gguf (tower + projector)."""
+    """Write OUT/model-<outtype>.gguf (the LLM) and OUT/mmproj-model-<outtype>.gguf (tower + projector)
+    atomically; other files in OUT (another outtype's export, the model itself) stay."""
     from bunny.convert.export_mmproj import check_mmproj_exportable, write_mmproj_gguf
     from bunny.model.loading import load_pretrained
 
@@ -82,7 +83,7 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, outtype: 
     if outtype == "q8_0":
         check_q8_0(model.language_model)
     out = Path(out)
-    with atomic_folder(out) as tmp:
+    with atomic_update(out) as tmp:
         name = Path(model_path).name
         write_llm_gguf(model, processor.tokenizer, tmp / f"model-{outtype}.gguf", outtype, name, processor.template)
         write_mmproj_gguf(model, processor.image_processor, tmp / f"mmproj-model-{outtype}.gguf",

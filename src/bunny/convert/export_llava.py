@@ -114,12 +114,14 @@ def export_llava_hf(model_path: str | os.PathLike, out: str | os.PathLike, dtype
     from bunny.convert.llava_hf import check_exportable, to_llava_hf
     from bunny.model.loading import load_pretrained
 
+    if Path(out).resolve() == Path(model_path).resolve():
+        raise BunnyError(f"{out} is the model being exported; write the LLaVA-HF export to another folder")
     model, processor = load_pretrained(model_path, dtype=dtype)
     check_exportable(model.config)  # S2, other projectors, timm towers: say why before converting
     llava = to_llava_hf(model)
     llava.generation_config = generation_config(model, processor)
     llava_proc = llava_processor(model, processor)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, protect_others=True) as tmp:
         llava.save_pretrained(tmp)
         llava_proc.save_pretrained(tmp)
     return Path(out)

@@ -171,7 +171,7 @@ def average_models(
     sizes = {k: tables[-1][k].nbytes for k in keys}
     shards = plan_shards(keys, sizes, parse_size(max_shard_size))
     out = Path(out)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, protect_others=True) as tmp:
         weight_map = _write_shards(tmp, shards, tables, weights, parse_size(chunk_size))
         _copy_non_weights(folders[-1], tmp)
         record = {

@@ -151,7 +151,7 @@ def _load_bunny(folder: Path, dtype) -> tuple[BunnyForConditionalGeneration, Bun
 
 def save_pretrained(model: BunnyForConditionalGeneration, processor: BunnyProcessor, folder: str | os.PathLike) -> Path:
     """Write model + processor atomically: into a temporary sibling folder, then renamed."""
-    with atomic_folder(folder) as tmp:
+    with atomic_folder(folder, protect_others=True) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return Path(folder)

@@ -296,7 +296,7 @@ def cached_export(folder: Path, outtype: str = "f32") -> tuple[Path, Path]:
         current = None
     if current == stamp and llm.is_file() and proj.is_file():
         return llm, proj
-    export_gguf(folder, cache, outtype)  # the whole folder replaced atomically
+    export_gguf(folder, cache, outtype)  # this outtype's two files replaced atomically
     atomic_write(stamp_file, json.dumps(stamp, indent=1) + "\n")
     return llm, proj
 
