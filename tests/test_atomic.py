@@ -157,6 +157,6 @@ def test_protect_others_never_deletes_what_the_new_content_lacks(tmp_path):
         (tmp / "notes.txt").write_text("theirs")
     assert (target / "notes.txt").read_text() == "theirs" and (target / "config.json").read_text() == "new"
     (tmp_path / "file").write_text("x")
-    with pytest.raises(BunnyError, match="is a file"):
+    with pytest.raises(BunnyError, match="is a file; an output folder cannot"):
         with atomic_folder(tmp_path / "file", protect_others=True):
             pass

@@ -60,6 +60,14 @@ def plain_permissions(path: str | os.PathLike) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
+def check_output_folder(path: str | os.PathLike) -> Path:
+    """Refuse an output folder path that names an existing file (before any work is done)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise BunnyError(f"{path} is a file; an output folder cannot replace it or be written into")
+    return path
+
+
 def _temporary_name(target: Path) -> Path:
     # Unique per process and call, so concurrent writers never share a temporary; not created
     # here, so the writer creates it with the usual permissions.
@@ -108,7 +116,7 @@ def atomic_update(folder: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder inside `folder` to write files into; when the block ends
     without an error each of them replaces its namesake in `folder` (one rename per file);
     files of `folder` not written stay. On an error `folder` is left as it was."""
-    folder = Path(folder)
+    folder = check_output_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".update-", suffix=".tmp", dir=folder))
     try:
@@ -132,9 +140,7 @@ def atomic_folder(target: str | os.PathLike, protect_others: bool = False) -> It
     existing `target` holding anything the new content lacks (another model, the source of an
     export, unrelated files) is left as it was and the block's end raises a BunnyError naming
     what would have been deleted."""
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise BunnyError(f"{target} is a file; an output folder cannot replace it")
+    target = check_output_folder(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:

@@ -143,6 +143,14 @@ def test_gguf_files_go_beside_what_the_folder_holds(tmp_path):
     assert _tensors(GGUFReader(str(src / "model-f32.gguf")))["blk.0.attn_q.weight"][1] == "F32"
 
 
+def test_output_that_is_a_file_is_refused_before_loading(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    for kind in ("gguf", "llava-hf"):
+        assert main(["export", kind, str(tmp_path / "no-model-here"), str(tmp_path / "afile")]) != 0
+        assert "afile is a file; an output folder cannot" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(s2_scales=[28, 56]), "S2 multi-scale"),
     (dict(image_token_pool=2), "image_token_pool 2"),

@@ -61,18 +61,22 @@ def add_export_parsers(sub, groups) -> None:
 def _run_llava_hf(args) -> int:
     import torch
 
+    from bunny.atomic import check_output_folder
     from bunny.convert.export_llava import export_llava_hf
     from bunny.model.loading import fetch_model
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    check_output_folder(args.out)  # before a hub download
     print(f"wrote {export_llava_hf(fetch_model(args.model, args.revision), args.out, dtype=dtype)}")
     return 0
 
 
 def _run_gguf(args) -> int:
+    from bunny.atomic import check_output_folder
     from bunny.convert.export_gguf import export_gguf
     from bunny.model.loading import fetch_model
 
+    check_output_folder(args.out)  # before a hub download
     for path in export_gguf(fetch_model(args.model, args.revision), args.out, outtype=args.outtype):
         print(f"wrote {path}")
     return 0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bunny.atomic import atomic_update
+from bunny.atomic import atomic_update, check_output_folder
 from bunny.convert.gguf_chat import chat_template, stop_token_id
 from bunny.convert.gguf_llm import add_llm_metadata, check_llm_exportable, llm_tensors
 from bunny.convert.gguf_tokenizer import add_tokenizer, check_tokenizer, gguf_name
@@ -75,6 +75,7 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, outtype: 
 
     if outtype not in OUTTYPES:
         raise BunnyError(f"outtype {outtype!r} is not valid; choose one of {', '.join(OUTTYPES)}")
+    check_output_folder(out)
     model, processor = load_pretrained(model_path, dtype=torch.float32)
     # Every check before anything is written.
     check_mmproj_exportable(model.config)

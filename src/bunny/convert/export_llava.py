@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bunny.atomic import atomic_folder
+from bunny.atomic import atomic_folder, check_output_folder
 from bunny.convert.jinja_chat import chat_template
 from bunny.errors import BunnyError
 
@@ -114,6 +114,7 @@ def export_llava_hf(model_path: str | os.PathLike, out: str | os.PathLike, dtype
     from bunny.convert.llava_hf import check_exportable, to_llava_hf
     from bunny.model.loading import load_pretrained
 
+    check_output_folder(out)
     if Path(out).resolve() == Path(model_path).resolve():
         raise BunnyError(f"{out} is the model being exported; write the LLaVA-HF export to another folder")
     model, processor = load_pretrained(model_path, dtype=dtype)
