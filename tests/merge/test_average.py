@@ -96,3 +96,11 @@ def test_cli_average_and_error(two_models, tmp_path, capsys):
     assert (tmp_path / "o" / "model.safetensors").is_file()
     assert main(["merge", "average", str(m1), str(m2), "--weights", "0.5", "0.6", "--out", str(tmp_path / "p")]) == 2
     assert "--allow-unnormalized" in capsys.readouterr().err
+
+
+def test_output_that_is_a_file_is_refused_before_reading(two_models, tmp_path):
+    m1, m2 = two_models
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(BunnyError, match="afile is a file; an output folder cannot"):
+        average_models([m1, m2], [0.5, 0.5], tmp_path / "afile")
+    assert (tmp_path / "afile").read_text() == "mine"

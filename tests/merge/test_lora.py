@@ -199,3 +199,11 @@ def test_adapter_files_are_readable_by_others_where_the_umask_allows(stage2):
     for name in ("adapter_model.safetensors", "non_lora_trainables.safetensors", "adapter_config.json"):
         assert os.stat(adapter / name).st_mode & 0o777 == 0o666 & ~mask, name
     assert sorted(p.name for p in run.iterdir()) == ["adapter", "recipe.yaml"]
+
+
+def test_merge_into_a_file_is_refused(stage2, tmp_path):
+    _, run, _ = stage2
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(BunnyError, match="afile is a file; an output folder cannot"):
+        merge_lora_adapter(run / "adapter", tmp_path / "afile")
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -23,6 +23,7 @@ from transformers.initialization import no_init_weights
 
 from bunny.convert.reference_config import LORA, MERGED, STAGE1, ReferenceCheckpoint, read_reference
 from bunny.convert.weights import load_strict, load_tensor_file, read_shards, tied_head_keys
+from bunny.atomic import check_output_folder
 from bunny.errors import BunnyError
 from bunny.model.loading import fit_vocabulary, save_pretrained
 from bunny.model.towers import load_image_processor
@@ -108,6 +109,7 @@ def convert_reference(
     vision_tower: str | None = None,
 ) -> Path:
     """Write a reference checkpoint as a bunny checkpoint (loadable by `load_pretrained`)."""
+    check_output_folder(out)
     model, processor = load_reference(src, model_base=model_base, dtype=dtype, vision_tower=vision_tower)
     return save_pretrained(model, processor, out)
 

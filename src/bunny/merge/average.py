@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from bunny.atomic import atomic_folder
+from bunny.atomic import atomic_folder, check_output_folder
 from bunny.errors import BunnyError
 from bunny.merge.safetensors_io import INDEX_FILE, SINGLE_FILE, ShardWriter, checkpoint_tensors, chunk_rows, plan_shards
 
@@ -152,6 +152,7 @@ def average_models(
     chunk_size: str | int = "64MB",
 ) -> Path:
     """Write sum_i weights[i] * models[i] (every tensor) to `out`; config etc. from the last model."""
+    check_output_folder(out)
     folders = [Path(m) for m in models]
     check_weights(list(weights), len(folders), allow_unnormalized)
     names = [str(f) for f in folders]

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from bunny.atomic import check_output_folder
 from bunny.errors import BunnyError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -191,6 +192,7 @@ def merge_lora_adapter(adapter: str | os.PathLike, out: str | os.PathLike, base:
     """Fold ADAPTER into its base and write a plain bunny checkpoint to `out`."""
     from bunny.model.loading import save_pretrained
 
+    check_output_folder(out)
     path = Path(adapter)
     if not path.exists():
         raise BunnyError(f"adapter folder not found: {path}")
