@@ -160,3 +160,15 @@ def test_protect_others_never_deletes_what_the_new_content_lacks(tmp_path):
     with pytest.raises(BunnyError, match="is a file; an output folder cannot"):
         with atomic_folder(tmp_path / "file", protect_others=True):
             pass
+
+
+def test_permissions_leave_symlinked_files_alone(tmp_path, umask):
+    """A link in the written folder (e.g. into a hub cache) keeps its target's permissions."""
+    outside = tmp_path / "blob"
+    outside.write_text("cached")
+    os.chmod(outside, 0o600)
+    with atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "link").symlink_to(outside)
+        (tmp / "own.txt").write_text("x")
+    assert _mode(outside) == 0o600
+    assert _mode(tmp_path / "out" / "own.txt") == 0o666 & ~umask

@@ -48,14 +48,18 @@ def _umask() -> int:
 
 def plain_permissions(path: str | os.PathLike) -> None:
     """Give `path` (a file, or a folder and everything under it) the permission bits a plain
-    create gets under the current umask: files 0o666 & ~umask, folders 0o777 & ~umask."""
+    create gets under the current umask: files 0o666 & ~umask, folders 0o777 & ~umask.
+    Symbolic links are left alone (chmod would change what they point to)."""
     path = Path(path)
     mask = _umask()
+    if path.is_symlink():  # a link's target is not ours to change
+        return
     if path.is_dir():
         for folder, _, files in os.walk(path):
             os.chmod(folder, 0o777 & ~mask)
             for name in files:
-                os.chmod(Path(folder) / name, 0o666 & ~mask)
+                if not (Path(folder) / name).is_symlink():
+                    os.chmod(Path(folder) / name, 0o666 & ~mask)
     elif path.exists():
         os.chmod(path, 0o666 & ~mask)
 

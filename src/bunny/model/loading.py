@@ -149,9 +149,13 @@ def _load_bunny(folder: Path, dtype) -> tuple[BunnyForConditionalGeneration, Bun
     return model, BunnyProcessor.from_pretrained(folder)
 
 
-def save_pretrained(model: BunnyForConditionalGeneration, processor: BunnyProcessor, folder: str | os.PathLike) -> Path:
-    """Write model + processor atomically: into a temporary sibling folder, then renamed."""
-    with atomic_folder(folder, protect_others=True) as tmp:
+def save_pretrained(model: BunnyForConditionalGeneration, processor: BunnyProcessor, folder: str | os.PathLike,
+                    protect_others: bool = True) -> Path:
+    """Write model + processor atomically: into a temporary sibling folder, then renamed. An
+    existing `folder` is replaced only when this writes every file it holds (a resave of the same
+    kind of model), unless `protect_others` is False (a folder the caller owns, as a training
+    run's `model/`)."""
+    with atomic_folder(folder, protect_others=protect_others) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return Path(folder)

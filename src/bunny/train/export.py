@@ -43,7 +43,8 @@ def export_stage(model, processor, recipe: Recipe, history: list[dict]) -> dict:
         else:
             merge_lora(model)
     if recipe.save_full_model:
-        written["model"] = str(save_pretrained(model, processor, out / "model"))
+        # The run's own folder: a rerun's model replaces the last one, whatever its files.
+        written["model"] = str(save_pretrained(model, processor, out / "model", protect_others=False))
     tail = history[-10:]
     report = {"stage": recipe.stage, "tune": recipe.tune, "steps": len(history),
               "final_loss_mean_last_10": sum(h["loss"] for h in tail) / len(tail) if tail else None,
