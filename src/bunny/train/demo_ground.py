@@ -120,8 +120,8 @@ def fit_word_projector(model, tokenizer, seed: int = 0, n_images: int = 384, rid
                                      position_table if position_words else None, position, background,
                                      position_weight)
 
-    x, labels = _features_and_labels(model, seed, "projector-init", n_images)
-    x, y = _pooled(x, pool), _pooled(targets(labels), pool)
+    x, labels = _projector_inputs_and_labels(model, seed, "projector-init", n_images)
+    x, y = x.flatten(0, 1), _pooled(targets(labels), pool)
     if x.shape[1] != d_in:
         raise BunnyError(f"tower features are {x.shape[1]} wide, the projector expects {d_in}")
     mean = x.mean(0)
@@ -130,9 +130,9 @@ def fit_word_projector(model, tokenizer, seed: int = 0, n_images: int = 384, rid
     b = y.mean(0) - mean @ w
     install_linear(proj, w, b)
 
-    hx, labels = _features_and_labels(model, seed, "projector-init-check", 64)
+    hx, labels = _projector_inputs_and_labels(model, seed, "projector-init-check", 64)
     hy = _pooled(targets(labels), pool)
-    pred = proj(_pooled(hx, pool).to(first.weight)).float().cpu()
+    pred = proj(hx.flatten(0, 1).to(first.weight)).float().cpu()
     r2 = 1 - float(((pred - hy) ** 2).sum() / ((hy - hy.mean(0)) ** 2).sum())
     aligned = _nearest_words(pred, labels, pool, colour_table, shape_table)
     colour, _, pure = token_labels(labels[0], labels[1], pool)
@@ -143,21 +143,22 @@ def fit_word_projector(model, tokenizer, seed: int = 0, n_images: int = 384, rid
             "background_word": background_word, "scale": scale}
 
 
-def _features_and_labels(model, seed: int, split: str, n: int):
-    """Tower features (n, patches, d_in) of `n` scenes of the generator's `split` and their
-    per-patch colour, shape, cell class ids (n, patches): the tower's own pre-training renderer
-    and labels."""
+def _projector_inputs_and_labels(model, seed: int, split: str, n: int):
+    """What the projector reads for `n` scenes of the generator's `split` (`projector_inputs`:
+    tower features, pooled as the model pools them; (n, tokens, d_in), float32 on the CPU) and
+    their per-patch colour, shape, cell class ids (n, patches): the tower's own pre-training
+    renderer and labels."""
     from bunny.train.tower_pretrain import scene_batch
 
-    tower = model.vision_tower
     batch = scene_batch(seed, split, 0, n)
-    x = torch.cat([model._tower_features(px.to(tower.device, tower.dtype)).float().cpu()
-                   for px in batch["pixel_values"].split(64)])
+    with torch.no_grad():
+        x = torch.cat([model.projector_inputs(px.to(model.device)).float().cpu()
+                       for px in batch["pixel_values"].split(64)])
     return x, (batch["patch_colour"], batch["patch_shape"], batch["patch_position"])
 
 
 def _pooled(t: torch.Tensor, pool: int) -> torch.Tensor:
-    """As the model pools image tokens before the projector (image_token_pool); a linear map
+    """Per-patch targets pooled as the model pools image tokens (image_token_pool); a linear map
     commutes with the mean, so pooled features map to pooled targets."""
     return (pool_tokens(t, pool) if pool > 1 else t).flatten(0, 1)
 
@@ -184,12 +185,10 @@ def word_alignment(model, tokenizer, seed: int = 0, n_images: int = 64) -> dict[
     has (the word-fit start puts ~97% of them nearest both)."""
     embed = model.get_input_embeddings().weight.detach().float().cpu()
     colour_table, shape_table, _ = word_tables(embed, tokenizer)
-    pool = model.config.image_token_pool
-    x, labels = _features_and_labels(model, seed, "projector-init-check", n_images)
-    proj = model.mm_projector
-    weight = next(proj.parameters())
-    tokens = proj(_pooled(x, pool).to(weight.device, weight.dtype)).float().cpu()
-    return _nearest_words(tokens, labels, pool, colour_table, shape_table)
+    x, labels = _projector_inputs_and_labels(model, seed, "projector-init-check", n_images)
+    weight = next(model.mm_projector.parameters())
+    tokens = model.mm_projector(x.flatten(0, 1).to(weight.device, weight.dtype)).float().cpu()
+    return _nearest_words(tokens, labels, model.config.image_token_pool, colour_table, shape_table)
 
 
 def token_labels(colour: torch.Tensor, shape: torch.Tensor, pool: int) -> tuple[torch.Tensor, ...]:
