@@ -1,9 +1,9 @@
-"""Weight-only int8 / int4 against float32 on a Bunny: the LLM's bytes, batch-1 decode tokens/s,
-and the share of greedy answers to the synthetic demo's held-out questions that are identical to
-float32's.
+"""Weight-only int8 / int4 and bfloat16 weights against float32 on a Bunny: the LLM's bytes,
+batch-1 decode tokens/s, and the share of greedy answers to the synthetic demo's held-out
+questions that are identical to float32's.
 
     .venv/bin/python -m benchmarks.quantize [--model FOLDER [--llamacpp]] [--questions 113] [--new-tokens 64]
-        [--repeats 3]
+        [--repeats 3] [--paths NAME ...] [--compile]
 
 --model: a bunny checkpoint, e.g. the demo's trained model (`bunny demo` writes it, LoRA merged,
 to outputs/demo/stage2/model); without it, a demo-sized untrained model (the
@@ -14,6 +14,9 @@ Decode speed: one image prompt, a fixed number of new tokens (no stop; prompt in
 the repeats, the paths interleaved so that other load on the machine falls on all of them alike.
 --llamacpp adds llama.cpp running the model's f32 and q8_0 GGUF exports through bunny's llama.cpp
 engine (`--engine llama.cpp --gguf ...`): the CPU path whose kernels read 8-bit weights directly.
+bfloat16 (the whole model, as `--dtype bfloat16` loads it; and the LLM alone, the tower and
+projector kept in float32) runs where the CPU has native bf16 (`bunny.model.dtypes`). For the
+float paths it also prints one decode step's weight products alone (the floor of a torch step).
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.generate import weight_products
+from bunny.model.dtypes import bf16_refusal, cpu_flags
 from bunny.model.generation import SamplingSettings, generate, generate_ids
 from bunny.model.loading import build_model
 from bunny.model.templates import IMAGE_PLACEHOLDER
@@ -39,6 +44,17 @@ from bunny.train.demo_ground import fit_word_projector
 MODES = [("float32", None, None), ("int8", "int8", None), ("int8 g32", "int8", 32), ("int4 g32", "int4", 32),
          ("int4 g64", "int4", 64)]
 # int4 g128 is refused on SmolLM2-135M: its 576-wide layers are not a multiple of 128.
+
+
+def _llm_in_bf16(base):
+    model = copy.deepcopy(base)
+    model.language_model.to(torch.bfloat16)
+    return model
+
+
+# name -> a copy of the float32 model: the whole model in bfloat16 (as `--dtype bfloat16` loads it),
+# and its LLM alone (the tower and projector kept in float32).
+BF16_PATHS = {"bfloat16": lambda base: copy.deepcopy(base).to(torch.bfloat16), "bfloat16 LLM": _llm_in_bf16}
 
 
 def demo_model(folder: str | None = None):
@@ -53,12 +69,12 @@ def demo_model(folder: str | None = None):
     return model.eval(), processor
 
 
-def answers(model, processor, questions, max_new_tokens: int = 8) -> list[str]:
+def answers(model, processor, questions, max_new_tokens: int = 8, compile: bool = False) -> list[str]:
     """Greedy answers of a torch model (batches of 16) or a llama.cpp engine (one at a time)."""
     run = model.generate if isinstance(model, LlamaCppEngine) else partial(generate, model)
     prompts = [processor.apply_chat_template([{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{q}"}])
                for _, q in questions]
-    settings = SamplingSettings(max_new_tokens=max_new_tokens)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, compile=compile)
     out = []
     for start in range(0, len(prompts), 16):
         out += run(processor, prompts[start:start + 16], [[image] for image, _ in questions[start:start + 16]],
@@ -66,9 +82,9 @@ def answers(model, processor, questions, max_new_tokens: int = 8) -> list[str]:
     return out
 
 
-def decode_seconds(model, inputs, new_tokens: int) -> float:
+def decode_seconds(model, inputs, new_tokens: int, compile: bool = False) -> float:
     t = time.perf_counter()
-    generate_ids(model, inputs, SamplingSettings(max_new_tokens=new_tokens), [])
+    generate_ids(model, inputs, SamplingSettings(max_new_tokens=new_tokens, compile=compile), [])
     return time.perf_counter() - t
 
 
@@ -116,11 +132,21 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=100, help="at least this many (whole images)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--paths", nargs="+", metavar="NAME",
+                    help="measure only these paths beside float32 (names as in the table: int8, 'int4 g64', "
+                         "bfloat16, ...; default: all)")
+    ap.add_argument("--compile", action="store_true",
+                    help="every torch path decodes with the static cache and compiled step (`--compile`), "
+                         "float32 included; each shape compiles on its first call, before the timing")
     ap.add_argument("--llamacpp", action="store_true",
                     help="also llama.cpp on the model's f32 and q8_0 GGUF exports (needs --model)")
     args = ap.parse_args()
     if args.llamacpp and not args.model:
         ap.error("--llamacpp needs --model (a checkpoint folder to export)")
+    wanted = set(args.paths or []) | {"float32"}
+    known = [name for name, _, _ in MODES] + list(BF16_PATHS)
+    if args.paths and not wanted <= set(known):
+        ap.error(f"--paths: unknown {sorted(wanted - set(known))}; known: {known}")
     with open("/proc/loadavg") as f:
         print(f"machine: {platform.processor() or platform.machine()}, "
               f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
@@ -131,17 +157,22 @@ def main() -> None:
     prompt = processor.apply_chat_template([{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question}"}])
     inputs = processor(text=[prompt], images=[[image]])
 
-    paths = {}
-    for name, mode, group in MODES:
-        m = base if mode is None else quantize_model(copy.deepcopy(base), mode, group_size=group)
-        paths[name] = (weight_bytes(m.language_model), lambda n, m=m: decode_seconds(m, inputs, n),
-                       lambda qs, m=m: answers(m, processor, qs))
+    models = {name: base if mode is None else quantize_model(copy.deepcopy(base), mode, group_size=group)
+              for name, mode, group in MODES if not args.paths or name in wanted}
+    refusal = bf16_refusal("cpu", cpu_flags(), torch.backends.cpu.get_cpu_capability())
+    if refusal:
+        print(f"bfloat16 not measured: {refusal}")
+    else:
+        models.update({name: make(base) for name, make in BF16_PATHS.items() if not args.paths or name in wanted})
+    paths = {name: (weight_bytes(m.language_model), lambda n, m=m: decode_seconds(m, inputs, n, args.compile),
+                    lambda qs, m=m: answers(m, processor, qs, compile=args.compile))
+             for name, m in models.items()}
     scratch = Path(tempfile.mkdtemp(prefix="bunny-quantize-bench-"))
     try:
         if args.llamacpp:
             paths.update(llamacpp_paths(args.model, scratch, prompt, image, processor))
         for _, seconds, _ in paths.values():
-            seconds(4)  # warm-up
+            seconds(args.new_tokens if args.compile else 4)  # warm-up (compiled: the timed shape)
         best = {name: float("inf") for name in paths}
         for _ in range(args.repeats):  # interleaved, so that other load falls on every path alike
             for name, (_, seconds, _) in paths.items():
@@ -161,6 +192,10 @@ def main() -> None:
             print(f"| {name} | {size / 2**20:.0f} | {size / fp32_bytes:.2f}x | {tps:.1f} | "
                   f"{best['float32'] / best[name]:.2f}x | {same}/{len(questions)} = {same / len(questions):.1%} |",
                   flush=True)
+        # The floor of a float decode step: its weight products alone (int paths hold no nn.Linear).
+        floors = {name: weight_products(models[name].language_model) * 1000 for name in models
+                  if name == "float32" or name in BF16_PATHS}
+        print("one decode step's weight products alone: " + ", ".join(f"{k} {v:.1f} ms" for k, v in floors.items()))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     with open("/proc/loadavg") as f:

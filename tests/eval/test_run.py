@@ -360,3 +360,46 @@ def test_quantise_refusals(tmp_path, checkpoint, loaded, capsys):
     assert main(["eval", "run", "pope", "--model", str(checkpoint), "--data", str(data), "--engine", "llama.cpp",
                  "--quantize", "int8"]) != 0
     assert "--engine llama.cpp does not take --quantize" in capsys.readouterr().err
+
+
+def test_bf16_run_answers_as_the_bf16_model_and_resumes_only_so(tmp_path, checkpoint, capsys, monkeypatch):
+    from bunny.model import dtypes
+
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"avx512_bf16"}))  # as on a CPU with bf16
+    data = _pope(tmp_path / "pope", n=3)
+    out = tmp_path / "out"
+    args = ["eval", "run", "pope", "--model", str(checkpoint), "--data", str(data), "--out", str(out),
+            "--max-new-tokens", "3", "--no-progress", "--dtype", "bfloat16"]
+    assert main(args) == 0
+    assert "dtype: bfloat16" in capsys.readouterr().out
+    assert json.loads((out / "pope.results.json").read_text())["dtype"] == "bfloat16"
+    # The answers are the bf16 model's: the same checkpoint loaded in bf16 and passed in answers alike.
+    model, processor = load_pretrained(checkpoint, dtype=torch.bfloat16)
+    assert model.language_model.dtype == torch.bfloat16
+    run_benchmark("pope", str(checkpoint), data=str(data), out=tmp_path / "given", max_new_tokens=3,
+                  progress=False, loaded=(model, processor))
+    assert (out / "pope.predictions.jsonl").read_text() == (tmp_path / "given" / "pope.predictions.jsonl").read_text()
+    # Resuming in another dtype (or the checkpoint's) is refused; the same one resumes.
+    with pytest.raises(BunnyError, match="dtype: 'bfloat16' -> None"):
+        run_benchmark("pope", str(checkpoint), data=str(data), out=out, max_new_tokens=3, progress=False)
+    again = run_benchmark("pope", str(checkpoint), data=str(data), out=out, max_new_tokens=3, progress=False,
+                          dtype="bfloat16")
+    assert again.generated == 0
+
+
+def test_dtype_refusals(tmp_path, checkpoint, loaded, capsys, monkeypatch):
+    from bunny.model import dtypes
+
+    data = _pope(tmp_path / "pope", n=1)
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # a CPU without bf16
+    assert main(["eval", "run", "pope", "--model", str(checkpoint), "--data", str(data), "--out", str(tmp_path),
+                 "--dtype", "bfloat16"]) != 0
+    assert "--dtype bfloat16 on this CPU is refused" in capsys.readouterr().err
+    with pytest.raises(BunnyError, match="dtype 'int8' is not one of float32, bfloat16, float16"):
+        run_benchmark("pope", str(checkpoint), data=str(data), out=tmp_path, progress=False, dtype="int8")
+    with pytest.raises(BunnyError, match="dtype applies to a model it loads"):
+        run_benchmark("pope", "x", data=str(data), out=tmp_path, progress=False, loaded=loaded, dtype="float32")
+    assert not (tmp_path / "pope.run.json").exists()  # refused before the run's settings were written
+    assert main(["eval", "run", "pope", "--model", str(checkpoint), "--data", str(data), "--engine", "llama.cpp",
+                 "--dtype", "float32"]) != 0
+    assert "--engine llama.cpp does not take --dtype" in capsys.readouterr().err

@@ -49,10 +49,11 @@ def add_parsers(sub, groups) -> None:
                         "(scienceqa, mmmu); default counts it wrong")
     r.add_argument("--seed", type=int, default=0, help="seed of the reference fallback")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from bunny.serve.cli import add_quantize_arguments
+    from bunny.serve.cli import add_dtype_argument, add_quantize_arguments
     from bunny.serve.llamacpp_engine import add_engine_arguments
 
     add_quantize_arguments(r)
+    add_dtype_argument(r)
     add_engine_arguments(r)
     r.set_defaults(func=_run)
 
@@ -72,7 +73,8 @@ def _run(args) -> int:
 
     check_engine_arguments(args, {"--device": args.device, "--revision": args.revision,
                                   "--share-prefix": args.share_prefix, "--compile": args.compile,
-                                  "--quantize": args.quantize, "--group-size": args.group_size})
+                                  "--quantize": args.quantize, "--group-size": args.group_size,
+                                  "--dtype": args.dtype})
     loaded = open_engine(args.model, args.gguf, args.mmproj) if args.engine == "llama.cpp" else None
     result = run_benchmark(args.benchmark, args.model, revision=args.revision, data=args.data, split=args.split,
                            limit=args.limit, batch_size=args.batch_size, out=args.out,
@@ -80,6 +82,6 @@ def _run(args) -> int:
                            reference_fallback=args.reference_fallback, seed=args.seed,
                            device=args.device, progress=not args.no_progress, share_prefix=args.share_prefix,
                            loaded=loaded, engine=args.engine, compile=args.compile,
-                           quantize=args.quantize, group_size=args.group_size)
+                           quantize=args.quantize, group_size=args.group_size, dtype=args.dtype)
     print(open(result.files["results_md"], encoding="utf-8").read(), end="")
     return 0

@@ -34,7 +34,7 @@ HUB_SOURCES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "mmmu": ("MMMU/MMMU", "validation", ("*validation-*.parquet",)),
 }
 # Settings that must match when a run resumes an existing predictions file.
-_RESUME_KEYS = ("benchmark", "model", "revision", "split", "max_new_tokens", "engine", "quantize")
+_RESUME_KEYS = ("benchmark", "model", "revision", "split", "max_new_tokens", "engine", "quantize", "dtype")
 
 
 @dataclass
@@ -55,6 +55,7 @@ class RunResult:
     # process compiled (paid once per process; included in `seconds`)
     compiled: dict | None = None
     quantize: str | None = None  # "int8", "int4/g64", ...: the torch engine's weight quantisation
+    dtype: str | None = None  # "bfloat16", ...: the weights' dtype when the run chose one (None: the checkpoint's)
 
     @property
     def questions_per_second(self) -> float | None:
@@ -105,7 +106,8 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
                   max_new_tokens: int | None = None, reference_fallback: bool = False, seed: int = 0,
                   device: str = "cpu", progress: bool = True, loaded=None, share_prefix: bool = False,
                   revision: str | None = None, engine: str = "torch", compile: bool = False,
-                  quantize: str | None = None, group_size: int | None = None) -> RunResult:
+                  quantize: str | None = None, group_size: int | None = None,
+                  dtype: str | None = None) -> RunResult:
     """Evaluate `model` (a checkpoint folder, hub id at `revision`, or embedded name) on `benchmark`.
 
     `loaded` = (model, processor) skips loading (Python callers, tests, benchmarks);
@@ -115,7 +117,9 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
     may resume with or without it); the seconds each compiled shape took are in
     `RunResult.compiled`. `quantize` / `group_size`: the torch engine's model is quantised
     (`bunny.serve.quantize`; "int8", "int8/g32", ... in the run's settings, and a run resumes
-    only with the same quantisation).
+    only with the same quantisation). `dtype` ("float32", "bfloat16", "float16"): the weights' dtype
+    of a model it loads (default: the checkpoint's; bfloat16 refused on a CPU without native bf16,
+    `bunny.model.dtypes`); a run resumes only with the same dtype.
     """
     from bunny.eval.predict import count_pending, predict
 
@@ -139,7 +143,15 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
     new_tokens = max_new_tokens or MAX_NEW_TOKENS[benchmark]
     settings = {"benchmark": benchmark, "model": str(model), "revision": revision, "split": split,
                 "data": str(data or path), "max_new_tokens": new_tokens, "engine": engine, "compile": compile,
-                "quantize": None}
+                "quantize": None, "dtype": dtype}
+    if dtype is not None:
+        from bunny.model.dtypes import DTYPES, check_dtype
+
+        if dtype not in DTYPES:
+            raise BunnyError(f"run_benchmark: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if loaded is not None:
+            raise BunnyError("run_benchmark: dtype applies to a model it loads; convert a `loaded` model yourself")
+        check_dtype(dtype, device)
     if quantize or group_size:
         from bunny.serve.quantize import check_request, describe
 
@@ -151,9 +163,12 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
     _check_resume(stem.with_name(stem.name + ".run.json"), settings)
 
     if loaded is None:
+        import torch
+
         from bunny.serve.quantize import load_quantized
 
-        loaded = load_quantized(model, quantize, group_size, device, revision=revision)
+        loaded = load_quantized(model, quantize, group_size, device, revision=revision,
+                                dtype=getattr(torch, dtype) if dtype else None)
     net, processor = loaded
     predictions = stem.with_name(stem.name + ".predictions.jsonl")
     generated = count_pending(predictions, samples)
@@ -166,7 +181,7 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
     result = RunResult(benchmark, split, str(model), settings["data"], len(samples), generated,
                        round(seconds, 3), new_tokens, batch_size,
                        files={"predictions": str(predictions)}, compiled=_compiled(net) if compile else None,
-                       quantize=settings["quantize"])
+                       quantize=settings["quantize"], dtype=dtype)
     if server:
         files, info = write_submission(benchmark, records, samples, stem, reference_fallback, seed)
         result.submission = info | {"files": [str(f) for f in files]}
@@ -187,6 +202,7 @@ def _check_resume(run_file: Path, settings: dict) -> None:
         previous = json.loads(run_file.read_text())
         previous.setdefault("engine", "torch")  # run files written before the engine choice existed
         previous.setdefault("quantize", None)  # or before quantised evaluation
+        previous.setdefault("dtype", None)  # or before the dtype choice
         changed = [k for k in _RESUME_KEYS if previous.get(k) != settings[k]]
         if changed:
             details = ", ".join(f"{k}: {previous.get(k)!r} -> {settings[k]!r}" for k in changed)
@@ -208,7 +224,8 @@ def results_markdown(result: RunResult) -> str:
     title = f"# {result.benchmark}" + (f" ({result.split})" if result.split else "")
     lines = [title, "", f"model: `{result.model}`  ", f"data: `{result.data}`  ",
              f"questions: {result.questions}, max_new_tokens: {result.max_new_tokens}, "
-             f"batch size: {result.batch_size}" + (f", quantised: {result.quantize}" if result.quantize else ""), ""]
+             f"batch size: {result.batch_size}" + (f", quantised: {result.quantize}" if result.quantize else "")
+             + (f", dtype: {result.dtype}" if result.dtype else ""), ""]
     if result.metrics is not None:
         lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in flatten_metrics(result.metrics)]

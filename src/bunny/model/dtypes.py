@@ -7,16 +7,16 @@ on such a CPU is refused with the capability it lacks; on a GPU it is allowed.
 
 The rule is a pure function of the CPU's flags (`bf16_refusal`), tested with fake flag sets;
 `check_dtype` applies it to this machine (flags from /proc/cpuinfo, torch's vector capability
-named in the message).
+named in the message). Importing this module imports no torch (the CLI's parsers read DTYPES).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from bunny.errors import BunnyError
 
+# The weight dtypes a model can be loaded in (`--dtype` of chat, serve and eval run).
+DTYPES = ("float32", "bfloat16", "float16")
 # /proc/cpuinfo flags (x86) and features (Arm) that mean native bf16 arithmetic.
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
@@ -40,6 +40,8 @@ def cpu_flags(cpuinfo: str | None = None) -> frozenset[str] | None:
 def bf16_refusal(device: str, flags: frozenset[str] | None, capability: str) -> str | None:
     """Why bfloat16 weights are refused on `device`, or None when they are allowed.
     flags: the CPU's /proc/cpuinfo flags (None: unknown); capability: torch's CPU vector level."""
+    import torch
+
     if torch.device(device).type != "cpu":
         return None
     if flags is None:
@@ -55,6 +57,8 @@ def bf16_refusal(device: str, flags: frozenset[str] | None, capability: str) -> 
 
 def check_dtype(dtype: str | torch.dtype | None, device: str) -> None:
     """Raise BunnyError when `dtype` should not run on `device` of this machine (see module doc)."""
+    import torch
+
     if dtype is None:
         return
     if dtype not in ("bfloat16", torch.bfloat16):

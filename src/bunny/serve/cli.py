@@ -1,6 +1,7 @@
 """`bunny chat` (and the serving commands)."""
 from __future__ import annotations
 
+from bunny.model.dtypes import DTYPES  # light: no torch
 from bunny.serve.llamacpp_engine import add_engine_arguments, check_engine_arguments  # light: no torch
 
 MODEL_HELP = "bunny checkpoint, reference checkpoint or plain LLM: a local folder, a hub id (ORG/NAME), or smollm2-135m"
@@ -21,6 +22,12 @@ def add_quantize_arguments(p) -> None:
                         "int8 default: one scale per output channel)")
 
 
+def add_dtype_argument(p) -> None:
+    """--dtype, as chat, serve and eval run take it (refused where it should not run: bunny.model.dtypes)."""
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="weight dtype (default: the checkpoint's); bfloat16 on a CPU needs AVX512-BF16 or AMX")
+
+
 def add_parsers(sub, groups) -> None:
     p = sub.add_parser("chat", help="chat with a model in the terminal (or answer one --prompt)")
     p.add_argument("--model", required=True, help=MODEL_HELP)
@@ -35,7 +42,7 @@ def add_parsers(sub, groups) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    add_dtype_argument(p)
     p.add_argument("--compile", action="store_true",
                    help="decode with a static KV cache and a torch.compile'd step (compiled once per process; "
                         "docs/serving.md, Decode)")
@@ -94,7 +101,7 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--model-base", help=MODEL_BASE_HELP)
     p.add_argument("--vision-tower", help=VISION_TOWER_HELP)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    add_dtype_argument(p)
     add_engine_arguments(p)
     p.set_defaults(func=_serve)
 
