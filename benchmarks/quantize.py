@@ -12,7 +12,7 @@ tests/convert/test_llamacpp_demo.py builds it), whose answers ramble.
 
 Decode speed: one image prompt, a fixed number of new tokens (no stop; prompt included), best of
 the repeats, the paths interleaved so that other load on the machine falls on all of them alike.
---llamacpp adds llama.cpp running the model's f32 and q8_0 GGUF exports through bunny's llama.cpp
+--llamacpp adds llama.cpp running the model's f32, bf16 and q8_0 GGUF exports through bunny's llama.cpp
 engine (`--engine llama.cpp --gguf ...`): the CPU path whose kernels read 8-bit weights directly.
 bfloat16 (the whole model, as `--dtype bfloat16` loads it; and the LLM alone, the tower and
 projector kept in float32) runs where the CPU has native bf16 (`bunny.model.dtypes`). For the
@@ -102,13 +102,13 @@ class _NoStop:
 
 
 def llamacpp_paths(folder: str, scratch: Path, prompt: str, image, processor) -> dict:
-    """name -> (LLM bytes, seconds(new_tokens), answers(questions)) for llama.cpp on the f32 and q8_0
-    exports of `folder` (`bunny export gguf --outtype ...`), through bunny's llama.cpp engine."""
+    """name -> (LLM bytes, seconds(new_tokens), answers(questions)) for llama.cpp on the f32, bf16 and
+    q8_0 exports of `folder` (`bunny export gguf --outtype ...`), through bunny's llama.cpp engine."""
     from bunny.convert.export_gguf import export_gguf
     from bunny.serve.llamacpp_engine import open_engine
 
     paths = {}
-    for outtype in ("f32", "q8_0"):
+    for outtype in ("f32", "bf16", "q8_0"):
         llm, mmproj = export_gguf(folder, scratch / outtype, outtype=outtype)
         engine, engine_processor = open_engine(folder, llm, mmproj)
         no_stop = _NoStop(engine_processor)
@@ -139,7 +139,7 @@ def main() -> None:
                     help="every torch path decodes with the static cache and compiled step (`--compile`), "
                          "float32 included; each shape compiles on its first call, before the timing")
     ap.add_argument("--llamacpp", action="store_true",
-                    help="also llama.cpp on the model's f32 and q8_0 GGUF exports (needs --model)")
+                    help="also llama.cpp on the model's f32, bf16 and q8_0 GGUF exports (needs --model)")
     args = ap.parse_args()
     if args.llamacpp and not args.model:
         ap.error("--llamacpp needs --model (a checkpoint folder to export)")

@@ -128,6 +128,34 @@ def test_q8_0_export_runs_in_llamacpp_near_the_float_logits(tmp_path, family):
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_bf16_export_holds_torchs_bf16_weights_and_runs_in_llamacpp(tmp_path, family):
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    model, processor, path, mmproj = _export(tmp_path, "bf16", family=family)
+    assert path.name == "model-bf16.gguf" and mmproj.name == "mmproj-model-bf16.gguf"
+    tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
+    assert tensors["blk.0.ffn_down.weight"].tensor_type == tensors["token_embd.weight"].tensor_type \
+        == GGMLQuantizationType.BF16
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == GGMLQuantizationType.F32
+    assert {t.tensor_type for t in GGUFReader(str(mmproj)).tensors} == {GGMLQuantizationType.F32}
+    # The bits are torch's bf16 rounding of the weights (a bf16 checkpoint's weights, exactly).
+    lm = model.language_model
+    want_bits = lm.get_input_embeddings().weight.detach().to(torch.bfloat16).view(torch.int16).numpy()
+    assert np.array_equal(np.asarray(tensors["token_embd.weight"].data).view(np.int16).reshape(want_bits.shape),
+                          want_bits)
+    llm = load_llm(path)
+    ids = processor.tokenizer(TEXTS[0] + " " + TEXTS[1]).input_ids
+    got = text_logits(llm, ids)
+    with torch.no_grad():
+        want = lm.to(torch.bfloat16).float()(torch.tensor([ids])).logits[0].numpy()
+    # The same bf16 weights; llama.cpp also rounds the activations to bf16 for its products
+    # (about 2e-3 here: near, but not float32's 1e-5).
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert 1e-5 < err < 1e-2, err
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
+
+
 def test_q8_0_refuses_rows_that_are_not_whole_blocks():
     layers = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Linear(8, 48), torch.nn.Linear(48, 4))
     with pytest.raises(BunnyError, match=r"--outtype q8_0: 1.weight has rows of 8 values, not a multiple of 32"):

@@ -52,9 +52,9 @@ def add_export_parsers(sub, groups) -> None:
     p.add_argument("model", help="bunny checkpoint: a local folder or a hub id")
     p.add_argument("out", help="output folder: model-<outtype>.gguf and mmproj-model-<outtype>.gguf")
     p.add_argument("--revision", default=None, help=REVISION_HELP.format(what="MODEL"))
-    p.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f16",
-                   help="tensor type of the LLM's matrices (default f16; q8_0: llama.cpp's 8-bit blocks, "
-                        "the mmproj file in f32)")
+    p.add_argument("--outtype", choices=("f32", "f16", "bf16", "q8_0"), default="f16",
+                   help="tensor type of the LLM's matrices (default f16; bf16: a bf16 checkpoint's weights "
+                        "exactly; q8_0: llama.cpp's 8-bit blocks; with bf16 and q8_0 the mmproj file is f32)")
     p.set_defaults(func=_run_gguf)
 
 

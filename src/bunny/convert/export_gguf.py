@@ -21,11 +21,14 @@ from bunny.convert.gguf_llm import add_llm_metadata, check_llm_exportable, llm_t
 from bunny.convert.gguf_tokenizer import add_tokenizer, check_tokenizer, gguf_name
 from bunny.errors import BunnyError
 
-OUTTYPES = ("f32", "f16", "q8_0")
-# q8_0: llama.cpp's 8-bit type (blocks of 32 values sharing one f16 scale) for the LLM's
-# matrices, as llama.cpp's own converter writes it; norms and biases stay f32, and the mmproj
-# file stays f32 (it runs once per image, so its size costs no decoding time).
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+# bf16 and q8_0 (llama.cpp's 8-bit type: blocks of 32 values sharing one f16 scale) apply to the
+# LLM's matrices, as llama.cpp's own converter writes them; norms and biases stay f32, and the
+# mmproj file stays f32 (it runs once per image, so its size costs no decoding time). bf16 keeps a
+# bf16 checkpoint's weights exactly (f16 would round them again and clip their range).
 Q8_0_BLOCK = 32
+# outtype -> the GGML type of the LLM's matrices, packed by gguf from float32 arrays
+_PACKED = {"bf16": "BF16", "q8_0": "Q8_0"}
 
 
 def write_llm_gguf(model, tokenizer, path: Path, outtype: str = "f16", name: str = "bunny",
@@ -35,21 +38,21 @@ def write_llm_gguf(model, tokenizer, path: Path, outtype: str = "f16", name: str
     fam = check_llm_exportable(model.config.text_config)
     llm = model.language_model
     lcfg = llm.config
-    tensors = llm_tensors(llm, "f32" if outtype == "q8_0" else outtype)  # before the writer: a failure leaves no file
+    packed = getattr(gguf.GGMLQuantizationType, _PACKED[outtype]) if outtype in _PACKED else None
+    tensors = llm_tensors(llm, "f32" if packed else outtype)  # before the writer: a failure leaves no file
     jinja = chat_template(template, tokenizer)
     eot = stop_token_id(template, tokenizer)
     writer = gguf.GGUFWriter(str(path), fam.arch)
     writer.add_name(gguf_name(name, tokenizer))
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
     add_llm_metadata(writer, lcfg)
     add_tokenizer(writer, tokenizer, lcfg.vocab_size, jinja)
     if eot is not None:
         writer.add_eot_token_id(eot)
     for key, array in tensors.items():
-        if outtype == "q8_0" and array.ndim == 2:
-            writer.add_tensor(key, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        if packed is not None and array.ndim == 2:
+            writer.add_tensor(key, gguf.quants.quantize(array, packed), raw_dtype=packed)
         else:
             writer.add_tensor(key, array)
     writer.write_header_to_file()
@@ -88,5 +91,5 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, outtype: 
         name = Path(model_path).name
         write_llm_gguf(model, processor.tokenizer, tmp / f"model-{outtype}.gguf", outtype, name, processor.template)
         write_mmproj_gguf(model, processor.image_processor, tmp / f"mmproj-model-{outtype}.gguf",
-                          "f32" if outtype == "q8_0" else outtype, name)
+                          "f32" if outtype in _PACKED else outtype, name)
     return out / f"model-{outtype}.gguf", out / f"mmproj-model-{outtype}.gguf"
