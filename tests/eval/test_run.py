@@ -401,5 +401,5 @@ def test_dtype_refusals(tmp_path, checkpoint, loaded, capsys, monkeypatch):
         run_benchmark("pope", "x", data=str(data), out=tmp_path, progress=False, loaded=loaded, dtype="float32")
     assert not (tmp_path / "pope.run.json").exists()  # refused before the run's settings were written
     assert main(["eval", "run", "pope", "--model", str(checkpoint), "--data", str(data), "--engine", "llama.cpp",
-                 "--dtype", "float32"]) != 0
-    assert "--engine llama.cpp does not take --dtype" in capsys.readouterr().err
+                 "--dtype", "bfloat16", "--gguf", "m.gguf", "--mmproj", "p.gguf"]) != 0
+    assert "--dtype bfloat16 picks the type of the export --engine llama.cpp makes" in capsys.readouterr().err

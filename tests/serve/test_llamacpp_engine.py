@@ -22,8 +22,8 @@ from bunny.model.generation import SamplingSettings, generate, stream
 from bunny.model.loading import load_pretrained
 from bunny.serve.app import ServerSettings, create_app
 from bunny.serve.chat import ChatSession
-from bunny.serve.llamacpp_engine import (CACHE_SUFFIX, LlamaCppEngine, check_engine_arguments, open_engine,
-                                         serving)
+from bunny.serve.llamacpp_engine import (CACHE_SUFFIX, LlamaCppEngine, check_engine_arguments, export_outtype,
+                                         open_engine, serving)
 from bunny.serve.server import running_server
 from bunny.testing import random_image, save_tiny_bunny
 
@@ -128,6 +128,33 @@ def test_export_cache_is_reused_until_the_checkpoint_changes(pair):
     os.utime(config, (later, later))
     open_engine(src)[0].close()
     assert gguf.stat().st_mtime_ns != first  # exported again
+
+
+def test_dtype_runs_its_own_export_type_each_cached_apart(pair, capsys):
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from bunny.cli import main
+
+    src = pair[0]
+    cache = src.with_name(src.name + CACHE_SUFFIX)
+    f32 = (cache / "model-f32.gguf").stat().st_mtime_ns
+    assert [export_outtype(d, None) for d in (None, "float32", "bfloat16", "float16")] == ["f32", "f32", "bf16", "f16"]
+    engine, _ = open_engine(src, outtype=export_outtype("bfloat16", None))
+    engine.close()
+    bf16 = cache / "model-bf16.gguf"
+    types = {t.name: t.tensor_type for t in GGUFReader(str(bf16)).tensors}
+    assert types["blk.0.attn_q.weight"] == GGMLQuantizationType.BF16
+    made = bf16.stat().st_mtime_ns
+    for outtype in ("f32", "bf16", "f32"):  # switching types reuses each one's export
+        open_engine(src, outtype=outtype)[0].close()
+    assert (cache / "model-f32.gguf").stat().st_mtime_ns == f32 and bf16.stat().st_mtime_ns == made
+    # Through the CLI: bunny chat --engine llama.cpp --dtype bfloat16 answers from the bf16 export.
+    assert main(["chat", "--model", str(src), "--engine", "llama.cpp", "--dtype", "bfloat16",
+                 "--prompt", QUESTIONS[1], "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert bf16.stat().st_mtime_ns == made
+    with pytest.raises(BunnyError, match="--dtype bfloat16 picks the type of the export"):
+        export_outtype("bfloat16", "model.gguf")
 
 
 def test_explicit_pair_and_refusals(pair, tmp_path):

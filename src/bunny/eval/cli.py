@@ -69,13 +69,13 @@ def _score(args) -> int:
 
 def _run(args) -> int:
     from bunny.eval.run import run_benchmark
-    from bunny.serve.llamacpp_engine import check_engine_arguments, open_engine
+    from bunny.serve.llamacpp_engine import check_engine_arguments, export_outtype, open_engine
 
     check_engine_arguments(args, {"--device": args.device, "--revision": args.revision,
                                   "--share-prefix": args.share_prefix, "--compile": args.compile,
-                                  "--quantize": args.quantize, "--group-size": args.group_size,
-                                  "--dtype": args.dtype})
-    loaded = open_engine(args.model, args.gguf, args.mmproj) if args.engine == "llama.cpp" else None
+                                  "--quantize": args.quantize, "--group-size": args.group_size})
+    loaded = (open_engine(args.model, args.gguf, args.mmproj, export_outtype(args.dtype, args.gguf))
+              if args.engine == "llama.cpp" else None)
     result = run_benchmark(args.benchmark, args.model, revision=args.revision, data=args.data, split=args.split,
                            limit=args.limit, batch_size=args.batch_size, out=args.out,
                            max_new_tokens=args.max_new_tokens,

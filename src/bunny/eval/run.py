@@ -119,7 +119,8 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
     (`bunny.serve.quantize`; "int8", "int8/g32", ... in the run's settings, and a run resumes
     only with the same quantisation). `dtype` ("float32", "bfloat16", "float16"): the weights' dtype
     of a model it loads (default: the checkpoint's; bfloat16 refused on a CPU without native bf16,
-    `bunny.model.dtypes`); a run resumes only with the same dtype.
+    `bunny.model.dtypes`); with the llama.cpp engine, the dtype of the export `loaded` runs (recorded
+    only). A run resumes only with the same dtype.
     """
     from bunny.eval.predict import count_pending, predict
 
@@ -149,9 +150,11 @@ def run_benchmark(benchmark: str, model: str, data: str | None = None, split: st
 
         if dtype not in DTYPES:
             raise BunnyError(f"run_benchmark: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-        if loaded is not None:
-            raise BunnyError("run_benchmark: dtype applies to a model it loads; convert a `loaded` model yourself")
-        check_dtype(dtype, device)
+        if engine == "torch":
+            if loaded is not None:
+                raise BunnyError("run_benchmark: dtype applies to a model it loads; convert a `loaded` model "
+                                 "yourself")
+            check_dtype(dtype, device)
     if quantize or group_size:
         from bunny.serve.quantize import check_request, describe
 

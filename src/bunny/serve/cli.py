@@ -25,7 +25,8 @@ def add_quantize_arguments(p) -> None:
 def add_dtype_argument(p) -> None:
     """--dtype, as chat, serve and eval run take it (refused where it should not run: bunny.model.dtypes)."""
     p.add_argument("--dtype", choices=DTYPES,
-                   help="weight dtype (default: the checkpoint's); bfloat16 on a CPU needs AVX512-BF16 or AMX")
+                   help="weight dtype (default: the checkpoint's); bfloat16 on a CPU needs AVX512-BF16 or AMX. "
+                        "--engine llama.cpp: the type of the export it runs (f32, bf16, f16; default f32)")
 
 
 def add_parsers(sub, groups) -> None:
@@ -61,12 +62,13 @@ def _chat(args) -> int:
                                 top_p=args.top_p, seed=args.seed, compile=args.compile)
     check_engine_arguments(args, {"--device": args.device, "--revision": args.revision,
                                   "--model-base": args.model_base, "--vision-tower": args.vision_tower,
-                                  "--dtype": args.dtype, "--compile": args.compile, "--quantize": args.quantize,
+                                  "--compile": args.compile, "--quantize": args.quantize,
                                   "--group-size": args.group_size})
     if args.engine == "llama.cpp":
-        from bunny.serve.llamacpp_engine import open_engine
+        from bunny.serve.llamacpp_engine import export_outtype, open_engine
 
-        engine, processor = open_engine(args.model, args.gguf, args.mmproj, template=args.template)
+        engine, processor = open_engine(args.model, args.gguf, args.mmproj, export_outtype(args.dtype, args.gguf),
+                                        template=args.template)
         return run_chat(engine, processor, settings, image=args.image, prompt=args.prompt)
     import torch
 
@@ -114,11 +116,12 @@ def _serve(args) -> int:
     from bunny.serve.server import serve
 
     check_engine_arguments(args, {"--device": args.device, "--revision": args.revision, "--quantize": args.quantize,
-                                  "--group-size": args.group_size, "--dtype": args.dtype, "--model-base": args.model_base,
+                                  "--group-size": args.group_size, "--model-base": args.model_base,
                                   "--vision-tower": args.vision_tower})
     from bunny.model.dtypes import check_dtype
 
-    check_dtype(args.dtype, args.device)
+    if args.engine == "torch":
+        check_dtype(args.dtype, args.device)
     serve(fetch_model(args.model, args.revision), host=args.host, port=args.port,
           api_key=args.api_key or os.environ.get("BUNNY_API_KEY"),
           served_model_name=args.served_model_name or Path(args.model.rstrip("/")).name,

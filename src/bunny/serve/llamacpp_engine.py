@@ -34,7 +34,9 @@ if TYPE_CHECKING:
 
 ENGINES = ("torch", "llama.cpp")
 CACHE_SUFFIX = ".llamacpp"  # the export cache beside a model folder: MODEL.llamacpp/
-STAMP_FILE = "bunny_source.json"
+STAMP_FILE = "bunny_source-{outtype}.json"  # what each export was made from, one per outtype
+# --dtype with --engine llama.cpp: the tensor type of the export it runs (default f32).
+DTYPE_OUTTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 
 _LOG_CALLBACK = None  # kept alive for as long as llama.cpp may call it
@@ -248,6 +250,19 @@ def check_engine_arguments(args, unsupported: dict[str, object]) -> None:
                          f"one prompt at a time); use --engine torch for {'them' if len(given) > 1 else 'it'}")
 
 
+def export_outtype(dtype: str | None, gguf: str | os.PathLike | None) -> str:
+    """The export type `--engine llama.cpp` runs for `--dtype` (f32 without one); refused with --gguf,
+    whose file's own types run."""
+    if dtype is None:
+        return "f32"
+    if gguf is not None:
+        raise BunnyError(f"--dtype {dtype} picks the type of the export --engine llama.cpp makes and runs; "
+                         "with --gguf the file's own types run: give one or the other")
+    if dtype not in DTYPE_OUTTYPES:
+        raise BunnyError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_OUTTYPES)}")
+    return DTYPE_OUTTYPES[dtype]
+
+
 def open_engine(model: str | os.PathLike, gguf: str | os.PathLike | None = None,
                 mmproj: str | os.PathLike | None = None, outtype: str = "f32", template: str | None = None,
                 n_ctx: int = 4096, n_threads: int | None = None) -> tuple[LlamaCppEngine, object]:
@@ -289,7 +304,7 @@ def cached_export(folder: Path, outtype: str = "f32") -> tuple[Path, Path]:
     llm, proj = cache / f"model-{outtype}.gguf", cache / f"mmproj-model-{outtype}.gguf"
     stamp = {"outtype": outtype, "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns]
                                            for p in sorted(folder.iterdir()) if p.is_file()}}
-    stamp_file = cache / STAMP_FILE
+    stamp_file = cache / STAMP_FILE.format(outtype=outtype)
     try:
         current = json.loads(stamp_file.read_text()) if stamp_file.is_file() else None
     except json.JSONDecodeError:

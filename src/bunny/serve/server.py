@@ -31,12 +31,12 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
     scheduler = None
     if engine == "llama.cpp":  # one request at a time (LlamaCppScheduler)
-        from bunny.serve.llamacpp_engine import open_engine, serving
+        from bunny.serve.llamacpp_engine import export_outtype, open_engine, serving
 
-        if quantize or dtype:
-            raise BunnyError("--engine llama.cpp takes no --quantize or --dtype: the GGUF's types are its own")
-
-        loaded, processor, scheduler = serving(*open_engine(model, gguf, mmproj, template=template), max_queue)
+        if quantize:
+            raise BunnyError("--engine llama.cpp takes no --quantize: the GGUF's types are its own")
+        engine_and_processor = open_engine(model, gguf, mmproj, export_outtype(dtype, gguf), template=template)
+        loaded, processor, scheduler = serving(*engine_and_processor, max_queue)
     if scheduler is None:
         loaded, processor = load_quantized(model, quantize, group_size, device,
                                            dtype=getattr(torch, dtype) if dtype else None, model_base=model_base,
